@@ -1,1 +1,42 @@
-fn main(){}
+//! `pagewire`: serve VM and process memory on demand through userfaultfd.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod check;
+
+#[derive(Parser)]
+#[command(name = "pagewire", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Report the kernel's userfaultfd features and test which access paths
+    /// to registered memory are served.
+    Check(check::CheckArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PAGEWIRE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check(args) => check::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pagewire: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

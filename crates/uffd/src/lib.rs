@@ -28,7 +28,7 @@ use linux_raw_sys::general as g;
 use rustix::io::Errno;
 
 pub use error::{ApiError, Error, OpenError};
-pub use event::{Event, FaultFlags};
+pub use event::{Event, FaultFlags, MAX_BATCH};
 pub use pagemap::{Categories, PageMap, PageRegion, ScanArgs, ScanFlags, ScanResult};
 pub use rustix::io::Errno as RawErrno;
 

@@ -103,7 +103,10 @@ fn wait_readable(u: &Uffd) {
         tv_nsec: 0,
     };
     let n = rustix::event::poll(&mut fds, Some(&timeout)).expect("poll");
-    assert_eq!(n, 1, "timed out waiting for the userfaultfd to become readable");
+    assert_eq!(
+        n, 1,
+        "timed out waiting for the userfaultfd to become readable"
+    );
 }
 
 fn fault_addr(e: &Event) -> u64 {
@@ -114,7 +117,9 @@ fn fault_addr(e: &Event) -> u64 {
 }
 
 fn pattern(seed: u8) -> Vec<u8> {
-    (0..PAGE).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    (0..PAGE)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
 }
 
 fn is_present(addr: u64) -> bool {
@@ -137,7 +142,9 @@ fn is_present(addr: u64) -> bool {
 
 #[test]
 fn api_reports_features_and_ioctls() {
-    let Some(_) = open(Features::empty()) else { return };
+    let Some(_) = open(Features::empty()) else {
+        return;
+    };
     let (features, ioctls) = Uffd::available_features().expect("probe");
     assert!(features.contains(Features::EVENT_REMOVE | Features::THREAD_ID));
     assert!(ioctls.contains(Ioctls::REGISTER | Ioctls::UNREGISTER | Ioctls::API));
@@ -145,7 +152,9 @@ fn api_reports_features_and_ioctls() {
 
 #[test]
 fn api_names_missing_features() {
-    let Some(_) = open(Features::empty()) else { return };
+    let Some(_) = open(Features::empty()) else {
+        return;
+    };
     let u = Uffd::open().expect("open");
     let bogus = Features::from_bits_retain(1 << 50);
     match u.api(Features::EVENT_REMOVE | bogus) {
@@ -156,7 +165,9 @@ fn api_names_missing_features() {
 
 #[test]
 fn api_twice_is_rejected() {
-    let Some(u) = open(Features::empty()) else { return };
+    let Some(u) = open(Features::empty()) else {
+        return;
+    };
     assert!(matches!(u.api(Features::empty()), Err(ApiError::Rejected)));
 }
 
@@ -168,13 +179,18 @@ fn open_error_names_the_permission() {
         hint: "",
     };
     let s = e.to_string();
-    assert!(s.contains("/dev/userfaultfd") && s.contains("CAP_SYS_PTRACE"), "{s}");
+    assert!(
+        s.contains("/dev/userfaultfd") && s.contains("CAP_SYS_PTRACE"),
+        "{s}"
+    );
     assert!(s.contains("vm.unprivileged_userfaultfd"), "{s}");
 }
 
 #[test]
 fn is_userfaultfd_tells_fds_apart() {
-    let Some(u) = open(Features::empty()) else { return };
+    let Some(u) = open(Features::empty()) else {
+        return;
+    };
     assert!(is_userfaultfd(u.as_fd()));
     let f = std::fs::File::open("/proc/self/stat").expect("file");
     assert!(!is_userfaultfd(f.as_fd()));
@@ -182,9 +198,13 @@ fn is_userfaultfd_tells_fds_apart() {
 
 #[test]
 fn register_copy_serves_fault_with_thread_id() {
-    let Some(u) = open(Features::THREAD_ID) else { return };
+    let Some(u) = open(Features::THREAD_ID) else {
+        return;
+    };
     let m = Map::new(8);
-    let ioctls = u.register(m.addr, m.len, RegisterMode::MISSING).expect("register");
+    let ioctls = u
+        .register(m.addr, m.len, RegisterMode::MISSING)
+        .expect("register");
     assert!(ioctls.contains(Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::WAKE));
     let t = reader(m.page(3) + 5);
     let ev = next_events(&u, 1);
@@ -208,13 +228,18 @@ fn register_copy_serves_fault_with_thread_id() {
 
 #[test]
 fn write_fault_has_write_flag() {
-    let Some(u) = open(Features::empty()) else { return };
+    let Some(u) = open(Features::empty()) else {
+        return;
+    };
     let m = Map::new(2);
-    u.register(m.addr, m.len, RegisterMode::MISSING).expect("register");
+    u.register(m.addr, m.len, RegisterMode::MISSING)
+        .expect("register");
     let t = writer(m.page(1), 9);
     let ev = next_events(&u, 1);
     match &ev[0] {
-        Event::PageFault { flags, thread_id, .. } => {
+        Event::PageFault {
+            flags, thread_id, ..
+        } => {
             assert!(flags.contains(FaultFlags::WRITE));
             assert_eq!(*thread_id, None, "no THREAD_ID negotiated");
         }
@@ -226,9 +251,12 @@ fn write_fault_has_write_flag() {
 
 #[test]
 fn copy_distinguishes_exists_partial_and_notfound() {
-    let Some(u) = open(Features::empty()) else { return };
+    let Some(u) = open(Features::empty()) else {
+        return;
+    };
     let m = Map::new(4);
-    u.register(m.addr, m.len, RegisterMode::MISSING).expect("register");
+    u.register(m.addr, m.len, RegisterMode::MISSING)
+        .expect("register");
     let data = pattern(1);
     u.copy(m.page(2), &data, CopyMode::empty()).expect("copy");
     assert_eq!(
@@ -258,9 +286,12 @@ fn copy_distinguishes_exists_partial_and_notfound() {
 
 #[test]
 fn dontwake_then_wake() {
-    let Some(u) = open(Features::empty()) else { return };
+    let Some(u) = open(Features::empty()) else {
+        return;
+    };
     let m = Map::new(1);
-    u.register(m.addr, m.len, RegisterMode::MISSING).expect("register");
+    u.register(m.addr, m.len, RegisterMode::MISSING)
+        .expect("register");
     let done = Arc::new(AtomicBool::new(false));
     let d = done.clone();
     let addr = m.addr;
@@ -281,9 +312,12 @@ fn dontwake_then_wake() {
 
 #[test]
 fn remove_event_blocks_copies_until_read() {
-    let Some(u) = open(Features::EVENT_REMOVE) else { return };
+    let Some(u) = open(Features::EVENT_REMOVE) else {
+        return;
+    };
     let m = Map::new(4);
-    u.register(m.addr, m.len, RegisterMode::MISSING).expect("register");
+    u.register(m.addr, m.len, RegisterMode::MISSING)
+        .expect("register");
     let data = pattern(5);
     u.copy(m.page(0), &data, CopyMode::empty()).expect("copy");
     assert!(is_present(m.page(0)));
@@ -300,7 +334,9 @@ fn remove_event_blocks_copies_until_read() {
     );
     assert_eq!(
         u.zeropage(m.page(3), PAGE, false),
-        Err(Error::EventsPending { op: "UFFDIO_ZEROPAGE" })
+        Err(Error::EventsPending {
+            op: "UFFDIO_ZEROPAGE"
+        })
     );
     let ev = next_events(&u, 1);
     match ev[0] {
@@ -316,9 +352,12 @@ fn remove_event_blocks_copies_until_read() {
 
 #[test]
 fn zeropage_maps_zeros() {
-    let Some(u) = open(Features::empty()) else { return };
+    let Some(u) = open(Features::empty()) else {
+        return;
+    };
     let m = Map::new(2);
-    u.register(m.addr, m.len, RegisterMode::MISSING).expect("register");
+    u.register(m.addr, m.len, RegisterMode::MISSING)
+        .expect("register");
     let t = reader(m.page(1) + 100);
     let ev = next_events(&u, 1);
     assert_eq!(fault_addr(&ev[0]), m.page(1));
@@ -334,7 +373,9 @@ fn zeropage_maps_zeros() {
 
 #[test]
 fn write_protect_faults_and_unprotect_wakes() {
-    let Some(u) = open(Features::PAGEFAULT_FLAG_WP) else { return };
+    let Some(u) = open(Features::PAGEFAULT_FLAG_WP) else {
+        return;
+    };
     let m = Map::new(2);
     u.register(m.addr, m.len, RegisterMode::MISSING | RegisterMode::WP)
         .expect("register");
@@ -345,35 +386,58 @@ fn write_protect_faults_and_unprotect_wakes() {
     match &ev[0] {
         Event::PageFault { address, flags, .. } => {
             assert_eq!(*address, m.page(0));
-            assert!(flags.contains(FaultFlags::WRITE | FaultFlags::WP), "{flags:?}");
+            assert!(
+                flags.contains(FaultFlags::WRITE | FaultFlags::WP),
+                "{flags:?}"
+            );
         }
         other => panic!("{other:?}"),
     }
-    u.write_protect(m.page(0), PAGE, false, false).expect("unprotect");
+    u.write_protect(m.page(0), PAGE, false, false)
+        .expect("unprotect");
     t.join().expect("join");
     // Protect again: reads still work, writes fault again.
-    u.write_protect(m.page(0), PAGE, true, false).expect("protect");
+    u.write_protect(m.page(0), PAGE, true, false)
+        .expect("protect");
     assert_eq!(reader(m.page(0) + 1).join().expect("join"), 0xEE);
 }
 
 #[test]
 fn minor_fault_resolved_with_continue() {
-    let Some(u) = open(Features::MINOR_SHMEM) else { return };
-    let fd = rustix::fs::memfd_create("uffd-minor", rustix::fs::MemfdFlags::CLOEXEC).expect("memfd");
+    let Some(u) = open(Features::MINOR_SHMEM) else {
+        return;
+    };
+    let fd =
+        rustix::fs::memfd_create("uffd-minor", rustix::fs::MemfdFlags::CLOEXEC).expect("memfd");
     rustix::fs::ftruncate(&fd, PAGE as u64).expect("truncate");
     let rw = rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE;
     // SAFETY: two fresh shared mappings of our memfd.
     let (a, b) = unsafe {
         (
-            rustix::mm::mmap(std::ptr::null_mut(), PAGE, rw, rustix::mm::MapFlags::SHARED, &fd, 0)
-                .expect("mmap a"),
-            rustix::mm::mmap(std::ptr::null_mut(), PAGE, rw, rustix::mm::MapFlags::SHARED, &fd, 0)
-                .expect("mmap b"),
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                PAGE,
+                rw,
+                rustix::mm::MapFlags::SHARED,
+                &fd,
+                0,
+            )
+            .expect("mmap a"),
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                PAGE,
+                rw,
+                rustix::mm::MapFlags::SHARED,
+                &fd,
+                0,
+            )
+            .expect("mmap b"),
         )
     };
     // SAFETY: `a` is a live one-page mapping that only this test uses.
     unsafe { std::ptr::write_bytes(a.cast::<u8>(), 0x5A, PAGE) };
-    u.register(b as u64, PAGE, RegisterMode::MINOR).expect("register minor");
+    u.register(b as u64, PAGE, RegisterMode::MINOR)
+        .expect("register minor");
     let t = reader(b as u64 + 10);
     let ev = next_events(&u, 1);
     match &ev[0] {
@@ -397,12 +461,15 @@ fn minor_fault_resolved_with_continue() {
 
 #[test]
 fn move_pages_without_copying() {
-    let Some(u) = open(Features::MOVE) else { return };
+    let Some(u) = open(Features::MOVE) else {
+        return;
+    };
     let dst = Map::new(1);
     let src = Map::new(1);
     // SAFETY: `src` is a live mapping only this test touches.
     unsafe { std::ptr::write_bytes(src.addr as *mut u8, 0x77, PAGE) };
-    u.register(dst.addr, PAGE, RegisterMode::MISSING).expect("register");
+    u.register(dst.addr, PAGE, RegisterMode::MISSING)
+        .expect("register");
     let t = reader(dst.addr + 3);
     next_events(&u, 1);
     // SAFETY: no reference into `src` is alive.
@@ -412,7 +479,8 @@ fn move_pages_without_copying() {
     assert!(!is_present(src.addr), "the source page was moved away");
     // Empty source: ENOENT unless holes are allowed.
     let dst2 = Map::new(1);
-    u.register(dst2.addr, PAGE, RegisterMode::MISSING).expect("register");
+    u.register(dst2.addr, PAGE, RegisterMode::MISSING)
+        .expect("register");
     // SAFETY: as above.
     let r = unsafe { u.move_pages(dst2.addr, src.addr, PAGE, MoveMode::empty()) };
     assert_eq!(r, Err(Error::NotFound { op: "UFFDIO_MOVE" }));
@@ -420,9 +488,12 @@ fn move_pages_without_copying() {
 
 #[test]
 fn poison_makes_syscalls_fail_and_copy_replaces_it() {
-    let Some(u) = open(Features::POISON) else { return };
+    let Some(u) = open(Features::POISON) else {
+        return;
+    };
     let m = Map::new(1);
-    u.register(m.addr, PAGE, RegisterMode::MISSING).expect("register");
+    u.register(m.addr, PAGE, RegisterMode::MISSING)
+        .expect("register");
     assert_eq!(u.poison(m.addr, PAGE, false), Ok(PAGE));
     let (r, w) = rustix::pipe::pipe().expect("pipe");
     // A system call reading the poisoned page gets EFAULT (no signal).
@@ -437,9 +508,12 @@ fn poison_makes_syscalls_fail_and_copy_replaces_it() {
 
 #[test]
 fn batch_read_of_faults_from_many_threads() {
-    let Some(u) = open(Features::THREAD_ID) else { return };
+    let Some(u) = open(Features::THREAD_ID) else {
+        return;
+    };
     let m = Map::new(8);
-    u.register(m.addr, m.len, RegisterMode::MISSING).expect("register");
+    u.register(m.addr, m.len, RegisterMode::MISSING)
+        .expect("register");
     let threads: Vec<_> = (0..4).map(|i| reader(m.page(i * 2))).collect();
     let ev = next_events(&u, 4);
     let mut addrs: Vec<u64> = ev.iter().map(fault_addr).collect();
@@ -456,7 +530,8 @@ fn batch_read_of_faults_from_many_threads() {
     assert_eq!(addrs, (0..4).map(|i| m.page(i * 2)).collect::<Vec<_>>());
     assert_eq!(tids.len(), 4, "each fault carries its own thread id");
     for (i, a) in addrs.iter().enumerate() {
-        u.copy(*a, &pattern(i as u8), CopyMode::empty()).expect("copy");
+        u.copy(*a, &pattern(i as u8), CopyMode::empty())
+            .expect("copy");
     }
     for t in threads {
         t.join().expect("join");
@@ -465,9 +540,12 @@ fn batch_read_of_faults_from_many_threads() {
 
 #[test]
 fn unmap_event() {
-    let Some(u) = open(Features::EVENT_UNMAP) else { return };
+    let Some(u) = open(Features::EVENT_UNMAP) else {
+        return;
+    };
     let m = Map::new(4);
-    u.register(m.addr, m.len, RegisterMode::MISSING).expect("register");
+    u.register(m.addr, m.len, RegisterMode::MISSING)
+        .expect("register");
     let addr = m.page(2);
     let t = std::thread::spawn(move || {
         // SAFETY: unmapping the last two pages of our mapping; `Map::drop`
@@ -492,9 +570,12 @@ fn unmap_event() {
 
 #[test]
 fn remap_event() {
-    let Some(u) = open(Features::EVENT_REMAP) else { return };
+    let Some(u) = open(Features::EVENT_REMAP) else {
+        return;
+    };
     let m = Map::new(2);
-    u.register(m.addr, m.len, RegisterMode::MISSING).expect("register");
+    u.register(m.addr, m.len, RegisterMode::MISSING)
+        .expect("register");
     let target = Map::new(2);
     let (from, to) = (m.addr, target.addr);
     let t = std::thread::spawn(move || {
@@ -530,9 +611,12 @@ fn remap_event() {
 
 #[test]
 fn fork_event_gives_child_uffd_then_esrch() {
-    let Some(u) = open(Features::EVENT_FORK) else { return };
+    let Some(u) = open(Features::EVENT_FORK) else {
+        return;
+    };
     let m = Map::new(1);
-    u.register(m.addr, PAGE, RegisterMode::MISSING).expect("register");
+    u.register(m.addr, PAGE, RegisterMode::MISSING)
+        .expect("register");
     let addr = m.addr;
     let forker = std::thread::spawn(move || {
         // SAFETY: the child only reads memory and calls _exit, both safe
@@ -558,7 +642,9 @@ fn fork_event_gives_child_uffd_then_esrch() {
     let ev = next_events(&child, 1);
     assert_eq!(fault_addr(&ev[0]), addr);
     let data = vec![42u8; PAGE];
-    child.copy(addr, &data, CopyMode::empty()).expect("copy to child");
+    child
+        .copy(addr, &data, CopyMode::empty())
+        .expect("copy to child");
     let mut status = 0;
     // SAFETY: waiting for our own child.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
@@ -571,11 +657,15 @@ fn fork_event_gives_child_uffd_then_esrch() {
 
 #[test]
 fn pagemap_scan_finds_present_pages() {
-    let Some(u) = open(Features::empty()) else { return };
+    let Some(u) = open(Features::empty()) else {
+        return;
+    };
     let m = Map::new(8);
-    u.register(m.addr, m.len, RegisterMode::MISSING).expect("register");
+    u.register(m.addr, m.len, RegisterMode::MISSING)
+        .expect("register");
     for i in [1usize, 2, 6] {
-        u.copy(m.page(i), &pattern(i as u8), CopyMode::empty()).expect("copy");
+        u.copy(m.page(i), &pattern(i as u8), CopyMode::empty())
+            .expect("copy");
     }
     let pm = PageMap::open_self().expect("pagemap");
     let mut out = Vec::new();
@@ -599,10 +689,14 @@ fn pagemap_scan_finds_present_pages() {
 
 #[test]
 fn pagemap_scan_wp_async_dirty_tracking() {
-    let Some(u) = open(Features::WP_ASYNC | Features::WP_UNPOPULATED) else { return };
+    let Some(u) = open(Features::WP_ASYNC | Features::WP_UNPOPULATED) else {
+        return;
+    };
     let m = Map::new(8);
-    u.register(m.addr, m.len, RegisterMode::WP).expect("register wp");
-    u.write_protect(m.addr, m.len, true, false).expect("protect");
+    u.register(m.addr, m.len, RegisterMode::WP)
+        .expect("register wp");
+    u.write_protect(m.addr, m.len, true, false)
+        .expect("protect");
     let pm = PageMap::open_self().expect("pagemap");
     let args = ScanArgs {
         start: m.addr,

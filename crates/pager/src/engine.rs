@@ -1,0 +1,611 @@
+//! The engine: serving threads shared by every session.
+//!
+//! Each worker waits on one epoll set holding every session's userfaultfd
+//! (one-shot, re-armed right after its messages are read, so another worker
+//! can take the next batch while this one serves), each watched process's
+//! pidfd and each session's hang-up fd. With nothing ready, a worker takes one
+//! background-population step and looks again, so background work always
+//! yields to faults.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rustix::event::epoll;
+use rustix::io::Errno;
+use serde::Serialize;
+use uffd::Uffd;
+
+use crate::layout::PageState;
+use crate::region::{validate, Region, RegionError};
+use crate::session::{Fault, Served, Session, SessionConfig};
+use crate::source::PageSource;
+use crate::stats::StatsSnapshot;
+
+/// Why the engine refused a session or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid regions: {0}")]
+    Region(#[from] RegionError),
+    #[error("process {pid} cannot be watched (pidfd_open: {errno}); has it exited already?")]
+    Pidfd { pid: u32, errno: Errno },
+    #[error("{what}: {errno}")]
+    Os { what: &'static str, errno: Errno },
+    #[error("the engine is shutting down")]
+    Stopping,
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Serving threads (default: one per core).
+    pub threads: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// What to serve.
+pub struct SessionSpec {
+    /// For logs and reports ("pid 1234", "vm-7").
+    pub name: String,
+    /// The userfaultfd, after its API handshake, with `regions` registered.
+    pub uffd: Uffd,
+    pub regions: Vec<Region>,
+    pub source: Arc<dyn PageSource>,
+    /// The process owning the memory: watched with a pidfd, and the session
+    /// ends when it exits (the userfaultfd itself never signals that).
+    pub pid: Option<u32>,
+    /// The session also ends when this fd hangs up (a peer's socket).
+    pub hangup: Option<OwnedFd>,
+    pub config: SessionConfig,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The watched process exited (pidfd).
+    ProcessExited,
+    /// The hang-up fd hung up (the peer closed its socket).
+    HungUp,
+    /// The kernel reported the address space gone (ESRCH).
+    AddressSpaceGone,
+    /// The session it was forked from ended.
+    ParentEnded,
+    /// Ended by the caller or by engine shutdown.
+    Stopped,
+}
+
+/// The summary of a session, when it ends.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionReport {
+    pub id: u64,
+    pub name: String,
+    pub pid: Option<u32>,
+    pub reason: EndReason,
+    pub duration_ms: f64,
+    pub regions: usize,
+    pub bytes: u64,
+    pub stats: StatsSnapshot,
+}
+
+type EndHook = Box<dyn Fn(&SessionReport) + Send + Sync>;
+
+const KIND_UFFD: u64 = 0;
+const KIND_PID: u64 = 1;
+const KIND_HANGUP: u64 = 2;
+const CONTROL: u64 = u64::MAX;
+
+fn token(id: u64, kind: u64) -> epoll::EventData {
+    epoll::EventData::new_u64(id << 2 | kind)
+}
+
+struct Entry {
+    id: u64,
+    session: Arc<Session>,
+    pid: Option<u32>,
+    pidfd: Option<OwnedFd>,
+    hangup: Option<OwnedFd>,
+    parent: Option<u64>,
+    started: Instant,
+    regions: usize,
+    bytes: u64,
+    report: Mutex<Option<SessionReport>>,
+    done: Condvar,
+}
+
+struct Shared {
+    epoll: OwnedFd,
+    control: OwnedFd,
+    sessions: Mutex<HashMap<u64, Arc<Entry>>>,
+    next_id: AtomicU64,
+    stopping: AtomicBool,
+    /// Background work: `epoch << 1 | pending`. Adding a session bumps the
+    /// epoch, so a worker that found nothing to do clears `pending` only if
+    /// no session arrived meanwhile.
+    background: AtomicU64,
+    round_robin: AtomicUsize,
+    on_end: Option<EndHook>,
+}
+
+/// Serving threads and the sessions they serve.
+pub struct Engine {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// A session being served.
+#[derive(Clone)]
+pub struct SessionHandle {
+    entry: Arc<Entry>,
+}
+
+impl SessionHandle {
+    pub fn id(&self) -> u64 {
+        self.entry.id
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.entry.session.stats.snapshot()
+    }
+
+    /// The state of the page holding `addr`.
+    pub fn page_state(&self, addr: u64) -> Option<PageState> {
+        self.entry.session.page_state(addr)
+    }
+
+    /// Waits up to `timeout` for the session to end.
+    pub fn wait(&self, timeout: Duration) -> Option<SessionReport> {
+        let guard = self.entry.report.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, _) = self
+            .entry
+            .done
+            .wait_timeout_while(guard, timeout, |r| r.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        guard.clone()
+    }
+}
+
+fn os(what: &'static str) -> impl Fn(Errno) -> EngineError {
+    move |errno| EngineError::Os { what, errno }
+}
+
+impl Engine {
+    /// Starts the serving threads. `on_end` is called once per session as it
+    /// ends, on a serving thread.
+    pub fn start(config: EngineConfig, on_end: Option<EndHook>) -> Result<Engine, EngineError> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(os("epoll_create"))?;
+        let control = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(os("eventfd"))?;
+        epoll::add(
+            &epoll,
+            &control,
+            epoll::EventData::new_u64(CONTROL),
+            epoll::EventFlags::IN,
+        )
+        .map_err(os("epoll_ctl"))?;
+        let shared = Arc::new(Shared {
+            epoll,
+            control,
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+            background: AtomicU64::new(0),
+            round_robin: AtomicUsize::new(0),
+            on_end,
+        });
+        let mut workers = Vec::new();
+        for n in 0..config.threads.max(1) {
+            let s = shared.clone();
+            let w = std::thread::Builder::new()
+                .name(format!("pagewire-serve-{n}"))
+                .spawn(move || worker(&s))
+                .map_err(|e| EngineError::Os {
+                    what: "spawning a serving thread",
+                    errno: Errno::from_io_error(&e).unwrap_or(Errno::AGAIN),
+                })?;
+            workers.push(w);
+        }
+        Ok(Engine { shared, workers })
+    }
+
+    /// Starts serving a session.
+    pub fn add(&self, spec: SessionSpec) -> Result<SessionHandle, EngineError> {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(EngineError::Stopping);
+        }
+        validate(&spec.regions, spec.source.len())?;
+        let pidfd = match spec.pid {
+            Some(pid) => {
+                let p = rustix::process::Pid::from_raw(pid as i32).ok_or(EngineError::Pidfd {
+                    pid,
+                    errno: Errno::INVAL,
+                })?;
+                Some(
+                    rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
+                        .map_err(|errno| EngineError::Pidfd { pid, errno })?,
+                )
+            }
+            None => None,
+        };
+        let regions = spec.regions.len();
+        let bytes = spec.regions.iter().map(|r| r.len).sum();
+        let session = Session::new(
+            spec.name,
+            spec.uffd,
+            &spec.regions,
+            spec.source,
+            spec.config,
+        );
+        self.shared.insert(
+            Arc::new(session),
+            spec.pid,
+            pidfd,
+            spec.hangup,
+            None,
+            regions,
+            bytes,
+        )
+    }
+
+    /// Ends a session now (its memory is no longer served).
+    pub fn end(&self, handle: &SessionHandle) {
+        self.shared.end(handle.id(), EndReason::Stopped);
+    }
+
+    /// Sessions being served.
+    pub fn session_count(&self) -> usize {
+        self.shared.sessions.lock().map_or(0, |s| s.len())
+    }
+
+    /// Stops the serving threads and ends every session.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        let _ = rustix::io::write(&self.shared.control, &1u64.to_ne_bytes());
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        let ids: Vec<u64> = self
+            .shared
+            .sessions
+            .lock()
+            .map(|s| s.keys().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            self.shared.end(id, EndReason::Stopped);
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if !self.workers.is_empty() {
+            self.stop();
+        }
+    }
+}
+
+impl Shared {
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &self,
+        session: Arc<Session>,
+        pid: Option<u32>,
+        pidfd: Option<OwnedFd>,
+        hangup: Option<OwnedFd>,
+        parent: Option<u64>,
+        regions: usize,
+        bytes: u64,
+    ) -> Result<SessionHandle, EngineError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let background = session.config().background;
+        let entry = Arc::new(Entry {
+            id,
+            session,
+            pid,
+            pidfd,
+            hangup,
+            parent,
+            started: Instant::now(),
+            regions,
+            bytes,
+            report: Mutex::new(None),
+            done: Condvar::new(),
+        });
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, entry.clone());
+        let one_shot = epoll::EventFlags::ONESHOT;
+        let added = (|| {
+            epoll::add(
+                &self.epoll,
+                entry.session.uffd(),
+                token(id, KIND_UFFD),
+                epoll::EventFlags::IN | one_shot,
+            )?;
+            if let Some(fd) = &entry.pidfd {
+                epoll::add(
+                    &self.epoll,
+                    fd,
+                    token(id, KIND_PID),
+                    epoll::EventFlags::IN | one_shot,
+                )?;
+            }
+            if let Some(fd) = &entry.hangup {
+                epoll::add(
+                    &self.epoll,
+                    fd,
+                    token(id, KIND_HANGUP),
+                    epoll::EventFlags::RDHUP | epoll::EventFlags::HUP | one_shot,
+                )?;
+            }
+            Ok(())
+        })();
+        if let Err(errno) = added {
+            self.end(id, EndReason::Stopped);
+            return Err(EngineError::Os {
+                what: "epoll_ctl",
+                errno,
+            });
+        }
+        if background {
+            let _ = self
+                .background
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some((v + 2) | 1));
+            // Wake a worker that may be asleep with nothing to wait for.
+            let _ = rustix::io::write(&self.control, &1u64.to_ne_bytes());
+        }
+        tracing::info!(
+            id,
+            name = entry.session.name(),
+            pid,
+            regions,
+            bytes,
+            "session started"
+        );
+        Ok(SessionHandle { entry })
+    }
+
+    fn get(&self, id: u64) -> Option<Arc<Entry>> {
+        self.sessions.lock().ok()?.get(&id).cloned()
+    }
+
+    /// Ends session `id` (once) and the sessions forked from it.
+    fn end(&self, id: u64, reason: EndReason) {
+        let (entry, children) = {
+            let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(entry) = map.remove(&id) else { return };
+            let children: Vec<u64> = map
+                .values()
+                .filter(|e| e.parent == Some(id))
+                .map(|e| e.id)
+                .collect();
+            (entry, children)
+        };
+        entry.session.mark_ended();
+        let _ = epoll::delete(&self.epoll, entry.session.uffd());
+        if let Some(fd) = &entry.pidfd {
+            let _ = epoll::delete(&self.epoll, fd);
+        }
+        if let Some(fd) = &entry.hangup {
+            let _ = epoll::delete(&self.epoll, fd);
+        }
+        let report = SessionReport {
+            id,
+            name: entry.session.name().to_string(),
+            pid: entry.pid,
+            reason,
+            duration_ms: entry.started.elapsed().as_secs_f64() * 1000.0,
+            regions: entry.regions,
+            bytes: entry.bytes,
+            stats: entry.session.stats.snapshot(),
+        };
+        tracing::info!(
+            id,
+            name = %report.name,
+            ?reason,
+            faults = report.stats.faults,
+            copied = report.stats.pages_copied,
+            zeroed = report.stats.pages_zeroed,
+            errors = report.stats.errors,
+            "session ended"
+        );
+        if let Some(hook) = &self.on_end {
+            hook(&report);
+        }
+        *entry.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
+        entry.done.notify_all();
+        for child in children {
+            self.end(child, EndReason::ParentEnded);
+        }
+    }
+
+    fn serve_uffd(&self, entry: &Arc<Entry>, scratch: &mut Scratch) {
+        let session = &entry.session;
+        session.pump(&mut scratch.faults, &mut scratch.events);
+        // Re-arm at once: another worker may take the next batch meanwhile.
+        let _ = epoll::modify(
+            &self.epoll,
+            session.uffd(),
+            token(entry.id, KIND_UFFD),
+            epoll::EventFlags::IN | epoll::EventFlags::ONESHOT,
+        );
+        self.serve_faults(entry, scratch);
+    }
+
+    fn serve_faults(&self, entry: &Arc<Entry>, scratch: &mut Scratch) {
+        let mut i = 0;
+        while i < scratch.faults.len() {
+            let f = scratch.faults[i];
+            i += 1;
+            if entry
+                .session
+                .serve_fault(f, &mut scratch.faults, &mut scratch.events)
+                == Served::ProcessGone
+            {
+                scratch.faults.clear();
+                self.end(entry.id, EndReason::AddressSpaceGone);
+                return;
+            }
+        }
+        scratch.faults.clear();
+        self.adopt_forks(entry);
+    }
+
+    fn adopt_forks(&self, entry: &Arc<Entry>) {
+        for child in entry.session.take_forks() {
+            if !entry.session.config().serve_forks {
+                tracing::info!(
+                    session = entry.session.name(),
+                    "fork: child not served (its userfaultfd is closed)"
+                );
+                continue;
+            }
+            let name = format!("{} (fork)", entry.session.name());
+            let session = Arc::new(entry.session.forked(name, child));
+            if let Err(e) = self.insert(
+                session,
+                None,
+                None,
+                None,
+                Some(entry.id),
+                entry.regions,
+                entry.bytes,
+            ) {
+                tracing::error!(
+                    session = entry.session.name(),
+                    "fork: cannot serve the child: {e}"
+                );
+            }
+        }
+    }
+
+    /// One background step on the next session that has work. Returns
+    /// whether any session did some.
+    fn background_round(&self, scratch: &mut Scratch) -> bool {
+        let entries: Vec<Arc<Entry>> = match self.sessions.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => return false,
+        };
+        let n = entries.len();
+        let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        for k in 0..n {
+            let entry = &entries[(start + k) % n.max(1)];
+            match entry
+                .session
+                .background_step(&mut scratch.faults, &mut scratch.events)
+            {
+                None => continue,
+                Some(Served::ProcessGone) => {
+                    scratch.faults.clear();
+                    self.end(entry.id, EndReason::AddressSpaceGone);
+                    return true;
+                }
+                Some(Served::Done) => {
+                    // Faults read while retrying belong to this session.
+                    self.serve_faults(entry, scratch);
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Per-worker buffers, allocated before serving starts: between being woken
+/// and reading the userfaultfd a worker must not allocate, because a thread
+/// of the served process may be inside `fork()` holding the allocator's
+/// locks while it waits for that very read (EVENT_FORK, in-process use).
+struct Scratch {
+    faults: Vec<Fault>,
+    events: Vec<uffd::Event>,
+}
+
+fn worker(shared: &Shared) {
+    let mut events: Vec<epoll::Event> = Vec::with_capacity(16);
+    let mut scratch = Scratch {
+        faults: Vec::with_capacity(4 * uffd::MAX_BATCH),
+        events: Vec::with_capacity(uffd::MAX_BATCH),
+    };
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    loop {
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let background = shared.background.load(Ordering::Acquire);
+        events.clear();
+        let timeout = if background & 1 == 1 {
+            Some(&zero)
+        } else {
+            None
+        };
+        match epoll::wait(
+            &shared.epoll,
+            rustix::buffer::spare_capacity(&mut events),
+            timeout,
+        ) {
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(e) => {
+                tracing::error!("epoll_wait: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        }
+        for ev in &events {
+            let data = ev.data.u64();
+            if data == CONTROL {
+                if shared.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                // A kick: background work was added. Drain it.
+                let mut b = [0u8; 8];
+                let _ = rustix::io::read(&shared.control, &mut b);
+                continue;
+            }
+            let (id, kind) = (data >> 2, data & 3);
+            let Some(entry) = shared.get(id) else {
+                continue;
+            };
+            match kind {
+                KIND_UFFD => shared.serve_uffd(&entry, &mut scratch),
+                KIND_PID => shared.end(id, EndReason::ProcessExited),
+                _ => shared.end(id, EndReason::HungUp),
+            }
+        }
+        if events.is_empty() && background & 1 == 1 && !shared.background_round(&mut scratch) {
+            let _ = shared.background.compare_exchange(
+                background,
+                background & !1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+}
+
+impl AsFd for SessionHandle {
+    /// The session's userfaultfd.
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.entry.session.uffd().as_fd()
+    }
+}

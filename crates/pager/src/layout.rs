@@ -1,0 +1,335 @@
+//! The regions of one session and the state of each of their pages.
+//!
+//! Serving threads read the layout under the session's read lock and move
+//! pages between states with compare-and-swap; the thread that reads the
+//! userfaultfd takes the write lock around the read and applies REMOVE,
+//! UNMAP and REMAP before anyone can issue another resolving ioctl (see
+//! `session.rs` for why that ordering is what keeps stale pages out).
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::region::Region;
+
+/// The state of one page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PageState {
+    /// Not mapped yet: its bytes come from the source.
+    Missing = 0,
+    /// Claimed by one serving thread, which alone may move it on.
+    Claimed = 1,
+    /// Mapped (copied or zeroed) in the target.
+    Present = 2,
+    /// Released by the target (REMOVE): a later fault gets zeros.
+    Discarded = 3,
+    /// Claimed, then discarded by a REMOVE before its owner mapped it: the
+    /// owner must not map source bytes there any more.
+    ClaimedDiscarded = 4,
+    /// Could not be served (poisoned, or unservable): never retried.
+    Failed = 5,
+}
+
+impl PageState {
+    fn from_u8(v: u8) -> PageState {
+        match v {
+            0 => PageState::Missing,
+            1 => PageState::Claimed,
+            2 => PageState::Present,
+            3 => PageState::Discarded,
+            4 => PageState::ClaimedDiscarded,
+            _ => PageState::Failed,
+        }
+    }
+}
+
+/// One region and its per-page states.
+#[derive(Debug)]
+pub(crate) struct RegionState {
+    /// Stable while the region exists (REMAP moves it without a new id).
+    pub id: u64,
+    pub region: Region,
+    states: Box<[AtomicU8]>,
+    /// Pages known from the source to be all zero (holes).
+    known_zero: Box<[bool]>,
+}
+
+impl RegionState {
+    pub fn new(id: u64, region: Region, zero_ranges: &[Range<u64>]) -> RegionState {
+        let n = region.pages();
+        let ps = region.page_bytes();
+        let known_zero = (0..n)
+            .map(|p| {
+                let s = region.source_offset + p as u64 * ps;
+                zero_ranges.iter().any(|z| z.start <= s && s + ps <= z.end)
+            })
+            .collect();
+        RegionState {
+            id,
+            region,
+            states: (0..n)
+                .map(|_| AtomicU8::new(PageState::Missing as u8))
+                .collect(),
+            known_zero,
+        }
+    }
+
+    pub fn pages(&self) -> usize {
+        self.states.len()
+    }
+
+    pub fn state(&self, page: usize) -> PageState {
+        PageState::from_u8(self.states[page].load(Ordering::Acquire))
+    }
+
+    pub fn set(&self, page: usize, s: PageState) {
+        self.states[page].store(s as u8, Ordering::Release);
+    }
+
+    /// Moves `page` from `from` to `to` if it is in `from`.
+    pub fn transition(&self, page: usize, from: PageState, to: PageState) -> bool {
+        self.states[page]
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    pub fn known_zero(&self, page: usize) -> bool {
+        self.known_zero[page]
+    }
+
+    pub fn page_addr(&self, page: usize) -> u64 {
+        self.region.host_base + page as u64 * self.region.page_bytes()
+    }
+
+    /// Splits off the pages from `page` on into a new region with `id`.
+    /// Pages claimed by a serving thread are handed back as missing in the
+    /// new part (their owner no longer finds them); their addresses are
+    /// appended to `wake` so that threads waiting there fault again.
+    fn split_off(&mut self, page: usize, id: u64, wake: &mut Vec<(u64, usize)>) -> RegionState {
+        let ps = self.region.page_bytes();
+        let mut right = self.region;
+        right.host_base += page as u64 * ps;
+        right.source_offset += page as u64 * ps;
+        right.len -= page as u64 * ps;
+        self.region.len = page as u64 * ps;
+        let states: Vec<AtomicU8> = self.states[page..]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let v = match PageState::from_u8(s.load(Ordering::Acquire)) {
+                    PageState::Claimed => {
+                        wake.push((right.host_base + i as u64 * ps, ps as usize));
+                        PageState::Missing
+                    }
+                    PageState::ClaimedDiscarded => {
+                        wake.push((right.host_base + i as u64 * ps, ps as usize));
+                        PageState::Discarded
+                    }
+                    other => other,
+                };
+                AtomicU8::new(v as u8)
+            })
+            .collect();
+        let known_zero = self.known_zero[page..].to_vec().into_boxed_slice();
+        self.states = self.states[..page]
+            .iter()
+            .map(|s| AtomicU8::new(s.load(Ordering::Acquire)))
+            .collect();
+        self.known_zero = self.known_zero[..page].to_vec().into_boxed_slice();
+        RegionState {
+            id,
+            region: right,
+            states: states.into_boxed_slice(),
+            known_zero,
+        }
+    }
+
+    /// A copy for a forked child: what the parent had mapped the child has
+    /// too; pages in flight may or may not have made it and count as missing.
+    pub fn fork_copy(&self) -> RegionState {
+        RegionState {
+            id: self.id,
+            region: self.region,
+            states: (0..self.pages())
+                .map(|p| {
+                    let s = match self.state(p) {
+                        PageState::Claimed => PageState::Missing,
+                        PageState::ClaimedDiscarded => PageState::Discarded,
+                        other => other,
+                    };
+                    AtomicU8::new(s as u8)
+                })
+                .collect(),
+            known_zero: self.known_zero.clone(),
+        }
+    }
+}
+
+/// All regions of a session, sorted by host address.
+#[derive(Debug, Default)]
+pub(crate) struct Layout {
+    pub regions: Vec<RegionState>,
+    next_id: u64,
+}
+
+impl Layout {
+    pub fn new(regions: &[Region], zero_ranges: &[Range<u64>]) -> Layout {
+        let mut l = Layout::default();
+        for r in regions {
+            let id = l.fresh_id();
+            l.regions.push(RegionState::new(id, *r, zero_ranges));
+        }
+        l.regions.sort_by_key(|r| r.region.host_base);
+        l
+    }
+
+    pub fn fork_copy(&self) -> Layout {
+        Layout {
+            regions: self.regions.iter().map(RegionState::fork_copy).collect(),
+            next_id: self.next_id,
+        }
+    }
+
+    fn fresh_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// The region holding `addr` (its index) and the page within it.
+    pub fn find(&self, addr: u64) -> Option<(usize, usize)> {
+        let i = self
+            .regions
+            .partition_point(|r| r.region.host_base <= addr)
+            .checked_sub(1)?;
+        let r = &self.regions[i];
+        r.region.contains(addr).then(|| {
+            (
+                i,
+                ((addr - r.region.host_base) / r.region.page_bytes()) as usize,
+            )
+        })
+    }
+
+    pub fn by_id(&self, id: u64) -> Option<&RegionState> {
+        self.regions.iter().find(|r| r.id == id)
+    }
+
+    /// Makes `addr` a region boundary if it falls strictly inside a region
+    /// (rounded down to that region's page size).
+    fn split_at(&mut self, addr: u64, wake: &mut Vec<(u64, usize)>) {
+        let Some((i, page)) = self.find(addr) else {
+            return;
+        };
+        if page == 0 {
+            return;
+        }
+        let id = self.fresh_id();
+        let right = self.regions[i].split_off(page, id, wake);
+        self.regions.insert(i + 1, right);
+    }
+
+    /// REMOVE: every page in `[start, end)` is discarded. Returns how many
+    /// pages changed state.
+    pub fn discard(&self, start: u64, end: u64) -> u64 {
+        let mut n = 0;
+        for r in &self.regions {
+            let (lo, hi) = (start.max(r.region.host_base), end.min(r.region.end()));
+            if lo >= hi {
+                continue;
+            }
+            let ps = r.region.page_bytes();
+            let first = ((lo - r.region.host_base) / ps) as usize;
+            let last = (hi - r.region.host_base).div_ceil(ps) as usize;
+            for p in first..last.min(r.pages()) {
+                let to = match r.state(p) {
+                    PageState::Claimed => PageState::ClaimedDiscarded,
+                    PageState::ClaimedDiscarded | PageState::Discarded => continue,
+                    _ => PageState::Discarded,
+                };
+                r.set(p, to);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// UNMAP: the range is gone from the target; forget its pages.
+    pub fn unmap(&mut self, start: u64, end: u64, wake: &mut Vec<(u64, usize)>) {
+        self.split_at(start, wake);
+        self.split_at(end, wake);
+        self.regions
+            .retain(|r| r.region.end() <= start || r.region.host_base >= end);
+    }
+
+    /// REMAP: `[from, from+len)` now lives at `to`.
+    pub fn remap(&mut self, from: u64, to: u64, len: u64, wake: &mut Vec<(u64, usize)>) {
+        let end = from.saturating_add(len);
+        self.split_at(from, wake);
+        self.split_at(end, wake);
+        for r in &mut self.regions {
+            if r.region.host_base >= from && r.region.end() <= end {
+                r.region.host_base = r.region.host_base - from + to;
+            }
+        }
+        self.regions.sort_by_key(|r| r.region.host_base);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::region::PageSize;
+
+    fn layout() -> Layout {
+        Layout::new(
+            &[Region {
+                host_base: 0x10000,
+                len: 0x8000,
+                source_offset: 0,
+                page_size: PageSize::Base4K,
+            }],
+            &[0x2000..0x4000],
+        )
+    }
+
+    #[test]
+    fn find_and_known_zero() {
+        let l = layout();
+        assert_eq!(l.find(0x10000), Some((0, 0)));
+        assert_eq!(l.find(0x17fff), Some((0, 7)));
+        assert_eq!(l.find(0x18000), None);
+        assert_eq!(l.find(0xffff), None);
+        let r = &l.regions[0];
+        assert!(!r.known_zero(1) && r.known_zero(2) && r.known_zero(3) && !r.known_zero(4));
+    }
+
+    #[test]
+    fn discard_marks_claimed_pages_for_their_owner() {
+        let l = layout();
+        let r = &l.regions[0];
+        assert!(r.transition(1, PageState::Missing, PageState::Claimed));
+        r.set(2, PageState::Present);
+        assert_eq!(l.discard(0x11000, 0x13000), 2);
+        assert_eq!(r.state(1), PageState::ClaimedDiscarded);
+        assert_eq!(r.state(2), PageState::Discarded);
+        assert_eq!(r.state(3), PageState::Missing);
+    }
+
+    #[test]
+    fn unmap_and_remap_split_regions() {
+        let mut l = layout();
+        let mut wake = Vec::new();
+        assert!(l.regions[0].transition(5, PageState::Missing, PageState::Claimed));
+        l.remap(0x14000, 0x40000, 0x2000, &mut wake);
+        assert_eq!(l.regions.len(), 3);
+        // The waiter blocked at the old address is woken there.
+        assert_eq!(wake, vec![(0x15000, 0x1000)]);
+        let (i, p) = l.find(0x41000).expect("moved page");
+        assert_eq!(l.regions[i].region.source_offset, 0x4000);
+        assert_eq!((p, l.regions[i].state(1)), (1, PageState::Missing));
+        assert_eq!(l.find(0x15000), None);
+        l.unmap(0x10000, 0x12000, &mut wake);
+        assert_eq!(l.find(0x10000), None);
+        assert!(l.find(0x12000).is_some());
+    }
+}

@@ -1,0 +1,679 @@
+//! One served address space: a userfaultfd, its regions, a page source.
+//!
+//! # Why there is a lock around reading the userfaultfd
+//! `MADV_DONTNEED` on registered memory queues a REMOVE event, blocks until
+//! it is read, and only then zaps the range. A COPY issued after the event
+//! was read can land after the zap and keep stale source bytes alive (the
+//! balloon-vs-population race). So every resolving ioctl is issued under the
+//! session's read lock after checking page state, and whoever reads the
+//! userfaultfd holds the write lock from before the `read` until the events
+//! in it are applied to page state. A COPY that started before the event was
+//! queued lands before the zap; one issued while it is queued fails with
+//! EAGAIN; one issued after it was read sees the page discarded.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::Instant;
+
+use uffd::{CopyMode, Error as UffdError, Event, Uffd};
+
+use crate::layout::{Layout, PageState, RegionState};
+use crate::region::{PageSize, Region};
+use crate::source::PageSource;
+use crate::stats::Stats;
+
+/// How a session is served.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Pages served around each fault: the aligned block of this many pages
+    /// holding the faulting page (1: only the faulting page). For 2 MiB
+    /// regions the block is `cluster_pages * 4 KiB / 2 MiB` pages, at least 1.
+    pub cluster_pages: usize,
+    /// Populate the rest of memory in the background, yielding to faults.
+    pub background: bool,
+    /// Pages per background step (4 KiB regions).
+    pub background_chunk: usize,
+    /// Serve the children of a fork (EVENT_FORK); otherwise their
+    /// userfaultfd is closed and they see zero pages where they had none.
+    pub serve_forks: bool,
+    /// How often a resolving ioctl is retried after EAGAIN (queued events)
+    /// before the pages are released and the failure reported.
+    pub max_retries: u32,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            cluster_pages: 16,
+            background: false,
+            background_chunk: 64,
+            serve_forks: false,
+            max_retries: 1000,
+        }
+    }
+}
+
+/// A fault message waiting to be served.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fault {
+    pub addr: u64,
+    pub read_at: Instant,
+}
+
+/// Why a serving step stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Served {
+    Done,
+    ProcessGone,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Fault,
+    Background,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ctx {
+    origin: Origin,
+    read_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    page: usize,
+    zero: bool,
+}
+
+/// One address space being served.
+pub struct Session {
+    name: String,
+    uffd: Uffd,
+    source: Arc<dyn PageSource>,
+    layout: RwLock<Layout>,
+    pub(crate) stats: Stats,
+    config: SessionConfig,
+    background: Mutex<Cursor>,
+    ended: AtomicBool,
+    /// Userfaultfds of forked children, read but not yet taken by the engine.
+    forks: Mutex<Vec<Uffd>>,
+}
+
+#[derive(Debug, Default)]
+struct Cursor {
+    region: usize,
+    page: usize,
+    done: bool,
+}
+
+thread_local! {
+    static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Zeros to copy where ZEROPAGE is not available (hugetlbfs).
+fn zeros(len: usize) -> &'static [u8] {
+    static ZEROS: std::sync::OnceLock<Box<[u8]>> = std::sync::OnceLock::new();
+    let z = ZEROS.get_or_init(|| vec![0u8; PageSize::Huge2M.bytes()].into_boxed_slice());
+    &z[..len.min(z.len())]
+}
+
+impl Session {
+    pub(crate) fn new(
+        name: String,
+        uffd: Uffd,
+        regions: &[Region],
+        source: Arc<dyn PageSource>,
+        config: SessionConfig,
+    ) -> Session {
+        let layout = Layout::new(regions, source.zero_ranges());
+        Session {
+            name,
+            uffd,
+            source,
+            layout: RwLock::new(layout),
+            stats: Stats::default(),
+            background: Mutex::new(Cursor {
+                done: !config.background,
+                ..Cursor::default()
+            }),
+            config,
+            ended: AtomicBool::new(false),
+            forks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A session for the child of a fork of this one.
+    pub(crate) fn forked(&self, name: String, uffd: Uffd) -> Session {
+        let layout = self.read_layout().fork_copy();
+        Session {
+            name,
+            uffd,
+            source: self.source.clone(),
+            layout: RwLock::new(layout),
+            stats: Stats::default(),
+            background: Mutex::new(Cursor {
+                done: !self.config.background,
+                ..Cursor::default()
+            }),
+            config: self.config.clone(),
+            ended: AtomicBool::new(false),
+            forks: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    pub(crate) fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    pub(crate) fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_ended(&self) {
+        self.ended.store(true, Ordering::Release);
+    }
+
+    fn read_layout(&self) -> RwLockReadGuard<'_, Layout> {
+        // A panic elsewhere while holding the lock leaves page state as
+        // consistent as it was: keep serving.
+        self.layout.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state of the page holding `addr` (tests and diagnostics).
+    pub fn page_state(&self, addr: u64) -> Option<PageState> {
+        let l = self.read_layout();
+        l.find(addr).map(|(i, p)| l.regions[i].state(p))
+    }
+
+    /// Reads every queued message under the write lock, applies REMOVE,
+    /// UNMAP and REMAP to page state before releasing it, and appends the
+    /// faults to `faults` (served afterwards, by page state, whatever the
+    /// order they were read in).
+    ///
+    /// `events` must have room for [`uffd::MAX_BATCH`] messages already:
+    /// nothing here allocates before the read (see `engine::Scratch`).
+    pub(crate) fn pump(&self, faults: &mut Vec<Fault>, events: &mut Vec<Event>) {
+        let mut wake = Vec::new();
+        {
+            let mut layout = self.layout.write().unwrap_or_else(|e| e.into_inner());
+            loop {
+                events.clear();
+                let n = match self.uffd.read_events(events, uffd::MAX_BATCH) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::error!(session = %self.name, "reading the userfaultfd: {e}");
+                        Stats::add(&self.stats.errors, 1);
+                        0
+                    }
+                };
+                let now = Instant::now();
+                for ev in events.drain(..) {
+                    match ev {
+                        Event::PageFault { address, .. } => faults.push(Fault {
+                            addr: address,
+                            read_at: now,
+                        }),
+                        Event::Remove { start, end } => {
+                            Stats::add(&self.stats.events_remove, 1);
+                            let n = layout.discard(start, end);
+                            Stats::add(&self.stats.pages_discarded, n);
+                            tracing::debug!(session = %self.name, start, end, pages = n, "remove");
+                        }
+                        Event::Unmap { start, end } => {
+                            Stats::add(&self.stats.events_unmap, 1);
+                            layout.unmap(start, end, &mut wake);
+                            tracing::debug!(session = %self.name, start, end, "unmap");
+                        }
+                        Event::Remap { from, to, len } => {
+                            Stats::add(&self.stats.events_remap, 1);
+                            layout.remap(from, to, len, &mut wake);
+                            tracing::debug!(session = %self.name, from, to, len, "remap");
+                        }
+                        Event::Fork { uffd } => {
+                            Stats::add(&self.stats.events_fork, 1);
+                            self.forks
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(uffd);
+                        }
+                        Event::Unknown { kind } => {
+                            tracing::warn!(session = %self.name, kind, "unknown userfaultfd message ignored");
+                        }
+                    }
+                }
+                if n < uffd::MAX_BATCH {
+                    break;
+                }
+            }
+        }
+        for (addr, len) in wake {
+            let _ = self.uffd.wake(addr, len);
+        }
+    }
+
+    /// Userfaultfds of forked children read since the last call.
+    pub(crate) fn take_forks(&self) -> Vec<Uffd> {
+        std::mem::take(&mut *self.forks.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Serves one fault: the faulting page first, then the missing pages of
+    /// its cluster. Faults on pages already served or in flight are dropped
+    /// (a present page gets a WAKE in case its thread missed the first one).
+    pub(crate) fn serve_fault(
+        &self,
+        fault: Fault,
+        deferred: &mut Vec<Fault>,
+        events: &mut Vec<Event>,
+    ) -> Served {
+        Stats::add(&self.stats.faults, 1);
+        let layout = self.read_layout();
+        let Some((i, page)) = layout.find(fault.addr) else {
+            Stats::add(&self.stats.errors, 1);
+            tracing::warn!(session = %self.name, addr = fault.addr, "fault outside every known region: woken unserved");
+            let _ = self.uffd.wake(fault.addr & !0xfff, 4096);
+            return Served::Done;
+        };
+        let r = &layout.regions[i];
+        let mut claims = Vec::new();
+        loop {
+            match r.state(page) {
+                PageState::Missing => {
+                    if r.transition(page, PageState::Missing, PageState::Claimed) {
+                        claims.push(Claim {
+                            page,
+                            zero: r.known_zero(page),
+                        });
+                        break;
+                    }
+                }
+                PageState::Discarded => {
+                    if r.transition(page, PageState::Discarded, PageState::Claimed) {
+                        claims.push(Claim { page, zero: true });
+                        break;
+                    }
+                }
+                PageState::Present | PageState::Failed => {
+                    Stats::add(&self.stats.faults_already_served, 1);
+                    let _ = self
+                        .uffd
+                        .wake(r.page_addr(page), r.region.page_size.bytes());
+                    return Served::Done;
+                }
+                PageState::Claimed | PageState::ClaimedDiscarded => {
+                    // Its owner maps it and wakes the waiters.
+                    Stats::add(&self.stats.faults_already_served, 1);
+                    return Served::Done;
+                }
+            }
+        }
+        let cluster = self.cluster_pages(r.region.page_size);
+        if cluster > 1 {
+            let start = page / cluster * cluster;
+            for q in start..(start + cluster).min(r.pages()) {
+                if q != page && r.transition(q, PageState::Missing, PageState::Claimed) {
+                    claims.push(Claim {
+                        page: q,
+                        zero: r.known_zero(q),
+                    });
+                }
+            }
+            claims[1..].sort_by_key(|c| c.page);
+        }
+        let id = r.id;
+        let ctx = Ctx {
+            origin: Origin::Fault,
+            read_at: Some(fault.read_at),
+        };
+        self.serve_claims(layout, id, claims, ctx, deferred, events)
+    }
+
+    fn cluster_pages(&self, ps: PageSize) -> usize {
+        let bytes = self.config.cluster_pages.max(1) * 4096;
+        (bytes / ps.bytes()).max(1)
+    }
+
+    /// One step of background population: claims the next run of missing
+    /// pages and serves it. Returns `None` when nothing is left to populate.
+    pub(crate) fn background_step(
+        &self,
+        deferred: &mut Vec<Fault>,
+        events: &mut Vec<Event>,
+    ) -> Option<Served> {
+        if self.is_ended() {
+            return None;
+        }
+        let layout = self.read_layout();
+        let (id, claims) = {
+            let mut cur = self.background.lock().unwrap_or_else(|e| e.into_inner());
+            if cur.done {
+                return None;
+            }
+            let mut found = None;
+            for _ in 0..=layout.regions.len() {
+                let Some(r) = layout.regions.get(cur.region) else {
+                    cur.region = 0;
+                    cur.page = 0;
+                    continue;
+                };
+                let chunk = self.cluster_pages_bg(r.region.page_size);
+                let mut claims = Vec::new();
+                let mut p = cur.page;
+                while p < r.pages() && claims.len() < chunk {
+                    if r.transition(p, PageState::Missing, PageState::Claimed) {
+                        claims.push(Claim {
+                            page: p,
+                            zero: r.known_zero(p),
+                        });
+                    } else if !claims.is_empty() {
+                        break;
+                    }
+                    p += 1;
+                }
+                cur.page = p;
+                if p >= r.pages() {
+                    cur.region += 1;
+                    cur.page = 0;
+                }
+                if !claims.is_empty() {
+                    found = Some((r.id, claims));
+                    break;
+                }
+            }
+            match found {
+                Some(f) => f,
+                None => {
+                    cur.done = true;
+                    return None;
+                }
+            }
+        };
+        let ctx = Ctx {
+            origin: Origin::Background,
+            read_at: None,
+        };
+        Some(self.serve_claims(layout, id, claims, ctx, deferred, events))
+    }
+
+    fn cluster_pages_bg(&self, ps: PageSize) -> usize {
+        ((self.config.background_chunk.max(1) * 4096) / ps.bytes()).max(1)
+    }
+
+    /// Maps the claimed pages of region `id` (the first claim is served
+    /// first; the rest in runs). Retries after EAGAIN by reading the queued
+    /// events itself, re-checking page state each time.
+    fn serve_claims(
+        &self,
+        mut layout: RwLockReadGuard<'_, Layout>,
+        id: u64,
+        mut claims: Vec<Claim>,
+        ctx: Ctx,
+        deferred: &mut Vec<Fault>,
+        events: &mut Vec<Event>,
+    ) -> Served {
+        let Ctx { origin, read_at } = ctx;
+        let fault_page = match origin {
+            Origin::Fault => claims.first().map(|c| c.page),
+            Origin::Background => None,
+        };
+        // Source bytes for the non-zero claims, read once: (first page, bytes).
+        let mut data: Option<usize> = None;
+        let mut attempts = 0u32;
+        BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            loop {
+                let Some(r) = layout.by_id(id) else {
+                    return Served::Done; // unmapped meanwhile
+                };
+                self.reconcile(r, &mut claims, fault_page);
+                if claims.is_empty() {
+                    return Served::Done;
+                }
+                if data.is_none() {
+                    data = Some(self.read_source(r, &mut claims, &mut buf));
+                    if claims.is_empty() {
+                        return Served::Done;
+                    }
+                }
+                let first_data = data.unwrap_or(0);
+                match self.map_claims(
+                    r,
+                    &mut claims,
+                    &buf,
+                    first_data,
+                    origin,
+                    fault_page,
+                    read_at,
+                ) {
+                    MapResult::Done => return Served::Done,
+                    MapResult::ProcessGone => return Served::ProcessGone,
+                    MapResult::EventsPending => {
+                        attempts += 1;
+                        Stats::add(&self.stats.retries, 1);
+                        if attempts > self.config.max_retries {
+                            Stats::add(&self.stats.errors, 1);
+                            tracing::error!(
+                                session = %self.name,
+                                pages = claims.len(),
+                                "pages still failing with EAGAIN after {} retries: released \
+                                 (their threads will fault again)",
+                                self.config.max_retries
+                            );
+                            self.release(r, &claims);
+                            return Served::Done;
+                        }
+                        drop(layout);
+                        // Read the queued events; the faults found are served
+                        // after this run.
+                        self.pump(deferred, events);
+                        layout = self.read_layout();
+                    }
+                }
+            }
+        })
+    }
+
+    /// Drops claims this thread no longer owns the right to fill with source
+    /// bytes: a REMOVE discarded them meanwhile. The faulting page is then
+    /// served as zero (its thread waits); others are released and woken.
+    fn reconcile(&self, r: &RegionState, claims: &mut Vec<Claim>, fault_page: Option<usize>) {
+        claims.retain_mut(|c| {
+            if c.page >= r.pages() {
+                return false; // split away; the split woke its waiters
+            }
+            match r.state(c.page) {
+                PageState::Claimed => true,
+                PageState::ClaimedDiscarded if Some(c.page) == fault_page => {
+                    r.set(c.page, PageState::Claimed);
+                    c.zero = true;
+                    true
+                }
+                PageState::ClaimedDiscarded => {
+                    r.set(c.page, PageState::Discarded);
+                    let _ = self
+                        .uffd
+                        .wake(r.page_addr(c.page), r.region.page_size.bytes());
+                    false
+                }
+                _ => false,
+            }
+        });
+    }
+
+    /// Reads the source bytes for the non-zero claims into `buf` (one read
+    /// spanning them) and marks all-zero pages as zero claims. On a read
+    /// error the pages are poisoned. Returns the first page `buf` holds.
+    fn read_source(&self, r: &RegionState, claims: &mut Vec<Claim>, buf: &mut Vec<u8>) -> usize {
+        let ps = r.region.page_size.bytes();
+        let (Some(lo), Some(hi)) = (
+            claims.iter().filter(|c| !c.zero).map(|c| c.page).min(),
+            claims.iter().filter(|c| !c.zero).map(|c| c.page).max(),
+        ) else {
+            return 0;
+        };
+        let len = (hi - lo + 1) * ps;
+        buf.resize(len, 0);
+        let offset = r.region.source_offset + (lo * ps) as u64;
+        if let Err(e) = self.source.read_at(offset, &mut buf[..len]) {
+            tracing::error!(session = %self.name, offset, len, "source read failed, poisoning the pages: {e}");
+            Stats::add(&self.stats.errors, 1);
+            claims.retain(|c| {
+                if c.zero {
+                    return true;
+                }
+                self.fail_pages(r, c.page, 1, "source read failed");
+                false
+            });
+            return lo;
+        }
+        for c in claims.iter_mut().filter(|c| !c.zero) {
+            let page = &buf[(c.page - lo) * ps..][..ps];
+            c.zero = is_zero(page);
+        }
+        lo
+    }
+
+    /// Poisons `n` pages from `page` (the guest gets SIGBUS, not garbage)
+    /// and marks them failed.
+    fn fail_pages(&self, r: &RegionState, page: usize, n: usize, why: &str) {
+        let ps = r.region.page_size.bytes();
+        let addr = r.page_addr(page);
+        match self.uffd.poison(addr, n * ps, false) {
+            Ok(_) => {
+                Stats::add(&self.stats.pages_poisoned, n as u64);
+                tracing::error!(session = %self.name, addr, pages = n, "poisoned: {why}");
+            }
+            Err(e) => {
+                tracing::error!(session = %self.name, addr, pages = n, "{why}; poisoning failed too ({e}): woken unserved");
+                let _ = self.uffd.wake(addr, n * ps);
+            }
+        }
+        for p in page..page + n {
+            r.set(p, PageState::Failed);
+        }
+    }
+
+    /// Releases claims after giving up on them; their threads fault again.
+    fn release(&self, r: &RegionState, claims: &[Claim]) {
+        for c in claims {
+            if r.transition(c.page, PageState::Claimed, PageState::Missing) {
+                let _ = self
+                    .uffd
+                    .wake(r.page_addr(c.page), r.region.page_size.bytes());
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn map_claims(
+        &self,
+        r: &RegionState,
+        claims: &mut Vec<Claim>,
+        buf: &[u8],
+        first_data: usize,
+        origin: Origin,
+        fault_page: Option<usize>,
+        read_at: Option<Instant>,
+    ) -> MapResult {
+        let ps = r.region.page_size.bytes();
+        let hugetlb = r.region.page_size == PageSize::Huge2M;
+        while !claims.is_empty() {
+            // A run: the first claim alone if it is the faulting page,
+            // otherwise consecutive claims of one kind.
+            let mut k = 1;
+            if Some(claims[0].page) != fault_page {
+                while k < claims.len()
+                    && claims[k].page == claims[0].page + k
+                    && claims[k].zero == claims[0].zero
+                    && (!hugetlb || !claims[0].zero)
+                {
+                    k += 1;
+                }
+            }
+            let (page, zero) = (claims[0].page, claims[0].zero);
+            let addr = r.page_addr(page);
+            let len = k * ps;
+            let result = if zero && !hugetlb {
+                self.uffd.zeropage(addr, len, false)
+            } else if zero {
+                self.uffd.copy(addr, zeros(ps), CopyMode::empty())
+            } else {
+                let at = (page - first_data) * ps;
+                self.uffd.copy(addr, &buf[at..at + len], CopyMode::empty())
+            };
+            let done_pages = match result {
+                Ok(_) => k,
+                Err(UffdError::Partial { done, .. }) => done / ps,
+                Err(UffdError::Exists { .. }) => {
+                    // Mapped by someone else: it is present; wake its waiters.
+                    r.set(page, PageState::Present);
+                    let _ = self.uffd.wake(addr, ps);
+                    claims.remove(0);
+                    continue;
+                }
+                Err(UffdError::EventsPending { .. }) => return MapResult::EventsPending,
+                Err(UffdError::ProcessGone { .. }) => {
+                    self.mark_ended();
+                    return MapResult::ProcessGone;
+                }
+                Err(UffdError::NotFound { .. }) => {
+                    // Not mapped or registered any more, without an event
+                    // telling us (no EVENT_UNMAP): nothing to serve there.
+                    Stats::add(&self.stats.errors, 1);
+                    tracing::warn!(session = %self.name, addr, pages = k, "range no longer registered: pages dropped");
+                    for c in claims.drain(..k) {
+                        r.set(c.page, PageState::Failed);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    Stats::add(&self.stats.errors, 1);
+                    self.fail_pages(r, page, k, &e.to_string());
+                    claims.drain(..k);
+                    continue;
+                }
+            };
+            for (n, c) in claims.drain(..done_pages).enumerate() {
+                r.set(c.page, PageState::Present);
+                if n == 0 && Some(c.page) == fault_page {
+                    if let Some(t) = read_at {
+                        self.stats.record_latency(t.elapsed());
+                    }
+                }
+                let counter = match origin {
+                    Origin::Background => &self.stats.pages_background,
+                    Origin::Fault if Some(c.page) == fault_page => &self.stats.pages_on_demand,
+                    Origin::Fault => &self.stats.pages_fault_around,
+                };
+                Stats::add(counter, 1);
+            }
+            if zero {
+                Stats::add(&self.stats.pages_zeroed, done_pages as u64);
+            } else {
+                Stats::add(&self.stats.pages_copied, done_pages as u64);
+                Stats::add(&self.stats.bytes_copied, (done_pages * ps) as u64);
+            }
+        }
+        MapResult::Done
+    }
+}
+
+enum MapResult {
+    Done,
+    EventsPending,
+    ProcessGone,
+}
+
+/// Whether a page is all zero (16 bytes at a time; pages are multiples of 16).
+fn is_zero(page: &[u8]) -> bool {
+    let mut chunks = page.chunks_exact(16);
+    chunks.all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+        && chunks.remainder().iter().all(|&b| b == 0)
+}

@@ -1,0 +1,169 @@
+//! Per-session statistics: counters, and a first-touch latency histogram.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Live counters, updated by serving threads without locks (the histogram
+/// takes a short lock once per served fault).
+#[derive(Debug)]
+pub struct Stats {
+    pub faults: AtomicU64,
+    pub faults_already_served: AtomicU64,
+    pub pages_copied: AtomicU64,
+    pub pages_zeroed: AtomicU64,
+    pub pages_discarded: AtomicU64,
+    pub pages_poisoned: AtomicU64,
+    pub bytes_copied: AtomicU64,
+    pub pages_on_demand: AtomicU64,
+    pub pages_fault_around: AtomicU64,
+    pub pages_background: AtomicU64,
+    pub retries: AtomicU64,
+    pub errors: AtomicU64,
+    pub events_remove: AtomicU64,
+    pub events_unmap: AtomicU64,
+    pub events_remap: AtomicU64,
+    pub events_fork: AtomicU64,
+    latency: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            faults: AtomicU64::new(0),
+            faults_already_served: AtomicU64::new(0),
+            pages_copied: AtomicU64::new(0),
+            pages_zeroed: AtomicU64::new(0),
+            pages_discarded: AtomicU64::new(0),
+            pages_poisoned: AtomicU64::new(0),
+            bytes_copied: AtomicU64::new(0),
+            pages_on_demand: AtomicU64::new(0),
+            pages_fault_around: AtomicU64::new(0),
+            pages_background: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            events_remove: AtomicU64::new(0),
+            events_unmap: AtomicU64::new(0),
+            events_remap: AtomicU64::new(0),
+            events_fork: AtomicU64::new(0),
+            // 1 ns .. 100 s at 3 significant digits: construction cannot fail
+            // for these bounds; fall back to an auto-resizing one anyway.
+            latency: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 100_000_000_000, 3)
+                    .or_else(|_| hdrhistogram::Histogram::new(3))
+                    .unwrap_or_else(|_| unreachable_histogram()),
+            ),
+        }
+    }
+}
+
+#[cold]
+fn unreachable_histogram() -> hdrhistogram::Histogram<u64> {
+    // `Histogram::new(3)` only fails for sigfig > 5.
+    panic!("hdrhistogram rejected 3 significant digits")
+}
+
+impl Stats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    /// Records the time from reading a fault to its page being mapped.
+    pub(crate) fn record_latency(&self, d: Duration) {
+        let ns = (d.as_nanos() as u64).max(1);
+        if let Ok(mut h) = self.latency.lock() {
+            h.saturating_record(ns);
+        }
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        let latency = self
+            .latency
+            .lock()
+            .map(|h| LatencySummary::of(&h))
+            .unwrap_or_default();
+        StatsSnapshot {
+            faults: g(&self.faults),
+            faults_already_served: g(&self.faults_already_served),
+            pages_copied: g(&self.pages_copied),
+            pages_zeroed: g(&self.pages_zeroed),
+            pages_discarded: g(&self.pages_discarded),
+            pages_poisoned: g(&self.pages_poisoned),
+            bytes_copied: g(&self.bytes_copied),
+            pages_on_demand: g(&self.pages_on_demand),
+            pages_fault_around: g(&self.pages_fault_around),
+            pages_background: g(&self.pages_background),
+            retries: g(&self.retries),
+            errors: g(&self.errors),
+            events_remove: g(&self.events_remove),
+            events_unmap: g(&self.events_unmap),
+            events_remap: g(&self.events_remap),
+            events_fork: g(&self.events_fork),
+            first_touch_latency: latency,
+        }
+    }
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct StatsSnapshot {
+    /// Page-fault messages read.
+    pub faults: u64,
+    /// Fault messages for pages already served or being served (deduplicated).
+    pub faults_already_served: u64,
+    /// Pages mapped with UFFDIO_COPY.
+    pub pages_copied: u64,
+    /// Pages mapped as zero (UFFDIO_ZEROPAGE, or a copy of zeros on hugetlbfs).
+    pub pages_zeroed: u64,
+    /// Pages discarded by REMOVE events (balloon, MADV_DONTNEED).
+    pub pages_discarded: u64,
+    /// Pages poisoned because their data could not be read or mapped.
+    pub pages_poisoned: u64,
+    pub bytes_copied: u64,
+    /// Pages served because a thread faulted on them.
+    pub pages_on_demand: u64,
+    /// Pages served around a fault (cluster).
+    pub pages_fault_around: u64,
+    /// Pages served by background population.
+    pub pages_background: u64,
+    /// Resolving ioctls retried after EAGAIN (queued events).
+    pub retries: u64,
+    pub errors: u64,
+    pub events_remove: u64,
+    pub events_unmap: u64,
+    pub events_remap: u64,
+    pub events_fork: u64,
+    /// From reading a fault message to the faulting page being mapped.
+    pub first_touch_latency: LatencySummary,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+impl LatencySummary {
+    fn of(h: &hdrhistogram::Histogram<u64>) -> LatencySummary {
+        if h.is_empty() {
+            return LatencySummary::default();
+        }
+        let us = |ns: u64| ns as f64 / 1000.0;
+        LatencySummary {
+            count: h.len(),
+            mean_us: h.mean() / 1000.0,
+            p50_us: us(h.value_at_quantile(0.5)),
+            p90_us: us(h.value_at_quantile(0.9)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            max_us: us(h.max()),
+        }
+    }
+}

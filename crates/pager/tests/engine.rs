@@ -1,0 +1,571 @@
+//! The engine against the live kernel, in one process: the memory is mapped
+//! and registered here, the engine's threads serve it, and test threads
+//! touch it. Needs userfaultfd (root here); skips with a message otherwise,
+//! unless PAGEWIRE_REQUIRE_KVM=1, where a skip is a failure.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pager::*;
+use uffd::{Features, RegisterMode, Uffd};
+
+const PAGE: usize = 4096;
+
+fn uffd(features: Features) -> Option<Uffd> {
+    match Uffd::open() {
+        Ok(u) => {
+            u.api(features).expect("api");
+            Some(u)
+        }
+        Err(e) => {
+            if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("userfaultfd required but unavailable: {e}");
+            }
+            eprintln!("SKIPPED: cannot create a userfaultfd here: {e}");
+            None
+        }
+    }
+}
+
+/// Source content: page `i` is filled from a seed, every 5th page is zero.
+fn content(pages: usize, page: usize) -> Vec<u8> {
+    let mut v = vec![0u8; pages * page];
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for (i, chunk) in v.chunks_mut(page).enumerate() {
+        if i % 5 == 3 {
+            continue;
+        }
+        for b in chunk.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        chunk[0] = i as u8 | 1; // never all zero
+    }
+    v
+}
+
+struct Mem {
+    addr: u64,
+    len: usize,
+}
+
+impl Mem {
+    fn anon(len: usize, huge: bool) -> Option<Mem> {
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        if huge {
+            flags |= libc::MAP_HUGETLB | (21 << libc::MAP_HUGE_SHIFT);
+        }
+        // SAFETY: a fresh anonymous mapping that aliases nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        (p != libc::MAP_FAILED).then(|| Mem {
+            addr: p as u64,
+            len,
+        })
+    }
+
+    /// Copies the mapping out from a helper thread (faulting as needed).
+    fn read_all(&self) -> Vec<u8> {
+        let (addr, len) = (self.addr, self.len);
+        std::thread::spawn(move || {
+            // SAFETY: the mapping lives until the test drops `Mem`, after
+            // this thread is joined.
+            unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec()
+        })
+        .join()
+        .expect("reader")
+    }
+
+    /// Touches the given pages from `threads` threads at once.
+    fn touch(&self, pages: Vec<usize>, threads: usize, page: usize) {
+        let pages = Arc::new(pages);
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let (pages, addr) = (pages.clone(), self.addr);
+                std::thread::spawn(move || {
+                    for p in pages.iter().skip(t).step_by(threads) {
+                        // SAFETY: inside the live mapping.
+                        unsafe { std::ptr::read_volatile((addr + (p * page) as u64) as *const u8) };
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().expect("toucher");
+        }
+    }
+
+    fn dontneed(&self, offset: usize, len: usize) {
+        let addr = self.addr + offset as u64;
+        std::thread::spawn(move || {
+            // SAFETY: DONTNEED on our own private mapping; no references.
+            let r = unsafe { libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED) };
+            assert_eq!(r, 0, "madvise");
+        })
+        .join()
+        .expect("madvise thread");
+    }
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        // SAFETY: our mapping; every thread that used it has been joined.
+        unsafe { libc::munmap(self.addr as *mut _, self.len) };
+    }
+}
+
+struct Setup {
+    engine: Engine,
+    handle: SessionHandle,
+    mem: Mem,
+    data: Arc<Vec<u8>>,
+}
+
+fn setup(pages: usize, config: SessionConfig, features: Features) -> Option<Setup> {
+    let u = uffd(features)?;
+    let mem = Mem::anon(pages * PAGE, false).expect("mmap");
+    u.register(mem.addr, mem.len, RegisterMode::MISSING)
+        .expect("register");
+    let data = Arc::new(content(pages, PAGE));
+    let engine = Engine::start(EngineConfig { threads: 2 }, None).expect("engine");
+    let handle = engine
+        .add(SessionSpec {
+            name: "test".into(),
+            uffd: u,
+            regions: vec![Region {
+                host_base: mem.addr,
+                len: mem.len as u64,
+                source_offset: 0,
+                page_size: PageSize::Base4K,
+            }],
+            source: Arc::new(Bytes(data.to_vec())),
+            pid: None,
+            hangup: None,
+            config,
+        })
+        .expect("add");
+    Some(Setup {
+        engine,
+        handle,
+        mem,
+        data,
+    })
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: first difference at byte {i} (page {})", i / PAGE);
+    }
+    assert_eq!(got.len(), want.len());
+}
+
+#[test]
+fn every_byte_matches_with_concurrent_faults() {
+    let pages = 512;
+    let Some(s) = setup(pages, SessionConfig::default(), Features::THREAD_ID) else {
+        return;
+    };
+    // Four threads fault in a scattered order.
+    let order: Vec<usize> = (0..pages).map(|i| (i * 97) % pages).collect();
+    s.mem.touch(order, 4, PAGE);
+    assert_same(&s.mem.read_all(), &s.data, "served memory");
+    let st = s.handle.stats();
+    let zero_pages = (0..pages).filter(|i| i % 5 == 3).count() as u64;
+    assert_eq!(st.pages_copied + st.pages_zeroed, pages as u64, "{st:?}");
+    assert_eq!(
+        st.pages_zeroed, zero_pages,
+        "all-zero pages use ZEROPAGE: {st:?}"
+    );
+    assert_eq!(st.bytes_copied, st.pages_copied * PAGE as u64);
+    assert!(st.pages_fault_around > 0, "clusters were served: {st:?}");
+    assert_eq!(st.first_touch_latency.count, st.pages_on_demand);
+    assert_eq!(st.errors, 0);
+    s.engine.shutdown();
+}
+
+#[test]
+fn cluster_of_one_serves_single_pages() {
+    let cfg = SessionConfig {
+        cluster_pages: 1,
+        ..Default::default()
+    };
+    let Some(s) = setup(8, cfg, Features::empty()) else {
+        return;
+    };
+    s.mem.touch(vec![2], 1, PAGE);
+    let st = s.handle.stats();
+    assert_eq!(st.pages_copied + st.pages_zeroed, 1, "{st:?}");
+    assert_eq!(
+        s.handle.page_state(s.mem.addr + 2 * PAGE as u64),
+        Some(PageState::Present)
+    );
+    assert_eq!(s.handle.page_state(s.mem.addr), Some(PageState::Missing));
+}
+
+#[test]
+fn background_population_fills_everything_once() {
+    let cfg = SessionConfig {
+        background: true,
+        ..Default::default()
+    };
+    let pages = 1024;
+    let Some(s) = setup(pages, cfg, Features::empty()) else {
+        return;
+    };
+    wait_for("background population", || {
+        let st = s.handle.stats();
+        st.pages_copied + st.pages_zeroed == pages as u64
+    });
+    let before = s.handle.stats();
+    assert!(before.pages_background > 0);
+    assert_same(&s.mem.read_all(), &s.data, "populated memory");
+    let after = s.handle.stats();
+    assert_eq!(
+        after.pages_copied + after.pages_zeroed,
+        pages as u64,
+        "nothing copied twice"
+    );
+    assert_eq!(after.faults, before.faults, "no faults after population");
+}
+
+#[test]
+fn balloon_remove_reads_zero_and_keeps_the_rest() {
+    let pages = 64;
+    let Some(s) = setup(pages, SessionConfig::default(), Features::EVENT_REMOVE) else {
+        return;
+    };
+    s.mem.touch((0..32).collect(), 2, PAGE);
+    s.mem.dontneed(8 * PAGE, 16 * PAGE); // pages 8..24, served
+    s.mem.dontneed(40 * PAGE, 8 * PAGE); // pages 40..48, never served
+    let got = s.mem.read_all();
+    let mut want = s.data.to_vec();
+    want[8 * PAGE..24 * PAGE].fill(0);
+    want[40 * PAGE..48 * PAGE].fill(0);
+    assert_same(&got, &want, "after balloon");
+    let st = s.handle.stats();
+    assert_eq!(st.events_remove, 2, "{st:?}");
+    assert_eq!(st.pages_discarded, 24);
+}
+
+#[test]
+fn remove_raced_against_background_population() {
+    // Small chunks so that population and REMOVE interleave; several rounds.
+    for round in 0..8 {
+        let cfg = SessionConfig {
+            background: true,
+            background_chunk: 4,
+            cluster_pages: 4,
+            ..Default::default()
+        };
+        let pages = 2048;
+        let Some(s) = setup(pages, cfg, Features::EVENT_REMOVE) else {
+            return;
+        };
+        let mut removed = vec![false; pages];
+        let mut x = 12345u64 + round;
+        for _ in 0..40 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let start = (x >> 33) as usize % pages;
+            let n = 1 + (x >> 20) as usize % 64;
+            let end = (start + n).min(pages);
+            s.mem.dontneed(start * PAGE, (end - start) * PAGE);
+            removed[start..end].iter_mut().for_each(|r| *r = true);
+        }
+        wait_for("population to finish", || {
+            let st = s.handle.stats();
+            // Every page is either populated or discarded-and-unpopulated.
+            (0..pages).all(|p| {
+                matches!(
+                    s.handle.page_state(s.mem.addr + (p * PAGE) as u64),
+                    Some(PageState::Present | PageState::Discarded)
+                )
+            }) && st.events_remove == 40
+        });
+        let got = s.mem.read_all();
+        let mut want = s.data.to_vec();
+        for (p, r) in removed.iter().enumerate() {
+            if *r {
+                want[p * PAGE..(p + 1) * PAGE].fill(0);
+            }
+        }
+        assert_same(
+            &got,
+            &want,
+            &format!("round {round}: stale page survived a REMOVE"),
+        );
+    }
+}
+
+/// A source whose reads fail for one page.
+struct Flaky {
+    data: Vec<u8>,
+    bad_page: usize,
+}
+
+impl PageSource for Flaky {
+    fn len(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let first = offset as usize / PAGE;
+        let last = (offset as usize + buf.len()).div_ceil(PAGE);
+        if (first..last).contains(&self.bad_page) {
+            return Err(SourceError::Io {
+                path: "flaky".into(),
+                source: std::io::Error::other("injected read error"),
+            });
+        }
+        Bytes(self.data.clone()).read_at(offset, buf)
+    }
+    fn describe(&self) -> String {
+        "flaky".into()
+    }
+}
+
+#[test]
+fn unreadable_page_is_poisoned_not_served() {
+    let Some(u) = uffd(Features::POISON) else {
+        return;
+    };
+    let mem = Mem::anon(8 * PAGE, false).expect("mmap");
+    u.register(mem.addr, mem.len, RegisterMode::MISSING)
+        .expect("register");
+    let data = content(8, PAGE);
+    let engine = Engine::start(EngineConfig { threads: 1 }, None).expect("engine");
+    let h = engine
+        .add(SessionSpec {
+            name: "flaky".into(),
+            uffd: u,
+            regions: vec![Region {
+                host_base: mem.addr,
+                len: mem.len as u64,
+                source_offset: 0,
+                page_size: PageSize::Base4K,
+            }],
+            source: Arc::new(Flaky {
+                data: data.clone(),
+                bad_page: 5,
+            }),
+            pid: None,
+            hangup: None,
+            config: SessionConfig {
+                cluster_pages: 1,
+                ..Default::default()
+            },
+        })
+        .expect("add");
+    // A system call that reads the bad page gets EFAULT instead of garbage
+    // (a plain load would get SIGBUS).
+    let mut fds = [0i32; 2];
+    // SAFETY: creating a pipe into a local array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let bad = mem.addr + 5 * PAGE as u64;
+    // SAFETY: the kernel reads the (poisoned) page and reports EFAULT.
+    let r = unsafe { libc::write(fds[1], bad as *const _, 16) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EFAULT)
+    );
+    // SAFETY: closing our pipe.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    assert_eq!(h.page_state(bad), Some(PageState::Failed));
+    let st = h.stats();
+    assert_eq!(st.pages_poisoned, 1, "{st:?}");
+    // Other pages are still served correctly.
+    let (addr, want) = (mem.addr + 2 * PAGE as u64, data[2 * PAGE]);
+    let got = std::thread::spawn(move || {
+        // SAFETY: inside the live mapping.
+        unsafe { std::ptr::read_volatile(addr as *const u8) }
+    })
+    .join()
+    .expect("reader");
+    assert_eq!(got, want);
+}
+
+#[test]
+fn session_ends_when_the_watched_process_exits() {
+    let Some(u) = uffd(Features::empty()) else {
+        return;
+    };
+    let mem = Mem::anon(4 * PAGE, false).expect("mmap");
+    u.register(mem.addr, mem.len, RegisterMode::MISSING)
+        .expect("register");
+    let mut child = std::process::Command::new("sleep")
+        .arg("0.2")
+        .spawn()
+        .expect("sleep");
+    let ended = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let e2 = ended.clone();
+    let engine = Engine::start(
+        EngineConfig { threads: 1 },
+        Some(Box::new(move |r: &SessionReport| {
+            e2.lock().expect("lock").push(r.reason)
+        })),
+    )
+    .expect("engine");
+    let h = engine
+        .add(SessionSpec {
+            name: "watched".into(),
+            uffd: u,
+            regions: vec![Region {
+                host_base: mem.addr,
+                len: mem.len as u64,
+                source_offset: 0,
+                page_size: PageSize::Base4K,
+            }],
+            source: Arc::new(Bytes(vec![1; 4 * PAGE])),
+            pid: Some(child.id()),
+            hangup: None,
+            config: SessionConfig::default(),
+        })
+        .expect("add");
+    let report = h.wait(Duration::from_secs(10)).expect("session ended");
+    assert_eq!(report.reason, EndReason::ProcessExited);
+    assert_eq!(*ended.lock().expect("lock"), vec![EndReason::ProcessExited]);
+    assert_eq!(engine.session_count(), 0);
+    child.wait().expect("wait");
+}
+
+#[test]
+fn pid_that_does_not_exist_is_refused() {
+    let Some(u) = uffd(Features::empty()) else {
+        return;
+    };
+    let engine = Engine::start(EngineConfig { threads: 1 }, None).expect("engine");
+    let err = engine
+        .add(SessionSpec {
+            name: "ghost".into(),
+            uffd: u,
+            regions: vec![],
+            source: Arc::new(Bytes(vec![])),
+            pid: Some(0x3fff_fff0),
+            hangup: None,
+            config: SessionConfig::default(),
+        })
+        .err()
+        .expect("refused");
+    assert!(matches!(err, EngineError::Pidfd { .. }), "{err}");
+}
+
+#[test]
+fn forked_child_is_served_when_enabled() {
+    let pages = 16;
+    let cfg = SessionConfig {
+        serve_forks: true,
+        cluster_pages: 1,
+        ..Default::default()
+    };
+    let Some(s) = setup(pages, cfg, Features::EVENT_FORK) else {
+        return;
+    };
+    // The parent has pages 0..4; the child reads everything and exits with
+    // a checksum of what it saw.
+    s.mem.touch((0..4).collect(), 1, PAGE);
+    let want: u32 = s.data.iter().map(|&b| b as u32).sum::<u32>() & 0xff;
+    let (addr, len) = (s.mem.addr, s.mem.len);
+    let pid = std::thread::spawn(move || {
+        // SAFETY: the child only reads memory and calls _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let mut sum = 0u32;
+            for i in 0..len {
+                // SAFETY: inside the child's copy of the mapping.
+                sum += unsafe { std::ptr::read_volatile((addr + i as u64) as *const u8) } as u32;
+            }
+            // SAFETY: exiting the child without running the parent's atexit.
+            unsafe { libc::_exit((sum & 0xff) as i32) };
+        }
+        pid
+    })
+    .join()
+    .expect("forker");
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert_eq!(
+        libc::WEXITSTATUS(status) as u32,
+        want,
+        "the child saw the source bytes"
+    );
+    assert_eq!(s.handle.stats().events_fork, 1);
+}
+
+#[test]
+fn hugetlb_2m_regions() {
+    let Some(u) = uffd(Features::MISSING_HUGETLBFS) else {
+        return;
+    };
+    // Reserve huge pages ourselves (needs root).
+    let nr = "/proc/sys/vm/nr_hugepages";
+    let have: usize = std::fs::read_to_string(nr)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if have < 8 {
+        let _ = std::fs::write(nr, "8");
+    }
+    let huge = 2 << 20;
+    let Some(mem) = Mem::anon(4 * huge, true) else {
+        let msg =
+            "cannot map 2 MiB huge pages (reserving them in /proc/sys/vm/nr_hugepages failed)";
+        if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED: {msg}");
+        return;
+    };
+    u.register(mem.addr, mem.len, RegisterMode::MISSING)
+        .expect("register hugetlb");
+    let mut data = content(4 * 512, PAGE);
+    data[2 * huge..3 * huge].fill(0); // one all-zero huge page
+    let data = Arc::new(data);
+    let engine = Engine::start(EngineConfig { threads: 2 }, None).expect("engine");
+    let h = engine
+        .add(SessionSpec {
+            name: "huge".into(),
+            uffd: u,
+            regions: vec![Region {
+                host_base: mem.addr,
+                len: mem.len as u64,
+                source_offset: 0,
+                page_size: PageSize::Huge2M,
+            }],
+            source: Arc::new(Bytes(data.to_vec())),
+            pid: None,
+            hangup: None,
+            config: SessionConfig::default(),
+        })
+        .expect("add");
+    mem.touch(vec![0, 3, 1, 2], 2, huge);
+    assert_same(&mem.read_all(), &data, "2 MiB pages");
+    let st = h.stats();
+    assert_eq!(st.pages_copied, 3, "{st:?}");
+    assert_eq!(st.pages_zeroed, 1, "{st:?}");
+    assert_eq!(st.bytes_copied, 3 * huge as u64);
+    drop(mem);
+    engine.shutdown();
+}
