@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod check;
+mod fc_client;
+mod serve;
 
 #[derive(Parser)]
 #[command(name = "pagewire", version, about)]
@@ -18,6 +20,13 @@ enum Command {
     /// Report the kernel's userfaultfd features and test which access paths
     /// to registered memory are served.
     Check(check::CheckArgs),
+    /// Serve guest memory to Firecracker VMs over its UFFD handshake (a
+    /// drop-in page-fault handler for `mem_backend: Uffd`).
+    Serve(serve::ServeArgs),
+    /// Play Firecracker's side of the UFFD handshake against a handler and
+    /// check every byte it serves (for tests and the demo).
+    #[command(name = "fc-client")]
+    FcClient(fc_client::FcClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -27,10 +36,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check(args) => check::run(&args),
+        Command::Serve(args) => serve::run(&args),
+        Command::FcClient(args) => fc_client::run(&args),
     };
     match result {
         Ok(code) => code,

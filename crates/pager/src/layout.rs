@@ -288,7 +288,7 @@ mod tests {
                 source_offset: 0,
                 page_size: PageSize::Base4K,
             }],
-            &[0x2000..0x4000],
+            std::slice::from_ref(&(0x2000..0x4000)),
         )
     }
 

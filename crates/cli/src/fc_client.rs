@@ -1,0 +1,976 @@
+//! `pagewire fc-client`: plays Firecracker's side of the UFFD snapshot-restore
+//! handshake against a page-fault handler, then checks every byte it serves.
+//!
+//! It does what Firecracker does on `PUT /snapshot/load` with a `Uffd` memory
+//! backend: maps each guest memory region anonymous private (2 MiB hugetlb
+//! with `--huge`), creates a userfaultfd (`/dev/userfaultfd`, else the
+//! syscall; close-on-exec, non-blocking, not user-mode-only), negotiates
+//! `EVENT_REMOVE` only, registers every region in MISSING mode, connects to the
+//! handler's socket and sends one message: the JSON region table with the
+//! userfaultfd as SCM_RIGHTS. The socket stays open until the process exits.
+//!
+//! Then threads touch guest pages and compare each with the memory file
+//! (read with `pread`), balloon ranges are released with `MADV_DONTNEED` (and
+//! must read as zero afterwards), and a JSON report goes to stdout. A watchdog
+//! exits with code 3 when a page access (or a balloon madvise) does not finish
+//! in time, naming the page.
+
+use std::fs::File;
+use std::io::{IoSlice, Write as _};
+use std::mem::MaybeUninit;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use rustix::mm::{Advice, MapFlags, ProtFlags};
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use serde::Serialize;
+use tracing::debug;
+use uffd::{Features, RegisterMode, Uffd};
+
+/// Page size of `--huge` (MAP_HUGE_2MB).
+const HUGE_PAGE_SIZE: usize = 2 << 20;
+/// How many mismatching pages the report lists.
+const MAX_LISTED_MISMATCHES: usize = 8;
+/// How many pages `--write-check` writes.
+const WRITE_CHECK_PAGES: usize = 8;
+/// Exit code when a page access hung.
+const EXIT_HUNG: i32 = 3;
+const MIB: f64 = (1u64 << 20) as f64;
+
+#[derive(clap::Args, Debug)]
+pub struct FcClientArgs {
+    /// Listening Unix socket of the page-fault handler.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Snapshot memory file: the guest's regions end to end, and the truth
+    /// every served page is compared against.
+    #[arg(long)]
+    pub mem_file: PathBuf,
+    /// Split the file into this many guest memory regions, each mapped (and
+    /// registered) separately at non-contiguous host addresses.
+    #[arg(long, default_value_t = 1)]
+    pub regions: usize,
+    /// Back guest memory with 2 MiB huge pages (MAP_HUGETLB|MAP_HUGE_2MB);
+    /// the file size must be a multiple of 2 MiB and enough huge pages must
+    /// be reserved in /proc/sys/vm/nr_hugepages.
+    #[arg(long)]
+    pub huge: bool,
+    /// Threads touching pages concurrently.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Order in which pages are touched (random: a deterministic permutation).
+    #[arg(long, value_enum, default_value_t = Order::Random)]
+    pub order: Order,
+    /// Seed of the random order.
+    #[arg(long, default_value_t = 0x5eed)]
+    pub seed: u64,
+    /// Touch only this fraction (0..=1) of the pages, the first ones in the
+    /// chosen order.
+    #[arg(long, default_value_t = 1.0)]
+    pub touch_fraction: f64,
+    /// After the touch phase, release OFFSET:LEN (bytes of the guest's flat
+    /// layout, i.e. file offsets; page aligned; K/M/G suffixes and 0x hex
+    /// accepted) with MADV_DONTNEED, as the balloon device does. Repeatable.
+    /// Every page there must then read zero.
+    #[arg(long, value_parser = parse_balloon)]
+    pub balloon: Vec<BalloonRange>,
+    /// Touch this many pages (one thread), then exit at once with code 0
+    /// without any cleanup (a VM dying mid-serve).
+    #[arg(long)]
+    pub exit_after: Option<usize>,
+    /// After verification, write a byte to a few pages and read it back.
+    #[arg(long)]
+    pub write_check: bool,
+    /// Sleep this long (after printing the report) before exiting.
+    #[arg(long, default_value_t = 0)]
+    pub hold_ms: u64,
+    /// Exit with code 3 when a page access makes no progress for this long.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout_s: f64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    Sequential,
+    Random,
+}
+
+/// A `--balloon` range, in bytes of the guest's flat layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BalloonRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.as_bytes().last().map(u8::to_ascii_uppercase) {
+        Some(b'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => digits.parse::<u64>(),
+    }
+    .map_err(|e| format!("{s:?} is not a size: {e}"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_balloon(s: &str) -> Result<BalloonRange, String> {
+    let (offset, len) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected OFFSET:LEN"))?;
+    Ok(BalloonRange {
+        offset: parse_size(offset)?,
+        len: parse_size(len)?,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The handshake message
+
+/// One entry of the JSON array Firecracker sends (`GuestRegionUffdMapping`).
+#[derive(Serialize, Clone, Debug)]
+struct RegionMsg {
+    base_host_virt_addr: u64,
+    size: u64,
+    offset: u64,
+    page_size: u64,
+    /// Holds bytes despite its name, as in Firecracker.
+    page_size_kib: u64,
+}
+
+// ---------------------------------------------------------------------------
+// Guest memory
+
+/// One guest memory region: `size` bytes at host address `host`, holding the
+/// file's bytes from `offset`.
+#[derive(Clone, Copy, Debug)]
+struct Region {
+    host: usize,
+    size: usize,
+    offset: u64,
+}
+
+/// The guest's regions. The mappings are never unmapped: they live until the
+/// process exits, so no thread (even one the watchdog gives up on) can touch
+/// freed memory.
+#[derive(Clone, Debug)]
+struct Layout {
+    page_size: usize,
+    regions: Vec<Region>,
+    pages_total: usize,
+}
+
+/// Where a page of the guest's flat layout lives.
+#[derive(Clone, Copy, Debug)]
+struct PageLoc {
+    region: usize,
+    /// Bytes from the region's start.
+    offset_in_region: usize,
+    /// Bytes from the file's start.
+    file_offset: u64,
+    host: usize,
+}
+
+impl Layout {
+    /// Splits `file_size` bytes into `n` regions (each a multiple of the page
+    /// size, the last taking the remainder) and maps each separately inside
+    /// one PROT_NONE reservation, with a one-page guard gap before, between
+    /// and after them, so that the host addresses are not contiguous.
+    fn map(file_size: u64, n: usize, huge: bool) -> anyhow::Result<Layout> {
+        let page_size = if huge {
+            HUGE_PAGE_SIZE
+        } else {
+            rustix::param::page_size()
+        };
+        let file_size = usize::try_from(file_size).context("memory file too large")?;
+        ensure!(file_size > 0, "the memory file is empty");
+        if file_size % page_size != 0 {
+            if huge {
+                bail!(
+                    "the memory file is {file_size} bytes, not a multiple of 2 MiB: it cannot \
+                     back 2 MiB huge pages (--huge)"
+                );
+            }
+            bail!(
+                "the memory file is {file_size} bytes, not a multiple of the page size {page_size}"
+            );
+        }
+        let pages_total = file_size / page_size;
+        ensure!(n >= 1, "--regions must be at least 1");
+        ensure!(
+            n <= pages_total,
+            "--regions {n}: the memory file has only {pages_total} pages of {page_size} bytes"
+        );
+        let per_region = pages_total / n * page_size;
+        let sizes: Vec<usize> = (0..n)
+            .map(|i| {
+                if i + 1 == n {
+                    file_size - per_region * (n - 1)
+                } else {
+                    per_region
+                }
+            })
+            .collect();
+
+        let gap = page_size;
+        // Extra page_size so that the start can be aligned to it.
+        let reserve_len = file_size + gap * (n + 1) + page_size;
+        // SAFETY: a fresh inaccessible mapping at an address the kernel picks
+        // overlaps nothing that exists.
+        let reserved = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                reserve_len,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }
+        .with_context(|| format!("reserving {reserve_len} bytes of address space"))?;
+        let base = (reserved as usize).next_multiple_of(page_size);
+
+        let mut flags = MapFlags::PRIVATE | MapFlags::FIXED;
+        if huge {
+            flags |= MapFlags::HUGETLB | MapFlags::HUGE_2MB;
+        }
+        let mut regions = Vec::with_capacity(n);
+        let mut host = base + gap;
+        let mut offset = 0u64;
+        for (i, &size) in sizes.iter().enumerate() {
+            // SAFETY: `[host, host+size)` lies inside the reservation made
+            // above, which this program owns and nothing references; MAP_FIXED
+            // replaces only that part of it.
+            let ptr = unsafe {
+                rustix::mm::mmap_anonymous(
+                    host as *mut std::ffi::c_void,
+                    size,
+                    ProtFlags::READ | ProtFlags::WRITE,
+                    flags,
+                )
+            };
+            match ptr {
+                Ok(p) if p as usize == host => {}
+                Ok(p) => bail!("mmap of region {i} returned {p:?}, not the requested {host:#x}"),
+                Err(e) if huge => bail!(
+                    "mmap of region {i} ({size} bytes) with 2 MiB huge pages failed: {e}; huge \
+                     pages must be reserved in /proc/sys/vm/nr_hugepages (this needs {} in all)",
+                    file_size / HUGE_PAGE_SIZE
+                ),
+                Err(e) => return Err(e).context(format!("mmap of region {i} ({size} bytes)")),
+            }
+            regions.push(Region { host, size, offset });
+            host += size + gap;
+            offset += size as u64;
+        }
+        Ok(Layout {
+            page_size,
+            regions,
+            pages_total,
+        })
+    }
+
+    fn locate(&self, page: usize) -> PageLoc {
+        let file_offset = (page * self.page_size) as u64;
+        let region = self
+            .regions
+            .partition_point(|r| r.offset <= file_offset)
+            .saturating_sub(1);
+        let r = &self.regions[region];
+        let offset_in_region = (file_offset - r.offset) as usize;
+        PageLoc {
+            region,
+            offset_in_region,
+            file_offset,
+            host: r.host + offset_in_region,
+        }
+    }
+
+    fn messages(&self) -> Vec<RegionMsg> {
+        self.regions
+            .iter()
+            .map(|r| RegionMsg {
+                base_host_virt_addr: r.host as u64,
+                size: r.size as u64,
+                offset: r.offset,
+                page_size: self.page_size as u64,
+                page_size_kib: self.page_size as u64,
+            })
+            .collect()
+    }
+
+    /// Loads the byte at `host` (faulting its page in).
+    fn load_byte(&self, host: usize) -> u8 {
+        // SAFETY: `host` is inside one of the guest mappings, which are
+        // readable and never unmapped. No Rust reference points into guest
+        // memory; the kernel populates pages atomically.
+        unsafe { std::ptr::read_volatile(host as *const u8) }
+    }
+
+    /// Copies the page at `host` into `out` (`page_size` bytes).
+    fn read_page(&self, host: usize, out: &mut [u8]) {
+        assert_eq!(out.len(), self.page_size);
+        // SAFETY: `[host, host+page_size)` is one page inside a readable
+        // mapping that is never unmapped; `out` is a distinct buffer of that
+        // length. Only this thread accesses this page during the pass.
+        unsafe { std::ptr::copy_nonoverlapping(host as *const u8, out.as_mut_ptr(), out.len()) }
+    }
+
+    /// Writes `value` at `host` and reads it back.
+    fn write_read_byte(&self, host: usize, value: u8) -> u8 {
+        // SAFETY: `host` is inside a readable and writable mapping that is
+        // never unmapped, and no other thread accesses it during the write
+        // check. Volatile, so the read really goes to memory.
+        unsafe {
+            std::ptr::write_volatile(host as *mut u8, value);
+            std::ptr::read_volatile(host as *const u8)
+        }
+    }
+
+    /// The pieces (host address, length) of a range of the flat layout, one
+    /// per region it overlaps.
+    fn host_pieces(&self, range: BalloonRange) -> Vec<(usize, usize)> {
+        let end = range.offset + range.len;
+        self.regions
+            .iter()
+            .filter_map(|r| {
+                let r_end = r.offset + r.size as u64;
+                let start = range.offset.max(r.offset);
+                let stop = end.min(r_end);
+                (start < stop).then(|| {
+                    (
+                        r.host + (start - r.offset) as usize,
+                        (stop - start) as usize,
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Watchdog
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    Touch = 0,
+    Balloon = 1,
+    Verify = 2,
+    WriteCheck = 3,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            0 => Phase::Touch,
+            1 => Phase::Balloon,
+            2 => Phase::Verify,
+            _ => Phase::WriteCheck,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Touch => "the touch phase",
+            Phase::Balloon => "ballooning",
+            Phase::Verify => "the verify phase",
+            Phase::WriteCheck => "the write check",
+        }
+    }
+}
+
+const IDLE: u64 = u64::MAX;
+
+/// What one worker is waiting on: a page (a balloon range index in the
+/// balloon phase), since when.
+struct Slot {
+    item: AtomicU64,
+    phase: AtomicU8,
+    since_ms: AtomicU64,
+}
+
+struct Watch {
+    start: Instant,
+    timeout: Duration,
+    slots: Vec<Slot>,
+    layout: Layout,
+    balloons: Vec<BalloonRange>,
+}
+
+impl Watch {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn begin(&self, slot: usize, phase: Phase, item: usize) {
+        let s = &self.slots[slot];
+        s.phase.store(phase as u8, Ordering::Relaxed);
+        s.since_ms.store(self.now_ms(), Ordering::Relaxed);
+        s.item.store(item as u64, Ordering::Release);
+    }
+
+    fn end(&self, slot: usize) {
+        self.slots[slot].item.store(IDLE, Ordering::Release);
+    }
+
+    /// Runs forever: exits the process with code 3 when a slot has been busy
+    /// on one item for longer than the timeout.
+    fn run(&self) {
+        let tick = (self.timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        loop {
+            std::thread::sleep(tick);
+            let now = self.now_ms();
+            for s in &self.slots {
+                let item = s.item.load(Ordering::Acquire);
+                if item == IDLE {
+                    continue;
+                }
+                let since = s.since_ms.load(Ordering::Relaxed);
+                if Duration::from_millis(now.saturating_sub(since)) < self.timeout {
+                    continue;
+                }
+                let phase = Phase::from_u8(s.phase.load(Ordering::Relaxed));
+                let what = if phase == Phase::Balloon {
+                    let b = self.balloons.get(item as usize).copied();
+                    match b {
+                        Some(b) => format!(
+                            "madvise(MADV_DONTNEED) of balloon range {:#x}:{:#x} did not return \
+                             (the handler must read the REMOVE event)",
+                            b.offset, b.len
+                        ),
+                        None => "a balloon madvise did not return".to_string(),
+                    }
+                } else {
+                    let loc = self.layout.locate(item as usize);
+                    format!(
+                        "page {item} (region {}, offset {:#x} in the region, file offset {:#x}, \
+                         host address {:#x}) was not served",
+                        loc.region, loc.offset_in_region, loc.file_offset, loc.host
+                    )
+                };
+                eprintln!(
+                    "pagewire: error: fc-client: {what} within {:.1} s during {}; giving up",
+                    self.timeout.as_secs_f64(),
+                    phase.name()
+                );
+                std::process::exit(EXIT_HUNG);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Checking pages
+
+const CHECKED: u8 = 1;
+const MISMATCH: u8 = 2;
+
+#[derive(Serialize, Clone, Debug)]
+struct Mismatch {
+    phase: &'static str,
+    region: usize,
+    /// Bytes from the region's start.
+    page_offset: u64,
+    file_offset: u64,
+    /// "file" or "zero" (a ballooned page).
+    expected: &'static str,
+    /// First differing byte within the page.
+    first_diff_at: usize,
+    expected_byte: u8,
+    actual_byte: u8,
+}
+
+struct Checker<'a> {
+    layout: &'a Layout,
+    file: &'a File,
+    watch: &'a Watch,
+    /// Per page: CHECKED | MISMATCH.
+    state: Vec<AtomicU8>,
+    /// Per page: inside a ballooned range.
+    ballooned: Vec<bool>,
+    first: Mutex<Vec<Mismatch>>,
+    abort: AtomicBool,
+}
+
+#[derive(Default)]
+struct PassResult {
+    latencies_ns: Vec<u64>,
+    balloon_zero: usize,
+    balloon_nonzero: usize,
+    elapsed: Duration,
+}
+
+impl Checker<'_> {
+    /// Reads `pages` (global page indices) with `threads` threads, taking
+    /// them in order from a shared cursor, and compares each with the file
+    /// (or with zero where ballooned, if `after_balloon`).
+    fn pass(
+        &self,
+        pages: &[usize],
+        threads: usize,
+        phase: Phase,
+        after_balloon: bool,
+    ) -> anyhow::Result<PassResult> {
+        let cursor = AtomicUsize::new(0);
+        let start = Instant::now();
+        let results: Vec<anyhow::Result<PassResult>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|slot| {
+                    let cursor = &cursor;
+                    s.spawn(move || self.worker(slot, pages, cursor, phase, after_balloon))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a checking thread panicked")))
+                })
+                .collect()
+        });
+        let mut total = PassResult {
+            elapsed: start.elapsed(),
+            ..PassResult::default()
+        };
+        for r in results {
+            let r = r?;
+            total.latencies_ns.extend(r.latencies_ns);
+            total.balloon_zero += r.balloon_zero;
+            total.balloon_nonzero += r.balloon_nonzero;
+        }
+        Ok(total)
+    }
+
+    fn worker(
+        &self,
+        slot: usize,
+        pages: &[usize],
+        cursor: &AtomicUsize,
+        phase: Phase,
+        after_balloon: bool,
+    ) -> anyhow::Result<PassResult> {
+        let page_size = self.layout.page_size;
+        let mut expected = vec![0u8; page_size];
+        let mut actual = vec![0u8; page_size];
+        let mut out = PassResult::default();
+        if phase == Phase::Touch {
+            out.latencies_ns
+                .reserve(pages.len() / self.watch.slots.len().max(1) + 1);
+        }
+        while !self.abort.load(Ordering::Relaxed) {
+            let i = cursor.fetch_add(1, Ordering::Relaxed);
+            let Some(&page) = pages.get(i) else { break };
+            let loc = self.layout.locate(page);
+            let want_zero = after_balloon && self.ballooned[page];
+            if want_zero {
+                expected.fill(0);
+            } else if let Err(e) = self.file.read_exact_at(&mut expected, loc.file_offset) {
+                self.abort.store(true, Ordering::Relaxed);
+                return Err(e).context(format!(
+                    "reading {page_size} bytes of the memory file at {:#x}",
+                    loc.file_offset
+                ));
+            }
+            self.watch.begin(slot, phase, page);
+            let t0 = Instant::now();
+            let _ = self.layout.load_byte(loc.host);
+            let dt = t0.elapsed();
+            self.layout.read_page(loc.host, &mut actual);
+            self.watch.end(slot);
+            if phase == Phase::Touch {
+                out.latencies_ns.push(dt.as_nanos() as u64);
+            }
+            let diff = expected.iter().zip(&actual).position(|(a, b)| a != b);
+            let mut flags = CHECKED;
+            if want_zero {
+                if diff.is_none() {
+                    out.balloon_zero += 1;
+                } else {
+                    out.balloon_nonzero += 1;
+                }
+            } else if diff.is_some() {
+                flags |= MISMATCH;
+            }
+            self.state[page].fetch_or(flags, Ordering::Relaxed);
+            if let Some(at) = diff {
+                let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+                if first.len() < MAX_LISTED_MISMATCHES {
+                    first.push(Mismatch {
+                        phase: match phase {
+                            Phase::Touch => "touch",
+                            _ => "verify",
+                        },
+                        region: loc.region,
+                        page_offset: loc.offset_in_region as u64,
+                        file_offset: loc.file_offset,
+                        expected: if want_zero { "zero" } else { "file" },
+                        first_diff_at: at,
+                        expected_byte: expected[at],
+                        actual_byte: actual[at],
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn count(&self, flag: u8) -> usize {
+        self.state
+            .iter()
+            .filter(|s| s.load(Ordering::Relaxed) & flag != 0)
+            .count()
+    }
+}
+
+/// The pages in the order they are touched.
+fn page_order(n: usize, order: Order, seed: u64) -> Vec<usize> {
+    let mut pages: Vec<usize> = (0..n).collect();
+    if order == Order::Random {
+        // Fisher-Yates with splitmix64: the same permutation on every run.
+        let mut state = seed;
+        let mut next = move || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        for i in (1..n).rev() {
+            let j = (next() % (i as u64 + 1)) as usize;
+            pages.swap(i, j);
+        }
+    }
+    pages
+}
+
+// ---------------------------------------------------------------------------
+// Report
+
+#[derive(Serialize)]
+struct Latency {
+    samples: usize,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+}
+
+impl Latency {
+    fn of(mut ns: Vec<u64>) -> Option<Latency> {
+        if ns.is_empty() {
+            return None;
+        }
+        ns.sort_unstable();
+        let rank = |p: f64| {
+            let idx = ((p / 100.0) * ns.len() as f64).ceil() as usize;
+            ns[idx.clamp(1, ns.len()) - 1] as f64 / 1000.0
+        };
+        Some(Latency {
+            samples: ns.len(),
+            p50_us: rank(50.0),
+            p99_us: rank(99.0),
+            max_us: ns[ns.len() - 1] as f64 / 1000.0,
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct WriteCheck {
+    pages: usize,
+    failed: usize,
+}
+
+#[derive(Serialize)]
+struct Report {
+    ok: bool,
+    pid: u32,
+    page_size: usize,
+    pages_total: usize,
+    pages_touched: usize,
+    /// Distinct pages compared at least once (touch and verify phases).
+    pages_verified: usize,
+    /// Distinct pages that differed from the file at least once.
+    mismatched_pages: usize,
+    first_mismatches: Vec<Mismatch>,
+    balloon_pages: usize,
+    balloon_pages_zero: usize,
+    balloon_pages_nonzero: usize,
+    touch_ms: f64,
+    touch_mib_per_s: f64,
+    /// Time of the first load of each page in the touch phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    faults_latency: Option<Latency>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verify_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    write_check: Option<WriteCheck>,
+    /// The region table sent to the handler.
+    regions: Vec<RegionMsg>,
+}
+
+// ---------------------------------------------------------------------------
+// Main flow
+
+pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
+    ensure!(args.threads >= 1, "--threads must be at least 1");
+    ensure!(
+        (0.0..=1.0).contains(&args.touch_fraction),
+        "--touch-fraction must be within 0..=1, not {}",
+        args.touch_fraction
+    );
+    ensure!(
+        args.timeout_s.is_finite() && args.timeout_s > 0.0,
+        "--timeout-s must be positive"
+    );
+
+    let file = File::open(&args.mem_file)
+        .with_context(|| format!("opening the memory file {}", args.mem_file.display()))?;
+    let file_size = file
+        .metadata()
+        .with_context(|| format!("reading the size of {}", args.mem_file.display()))?
+        .len();
+    let layout = Layout::map(file_size, args.regions, args.huge)?;
+    let page_size = layout.page_size;
+
+    let mut ballooned = vec![false; layout.pages_total];
+    for b in &args.balloon {
+        ensure!(
+            b.offset % page_size as u64 == 0 && b.len % page_size as u64 == 0 && b.len > 0,
+            "--balloon {:#x}:{:#x}: offset and length must be multiples of the page size \
+             {page_size}, and the length non-zero",
+            b.offset,
+            b.len
+        );
+        ensure!(
+            b.offset
+                .checked_add(b.len)
+                .is_some_and(|end| end <= file_size),
+            "--balloon {:#x}:{:#x} extends past the end of guest memory ({file_size:#x} bytes)",
+            b.offset,
+            b.len
+        );
+        let first = (b.offset / page_size as u64) as usize;
+        let n = (b.len / page_size as u64) as usize;
+        ballooned[first..first + n].fill(true);
+    }
+
+    // Firecracker's order: userfaultfd, API handshake, register, connect, send.
+    let uffd = Uffd::open().context("creating the userfaultfd")?;
+    uffd.api(Features::EVENT_REMOVE)
+        .context("UFFDIO_API handshake with features = EVENT_REMOVE")?;
+    for (i, r) in layout.regions.iter().enumerate() {
+        uffd.register(r.host as u64, r.size, RegisterMode::MISSING)
+            .with_context(|| {
+                format!(
+                    "registering region {i} ({:#x}+{:#x}) in MISSING mode",
+                    r.host, r.size
+                )
+            })?;
+    }
+    let messages = layout.messages();
+    let stream = handshake(&args.socket, &messages, &uffd)?;
+    debug!(regions = messages.len(), "handshake sent");
+    // Like the VMM, keep the socket and our copy of the userfaultfd open until
+    // the process exits: the handler takes EOF as the end of the VM.
+    std::mem::forget(stream);
+    std::mem::forget(uffd);
+
+    let slots = args.threads.max(1);
+    let watch = Arc::new(Watch {
+        start: Instant::now(),
+        timeout: Duration::from_secs_f64(args.timeout_s),
+        slots: (0..slots)
+            .map(|_| Slot {
+                item: AtomicU64::new(IDLE),
+                phase: AtomicU8::new(0),
+                since_ms: AtomicU64::new(0),
+            })
+            .collect(),
+        layout: layout.clone(),
+        balloons: args.balloon.clone(),
+    });
+    {
+        let watch = Arc::clone(&watch);
+        std::thread::Builder::new()
+            .name("fc-client-watchdog".into())
+            .spawn(move || watch.run())
+            .context("starting the watchdog thread")?;
+    }
+
+    let checker = Checker {
+        layout: &layout,
+        file: &file,
+        watch: &watch,
+        state: (0..layout.pages_total).map(|_| AtomicU8::new(0)).collect(),
+        ballooned,
+        first: Mutex::new(Vec::new()),
+        abort: AtomicBool::new(false),
+    };
+    let order = page_order(layout.pages_total, args.order, args.seed);
+
+    if let Some(n) = args.exit_after {
+        let n = n.min(order.len());
+        checker.pass(&order[..n], 1, Phase::Touch, false)?;
+        let line = serde_json::json!({
+            "exit_after": n,
+            "pages_touched": n,
+            "mismatched_pages": checker.count(MISMATCH),
+            "pid": std::process::id(),
+        });
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+        std::process::exit(0);
+    }
+
+    // Touch phase.
+    let touch_n = ((layout.pages_total as f64) * args.touch_fraction).floor() as usize;
+    let touch_n = touch_n.min(layout.pages_total);
+    let touch = checker.pass(&order[..touch_n], args.threads, Phase::Touch, false)?;
+    let touch_secs = touch.elapsed.as_secs_f64();
+
+    // Balloon, then verify every page.
+    let mut balloon_zero = 0;
+    let mut balloon_nonzero = 0;
+    let mut verify_ms = None;
+    if !args.balloon.is_empty() {
+        for (i, b) in args.balloon.iter().enumerate() {
+            for (host, len) in layout.host_pieces(*b) {
+                watch.begin(0, Phase::Balloon, i);
+                // SAFETY: `[host, host+len)` is page aligned and inside one of
+                // the guest mappings; no Rust reference points into guest
+                // memory, and dropping its pages is what this test wants.
+                let r = unsafe { rustix::mm::madvise(host as *mut _, len, Advice::LinuxDontNeed) };
+                watch.end(0);
+                r.with_context(|| {
+                    format!(
+                        "madvise(MADV_DONTNEED) of balloon range {:#x}:{:#x} (host {host:#x}+{len:#x})",
+                        b.offset, b.len
+                    )
+                })?;
+            }
+        }
+        let all: Vec<usize> = (0..layout.pages_total).collect();
+        let verify = checker.pass(&all, args.threads, Phase::Verify, true)?;
+        balloon_zero = verify.balloon_zero;
+        balloon_nonzero = verify.balloon_nonzero;
+        verify_ms = Some(verify.elapsed.as_secs_f64() * 1000.0);
+    }
+
+    let write_check = if args.write_check {
+        let k = WRITE_CHECK_PAGES.min(layout.pages_total);
+        let mut failed = 0;
+        for i in 0..k {
+            let page = i * layout.pages_total / k;
+            let loc = layout.locate(page);
+            let host = loc.host + (i * 67 + 13) % page_size;
+            watch.begin(0, Phase::WriteCheck, page);
+            let old = layout.load_byte(host);
+            let value = !old;
+            let back = layout.write_read_byte(host, value);
+            watch.end(0);
+            if back != value {
+                failed += 1;
+            }
+        }
+        Some(WriteCheck { pages: k, failed })
+    } else {
+        None
+    };
+
+    let mismatched_pages = checker.count(MISMATCH);
+    let write_failed = write_check.as_ref().is_some_and(|w| w.failed > 0);
+    let ok = mismatched_pages == 0 && balloon_nonzero == 0 && !write_failed;
+    let first_mismatches = checker
+        .first
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let report = Report {
+        ok,
+        pid: std::process::id(),
+        page_size,
+        pages_total: layout.pages_total,
+        pages_touched: touch_n,
+        pages_verified: checker.count(CHECKED),
+        mismatched_pages,
+        first_mismatches,
+        balloon_pages: checker.ballooned.iter().filter(|b| **b).count(),
+        balloon_pages_zero: balloon_zero,
+        balloon_pages_nonzero: balloon_nonzero,
+        touch_ms: touch_secs * 1000.0,
+        touch_mib_per_s: if touch_secs > 0.0 {
+            (touch_n * page_size) as f64 / MIB / touch_secs
+        } else {
+            0.0
+        },
+        faults_latency: Latency::of(touch.latencies_ns),
+        verify_ms,
+        write_check,
+        regions: messages,
+    };
+    let text = serde_json::to_string_pretty(&report).context("serialising the report")?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}").context("writing the report")?;
+    stdout.flush().context("writing the report")?;
+    drop(stdout);
+
+    if args.hold_ms > 0 {
+        std::thread::sleep(Duration::from_millis(args.hold_ms));
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Connects to the handler and sends the region table with the userfaultfd,
+/// in one `sendmsg`, as Firecracker does.
+fn handshake(socket: &Path, messages: &[RegionMsg], uffd: &Uffd) -> anyhow::Result<UnixStream> {
+    let body = serde_json::to_vec(messages).context("serialising the region table")?;
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to the handler's socket {}", socket.display()))?;
+    let fds = [uffd.as_fd()];
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    ensure!(
+        control.push(SendAncillaryMessage::ScmRights(&fds)),
+        "the control buffer cannot hold one file descriptor"
+    );
+    let sent = rustix::net::sendmsg(
+        &stream,
+        &[IoSlice::new(&body)],
+        &mut control,
+        SendFlags::empty(),
+    )
+    .with_context(|| {
+        format!(
+            "sending the region table and the userfaultfd to {}",
+            socket.display()
+        )
+    })?;
+    if sent < body.len() {
+        // A stream socket may take part of a large message; the fd went with
+        // the first byte, the rest follows as plain data.
+        stream.write_all(&body[sent..]).with_context(|| {
+            format!(
+                "sending the rest of the region table to {}",
+                socket.display()
+            )
+        })?;
+    }
+    Ok(stream)
+}

@@ -1,0 +1,467 @@
+//! `pagewire serve` end to end: a real server process, clients in other
+//! processes playing Firecracker's side (`pagewire fc-client`), and hostile
+//! peers speaking raw sockets. Needs userfaultfd (root here): skips with a
+//! message otherwise, unless PAGEWIRE_REQUIRE_KVM=1 (CI), where a skip fails.
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pagewire");
+const MIB: usize = 1 << 20;
+
+fn have_uffd() -> bool {
+    match uffd::Uffd::open() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("userfaultfd required but unavailable: {e}");
+            }
+            eprintln!("SKIPPED: cannot create a userfaultfd here: {e}");
+            false
+        }
+    }
+}
+
+/// A memory file: pseudo-random pages, every 7th page zero, and a hole.
+fn mem_file(dir: &Path, bytes: usize) -> PathBuf {
+    let path = dir.join("mem");
+    let mut data = vec![0u8; bytes];
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    for (i, page) in data.chunks_mut(4096).enumerate() {
+        if i % 7 == 2 {
+            continue;
+        }
+        for b in page.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+    }
+    // A hole in the middle (sparse file): reads as zero.
+    let hole = bytes / 2..bytes / 2 + bytes / 8;
+    let mut f = std::fs::File::create(&path).expect("create mem file");
+    f.write_all(&data[..hole.start]).expect("write");
+    f.set_len(hole.end as u64).expect("hole");
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(hole.end as u64))
+        .expect("seek");
+    f.write_all(&data[hole.end..]).expect("write");
+    path
+}
+
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    stats: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, mem: &Path, extra: &[&str]) -> Server {
+        let socket = dir.join("uffd.sock");
+        let log = dir.join("serve.log");
+        let stats = dir.join("stats.jsonl");
+        let child = Command::new(BIN)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--mem-file")
+            .arg(mem)
+            .arg("--stats-json")
+            .arg(&stats)
+            .args(extra)
+            .env("PAGEWIRE_LOG", "info")
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn serve");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "server did not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Server {
+            child,
+            socket,
+            log,
+            stats,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "server log never said {needle:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn stats_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.stats)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("stats line is JSON"))
+            .collect()
+    }
+
+    fn wait_stats(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let lines = self.stats_lines();
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} stats lines; log:\n{}",
+                lines.len(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client(server: &Server, mem: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("fc-client")
+        .arg("--socket")
+        .arg(&server.socket)
+        .arg("--mem-file")
+        .arg(mem)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn report(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "client report is not JSON ({e}): stdout {stdout}\nstderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn run_ok(server: &Server, mem: &Path, args: &[&str]) -> serde_json::Value {
+    let out = client(server, mem, args).output().expect("run client");
+    let r = report(&out);
+    assert!(
+        out.status.success(),
+        "client failed: {r}\nstderr {}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    assert_eq!(r["mismatched_pages"], 0, "{r}");
+    r
+}
+
+#[test]
+fn serves_every_byte_one_and_three_regions() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let mem = mem_file(dir.path(), 16 * MIB);
+    let server = Server::start(dir.path(), &mem, &[]);
+    let r = run_ok(&server, &mem, &["--regions", "1", "--threads", "2"]);
+    assert_eq!(r["pages_verified"], r["pages_total"], "{r}");
+    let r = run_ok(
+        &server,
+        &mem,
+        &["--regions", "3", "--threads", "3", "--write-check"],
+    );
+    assert_eq!(r["pages_verified"], r["pages_total"], "{r}");
+    let stats = server.wait_stats(2);
+    let pages = (16 * MIB / 4096) as u64;
+    for s in &stats {
+        let st = &s["stats"];
+        let mapped =
+            st["pages_copied"].as_u64().unwrap_or(0) + st["pages_zeroed"].as_u64().unwrap_or(0);
+        assert_eq!(mapped, pages, "every page mapped exactly once: {s}");
+        assert!(
+            st["pages_zeroed"].as_u64().unwrap_or(0) >= pages / 8,
+            "zero pages and the hole use ZEROPAGE: {s}"
+        );
+        assert_eq!(st["errors"], 0, "{s}");
+        assert!(s["pid"].as_u64().is_some(), "peer pid logged: {s}");
+    }
+    assert!(server.log().contains("VM connected"));
+}
+
+#[test]
+fn balloon_after_serving_reads_zero_and_keeps_the_rest() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let mem = mem_file(dir.path(), 8 * MIB);
+    let server = Server::start(dir.path(), &mem, &["--background"]);
+    let r = run_ok(
+        &server,
+        &mem,
+        &[
+            "--regions",
+            "2",
+            "--touch-fraction",
+            "0.5",
+            "--balloon",
+            "1048576:2097152",
+            "--balloon",
+            "6291456:65536",
+        ],
+    );
+    assert_eq!(r["balloon_pages_nonzero"], 0, "{r}");
+    assert_eq!(r["balloon_pages_zero"], (2 * MIB + 65536) / 4096, "{r}");
+    let s = &server.wait_stats(1)[0];
+    assert_eq!(s["stats"]["events_remove"], 2, "{s}");
+}
+
+#[test]
+fn two_vms_at_once() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let mem = mem_file(dir.path(), 8 * MIB);
+    let server = Server::start(dir.path(), &mem, &[]);
+    let a = client(&server, &mem, &["--regions", "2", "--hold-ms", "300"])
+        .spawn()
+        .expect("a");
+    let b = client(&server, &mem, &["--regions", "1", "--hold-ms", "300"])
+        .spawn()
+        .expect("b");
+    for c in [a, b] {
+        let out = c.wait_with_output().expect("client");
+        let r = report(&out);
+        assert!(out.status.success(), "{r}");
+        assert_eq!(r["mismatched_pages"], 0);
+    }
+    let stats = server.wait_stats(2);
+    let pids: std::collections::HashSet<u64> =
+        stats.iter().filter_map(|s| s["pid"].as_u64()).collect();
+    assert_eq!(pids.len(), 2, "two distinct VMs: {stats:?}");
+}
+
+#[test]
+fn client_exiting_mid_serve_ends_only_that_vm() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let mem = mem_file(dir.path(), 16 * MIB);
+    let mut server = Server::start(
+        dir.path(),
+        &mem,
+        &["--background", "--background-chunk", "4"],
+    );
+    let out = client(&server, &mem, &["--exit-after", "200"])
+        .output()
+        .expect("client");
+    assert!(out.status.success());
+    let s = &server.wait_stats(1)[0];
+    let reason = s["reason"].as_str().unwrap_or_default();
+    assert!(
+        ["process_exited", "hung_up", "address_space_gone"].contains(&reason),
+        "{s}"
+    );
+    assert!(server.alive());
+    // The server goes on serving others.
+    run_ok(&server, &mem, &[]);
+    assert!(server.alive());
+}
+
+#[test]
+fn hugetlb_2m_regions() {
+    if !have_uffd() {
+        return;
+    }
+    let nr = "/proc/sys/vm/nr_hugepages";
+    let have: usize = std::fs::read_to_string(nr)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if have < 16 {
+        let _ = std::fs::write(nr, "16");
+    }
+    let have: usize = std::fs::read_to_string(nr)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if have < 8 {
+        let msg = format!("only {have} huge pages could be reserved in {nr}");
+        if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let mem = mem_file(dir.path(), 8 * MIB);
+    let server = Server::start(dir.path(), &mem, &[]);
+    let r = run_ok(&server, &mem, &["--huge", "--regions", "2"]);
+    assert_eq!(r["pages_verified"], r["pages_total"], "{r}");
+    let s = &server.wait_stats(1)[0];
+    assert_eq!(
+        s["stats"]["pages_copied"].as_u64().unwrap_or(0)
+            + s["stats"]["pages_zeroed"].as_u64().unwrap_or(0),
+        4,
+        "{s}"
+    );
+}
+
+/// 10 MiB that never becomes a complete JSON value (an unterminated string).
+fn junk() -> Vec<u8> {
+    let mut v = b"[{\"base_host_virt_addr\":\"".to_vec();
+    v.resize(10 * MIB, b'a');
+    v
+}
+
+/// Sends `data` with an optional fd, then waits for the server to close.
+fn send_raw(socket: &Path, data: &[u8], fd: Option<std::os::fd::BorrowedFd<'_>>) {
+    let stream = UnixStream::connect(socket).expect("connect");
+    let fds = fd.map(|f| [f]);
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+    if let Some(fds) = &fds {
+        assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(fds)));
+    }
+    let first = data.len().min(64 * 1024);
+    let _ = rustix::net::sendmsg(
+        &stream,
+        &[std::io::IoSlice::new(&data[..first])],
+        &mut control,
+        rustix::net::SendFlags::NOSIGNAL,
+    );
+    let mut s = &stream;
+    let _ = s.write_all(&data[first..]);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    // The server closes a rejected connection: read sees EOF (or a reset).
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut b = [0u8; 1];
+    let _ = (&stream).read(&mut b);
+}
+
+#[test]
+fn hostile_handshakes_are_rejected_and_disturb_nobody() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let mem = mem_file(dir.path(), 4 * MIB);
+    let mut server = Server::start(dir.path(), &mem, &["--handshake-timeout-s", "1"]);
+    // A VM being served while the attacks go on.
+    let victim = client(
+        &server,
+        &mem,
+        &["--hold-ms", "1500", "--touch-fraction", "0.5"],
+    )
+    .spawn()
+    .expect("victim");
+    let u = uffd::Uffd::open().expect("uffd");
+    u.api(uffd::Features::EVENT_REMOVE).expect("api");
+    let good = r#"[{"base_host_virt_addr":1073741824,"size":4096,"offset":0,"page_size":4096,"page_size_kib":4096}]"#;
+    let cases: Vec<(&str, Vec<u8>, bool, &str)> = vec![
+        ("no fd", good.as_bytes().to_vec(), false, "no userfaultfd received"),
+        ("bad JSON", b"[{\"base_host_virt_addr\": nope}]".to_vec(), true, "malformed JSON"),
+        (
+            "overlapping regions",
+            br#"[{"base_host_virt_addr":1073741824,"size":8192,"offset":0,"page_size":4096},{"base_host_virt_addr":1073745920,"size":4096,"offset":8192,"page_size":4096}]"#.to_vec(),
+            true,
+            "overlap",
+        ),
+        (
+            "region past the file",
+            br#"[{"base_host_virt_addr":1073741824,"size":8388608,"offset":0,"page_size":4096}]"#.to_vec(),
+            true,
+            "past the end",
+        ),
+        (
+            "bad page size",
+            br#"[{"base_host_virt_addr":1073741824,"size":8192,"offset":0,"page_size":8192}]"#.to_vec(),
+            true,
+            "is not 4096 or 2097152",
+        ),
+        ("10 MiB of junk", junk(), true, "handshake larger than"),
+        ("deep nesting", vec![b'['; 100_000], true, "invalid type: sequence"),
+        ("nothing then close", Vec::new(), false, "before sending a complete handshake"),
+    ];
+    for (name, data, with_fd, needle) in &cases {
+        let fd = with_fd.then(|| u.as_fd());
+        send_raw(&server.socket, data, fd);
+        server.wait_log(needle);
+        assert!(server.alive(), "server died on {name}");
+    }
+    // A file descriptor that is not a userfaultfd.
+    let f = std::fs::File::open(&mem).expect("file");
+    send_raw(&server.socket, good.as_bytes(), Some(f.as_fd()));
+    server.wait_log("not a userfaultfd");
+    // A peer that sends half a handshake and stalls.
+    let stalled = UnixStream::connect(&server.socket).expect("connect");
+    (&stalled).write_all(b"[{\"base_host").expect("write");
+    server.wait_log("no complete handshake within");
+    drop(stalled);
+    // The victim was served correctly throughout, and new VMs still are.
+    let out = victim.wait_with_output().expect("victim");
+    assert!(out.status.success(), "{}", report(&out));
+    assert_eq!(report(&out)["mismatched_pages"], 0);
+    run_ok(&server, &mem, &["--regions", "2"]);
+    assert!(server.alive());
+}
+
+#[test]
+fn stale_socket_is_replaced_but_other_files_are_not() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mem = mem_file(dir.path(), MIB);
+    let not_socket = dir.path().join("regular");
+    std::fs::write(&not_socket, b"keep me").expect("write");
+    let out = Command::new(BIN)
+        .args(["serve", "--socket"])
+        .arg(&not_socket)
+        .arg("--mem-file")
+        .arg(&mem)
+        .output()
+        .expect("serve");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a socket"));
+    assert_eq!(std::fs::read(&not_socket).expect("read"), b"keep me");
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--socket",
+            "/tmp/x.sock",
+            "--mem-file",
+            "/nonexistent/mem",
+        ])
+        .output()
+        .expect("serve");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/mem"));
+}
