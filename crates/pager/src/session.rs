@@ -200,8 +200,9 @@ impl Session {
     ///
     /// `events` must have room for [`uffd::MAX_BATCH`] messages already:
     /// nothing here allocates before the read (see `engine::Scratch`).
-    pub(crate) fn pump(&self, faults: &mut Vec<Fault>, events: &mut Vec<Event>) {
+    pub(crate) fn pump(&self, faults: &mut Vec<Fault>, events: &mut Vec<Event>) -> usize {
         let mut wake = Vec::new();
+        let mut total = 0;
         {
             let mut layout = self.layout.write().unwrap_or_else(|e| e.into_inner());
             loop {
@@ -249,6 +250,7 @@ impl Session {
                         }
                     }
                 }
+                total += n;
                 if n < uffd::MAX_BATCH {
                     break;
                 }
@@ -257,6 +259,7 @@ impl Session {
         for (addr, len) in wake {
             let _ = self.uffd.wake(addr, len);
         }
+        total
     }
 
     /// Userfaultfds of forked children read since the last call.
@@ -356,12 +359,17 @@ impl Session {
             if cur.done {
                 return None;
             }
+            // Visit every region once from the cursor, wrapping to the start
+            // of the first, so that the starting region is seen whole.
             let mut found = None;
-            for _ in 0..=layout.regions.len() {
-                let Some(r) = layout.regions.get(cur.region) else {
+            let n = layout.regions.len();
+            for _ in 0..=n {
+                if cur.region >= n {
                     cur.region = 0;
                     cur.page = 0;
-                    continue;
+                }
+                let Some(r) = layout.regions.get(cur.region) else {
+                    break; // no regions at all
                 };
                 let chunk = self.cluster_pages_bg(r.region.page_size);
                 let mut claims = Vec::new();
@@ -471,8 +479,13 @@ impl Session {
                         }
                         drop(layout);
                         // Read the queued events; the faults found are served
-                        // after this run.
-                        self.pump(deferred, events);
+                        // after this run. The kernel keeps failing copies
+                        // until the thread that raised the event runs again
+                        // (not merely until the event is read), so when there
+                        // is nothing left to read, back off instead of spinning.
+                        if self.pump(deferred, events) == 0 {
+                            backoff(attempts);
+                        }
                         layout = self.read_layout();
                     }
                 }
@@ -545,19 +558,21 @@ impl Session {
     fn fail_pages(&self, r: &RegionState, page: usize, n: usize, why: &str) {
         let ps = r.region.page_size.bytes();
         let addr = r.page_addr(page);
-        match self.uffd.poison(addr, n * ps, false) {
+        // State first, then wake: whoever wakes finds the page settled.
+        let poisoned = self.uffd.poison(addr, n * ps, true);
+        for p in page..page + n {
+            r.set(p, PageState::Failed);
+        }
+        match poisoned {
             Ok(_) => {
                 Stats::add(&self.stats.pages_poisoned, n as u64);
                 tracing::error!(session = %self.name, addr, pages = n, "poisoned: {why}");
             }
             Err(e) => {
                 tracing::error!(session = %self.name, addr, pages = n, "{why}; poisoning failed too ({e}): woken unserved");
-                let _ = self.uffd.wake(addr, n * ps);
             }
         }
-        for p in page..page + n {
-            r.set(p, PageState::Failed);
-        }
+        let _ = self.uffd.wake(addr, n * ps);
     }
 
     /// Releases claims after giving up on them; their threads fault again.
@@ -671,9 +686,159 @@ enum MapResult {
     ProcessGone,
 }
 
+/// Waits before retry `attempt` of an ioctl that met EAGAIN with no event
+/// left to read: a yield for the first few, then 20 µs doubling to 1 ms (the
+/// default bound of 1000 retries is then about a second).
+fn backoff(attempt: u32) {
+    if attempt <= 8 {
+        std::thread::yield_now();
+    } else {
+        let us = 20u64 << (attempt - 9).min(6);
+        std::thread::sleep(std::time::Duration::from_micros(us.min(1000)));
+    }
+}
+
 /// Whether a page is all zero (16 bytes at a time; pages are multiples of 16).
 fn is_zero(page: &[u8]) -> bool {
     let mut chunks = page.chunks_exact(16);
     chunks.all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
         && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Drives a session by hand, so that the order of kernel events is
+    //! exact. Needs userfaultfd (root here); skips with a message otherwise.
+
+    use super::*;
+    use crate::source::Bytes;
+    use std::time::Duration;
+    use uffd::{Features, RegisterMode};
+
+    const PAGE: usize = 4096;
+
+    fn open() -> Option<Uffd> {
+        match Uffd::open() {
+            Ok(u) => Some(u),
+            Err(e) if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") => {
+                panic!("userfaultfd required but unavailable: {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot create a userfaultfd here: {e}");
+                None
+            }
+        }
+    }
+
+    /// A fault is read; then a REMOVE is queued behind it before the fault
+    /// is served. The COPY must fail with EAGAIN, the serving thread must
+    /// read the REMOVE itself, give up the discarded cluster page, retry,
+    /// and serve the faulting page with the source bytes.
+    #[test]
+    fn eagain_while_remove_is_queued_is_drained_and_retried() {
+        let Some(u) = open() else { return };
+        u.api(Features::EVENT_REMOVE).expect("api");
+        let len = 4 * PAGE;
+        // SAFETY: a fresh anonymous mapping used only by this test.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        } as u64;
+        u.register(base, len, RegisterMode::MISSING)
+            .expect("register");
+        let data: Vec<u8> = (0..len).map(|i| (i / PAGE) as u8 + 1).collect();
+        let session = Session::new(
+            "manual".into(),
+            u,
+            &[Region {
+                host_base: base,
+                len: len as u64,
+                source_offset: 0,
+                page_size: PageSize::Base4K,
+            }],
+            Arc::new(Bytes(data)),
+            SessionConfig {
+                cluster_pages: 4,
+                ..SessionConfig::default()
+            },
+        );
+        // SAFETY (both threads): reads and madvise inside our live mapping.
+        let reader =
+            std::thread::spawn(move || unsafe { std::ptr::read_volatile(base as *const u8) });
+        let mut events = Vec::with_capacity(uffd::MAX_BATCH);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while events.is_empty() {
+            assert!(Instant::now() < deadline, "no fault");
+            session.uffd.read_events(&mut events, 1).expect("read");
+        }
+        let Some(Event::PageFault { address, .. }) = events.pop() else {
+            panic!("expected the fault first")
+        };
+        let remover = std::thread::spawn(move || unsafe {
+            libc::madvise(
+                (base + 2 * PAGE as u64) as *mut _,
+                PAGE,
+                libc::MADV_DONTNEED,
+            )
+        });
+        // The madvise caller sleeps until its REMOVE is read; wait until it
+        // is queued (the fault was read already, so only the REMOVE can make
+        // the userfaultfd readable).
+        let mut fds = [rustix::event::PollFd::new(
+            &session.uffd,
+            rustix::event::PollFlags::IN,
+        )];
+        let ten = rustix::event::Timespec {
+            tv_sec: 10,
+            tv_nsec: 0,
+        };
+        assert_eq!(
+            rustix::event::poll(&mut fds, Some(&ten)).expect("poll"),
+            1,
+            "no REMOVE queued"
+        );
+        let mut deferred = Vec::new();
+        let served = session.serve_fault(
+            Fault {
+                addr: address,
+                read_at: Instant::now(),
+            },
+            &mut deferred,
+            &mut events,
+        );
+        assert_eq!(served, Served::Done);
+        assert_eq!(reader.join().expect("reader"), 1, "the source byte");
+        assert_eq!(remover.join().expect("remover"), 0, "madvise returned");
+        let st = session.stats.snapshot();
+        assert!(
+            st.retries >= 1,
+            "the COPY met EAGAIN and was retried: {st:?}"
+        );
+        assert_eq!(st.events_remove, 1, "{st:?}");
+        assert_eq!(
+            session.page_state(base + 2 * PAGE as u64),
+            Some(PageState::Discarded)
+        );
+        assert_eq!(session.page_state(base), Some(PageState::Present));
+        assert_eq!(
+            session.page_state(base + PAGE as u64),
+            Some(PageState::Present)
+        );
+        assert_eq!(
+            session.page_state(base + 3 * PAGE as u64),
+            Some(PageState::Present)
+        );
+        assert_eq!(
+            st.pages_copied, 3,
+            "page 2 was discarded, not copied: {st:?}"
+        );
+        // SAFETY: unmapping our mapping; both threads are joined.
+        unsafe { libc::munmap(base as *mut _, len) };
+    }
 }

@@ -170,6 +170,18 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the session's counters satisfy `f`: a serving thread updates
+/// them just after the ioctl that woke the faulting thread returns.
+fn settle(h: &SessionHandle, f: impl Fn(&StatsSnapshot) -> bool) -> StatsSnapshot {
+    let mut st = h.stats();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f(&st) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+        st = h.stats();
+    }
+    st
+}
+
 fn assert_same(got: &[u8], want: &[u8], what: &str) {
     if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
         panic!("{what}: first difference at byte {i} (page {})", i / PAGE);
@@ -187,7 +199,9 @@ fn every_byte_matches_with_concurrent_faults() {
     let order: Vec<usize> = (0..pages).map(|i| (i * 97) % pages).collect();
     s.mem.touch(order, 4, PAGE);
     assert_same(&s.mem.read_all(), &s.data, "served memory");
-    let st = s.handle.stats();
+    let st = settle(&s.handle, |st| {
+        st.pages_copied + st.pages_zeroed == pages as u64
+    });
     let zero_pages = (0..pages).filter(|i| i % 5 == 3).count() as u64;
     assert_eq!(st.pages_copied + st.pages_zeroed, pages as u64, "{st:?}");
     assert_eq!(
@@ -211,7 +225,7 @@ fn cluster_of_one_serves_single_pages() {
         return;
     };
     s.mem.touch(vec![2], 1, PAGE);
-    let st = s.handle.stats();
+    let st = settle(&s.handle, |st| st.pages_copied + st.pages_zeroed == 1);
     assert_eq!(st.pages_copied + st.pages_zeroed, 1, "{st:?}");
     assert_eq!(
         s.handle.page_state(s.mem.addr + 2 * PAGE as u64),
@@ -260,7 +274,7 @@ fn balloon_remove_reads_zero_and_keeps_the_rest() {
     want[8 * PAGE..24 * PAGE].fill(0);
     want[40 * PAGE..48 * PAGE].fill(0);
     assert_same(&got, &want, "after balloon");
-    let st = s.handle.stats();
+    let st = settle(&s.handle, |st| st.events_remove == 2);
     assert_eq!(st.events_remove, 2, "{st:?}");
     assert_eq!(st.pages_discarded, 24);
 }
@@ -291,16 +305,30 @@ fn remove_raced_against_background_population() {
             s.mem.dontneed(start * PAGE, (end - start) * PAGE);
             removed[start..end].iter_mut().for_each(|r| *r = true);
         }
-        wait_for("population to finish", || {
-            let st = s.handle.stats();
+        let settled = || {
             // Every page is either populated or discarded-and-unpopulated.
             (0..pages).all(|p| {
                 matches!(
                     s.handle.page_state(s.mem.addr + (p * PAGE) as u64),
                     Some(PageState::Present | PageState::Discarded)
                 )
-            }) && st.events_remove == 40
-        });
+            }) && s.handle.stats().events_remove == 40
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !settled() {
+            if Instant::now() > deadline {
+                let mut counts = std::collections::BTreeMap::new();
+                for p in 0..pages {
+                    let st = s.handle.page_state(s.mem.addr + (p * PAGE) as u64);
+                    *counts.entry(format!("{st:?}")).or_insert(0) += 1;
+                }
+                panic!(
+                    "round {round}: population never settled: {counts:?} {:?}",
+                    s.handle.stats()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let got = s.mem.read_all();
         let mut want = s.data.to_vec();
         for (p, r) in removed.iter().enumerate() {
@@ -511,7 +539,7 @@ fn forked_child_is_served_when_enabled() {
         want,
         "the child saw the source bytes"
     );
-    assert_eq!(s.handle.stats().events_fork, 1);
+    assert_eq!(settle(&s.handle, |st| st.events_fork == 1).events_fork, 1);
 }
 
 #[test]
@@ -562,10 +590,68 @@ fn hugetlb_2m_regions() {
         .expect("add");
     mem.touch(vec![0, 3, 1, 2], 2, huge);
     assert_same(&mem.read_all(), &data, "2 MiB pages");
-    let st = h.stats();
+    let st = settle(&h, |st| st.pages_copied + st.pages_zeroed == 4);
     assert_eq!(st.pages_copied, 3, "{st:?}");
     assert_eq!(st.pages_zeroed, 1, "{st:?}");
     assert_eq!(st.bytes_copied, 3 * huge as u64);
     drop(mem);
     engine.shutdown();
+}
+
+#[test]
+fn remap_moves_regions_and_unmap_drops_them() {
+    let pages = 32;
+    let features = Features::EVENT_REMAP | Features::EVENT_UNMAP | Features::EVENT_REMOVE;
+    let Some(s) = setup(pages, SessionConfig::default(), features) else {
+        return;
+    };
+    s.mem.touch((0..4).collect(), 1, PAGE);
+    // Move the whole mapping elsewhere (the mremap caller waits for the
+    // REMAP to be read).
+    let target = Mem::anon(pages * PAGE, false).expect("target");
+    let (from, to, len) = (s.mem.addr, target.addr, s.mem.len);
+    let moved = std::thread::spawn(move || {
+        // SAFETY: moving our own mapping onto another of ours.
+        let p = unsafe {
+            libc::mremap(
+                from as *mut _,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                to as *mut libc::c_void,
+            )
+        };
+        p as u64
+    })
+    .join()
+    .expect("mremap");
+    assert_eq!(moved, to);
+    std::mem::forget(target); // its range is now the moved mapping
+    assert_eq!(s.handle.page_state(from), None, "the old range is gone");
+    assert_eq!(s.handle.page_state(to), Some(PageState::Present));
+    let moved_mem = Mem { addr: to, len };
+    assert_same(&moved_mem.read_all(), &s.data, "served at the new address");
+    // Unmap the second half: its pages are forgotten.
+    let half = to + (len / 2) as u64;
+    std::thread::spawn(move || {
+        // SAFETY: unmapping part of our own mapping; nothing references it.
+        assert_eq!(unsafe { libc::munmap(half as *mut _, len / 2) }, 0);
+    })
+    .join()
+    .expect("munmap");
+    assert_eq!(s.handle.page_state(half), None);
+    assert_eq!(s.handle.page_state(to), Some(PageState::Present));
+    let st = settle(&s.handle, |st| {
+        st.pages_copied + st.pages_zeroed == pages as u64
+    });
+    // MREMAP_FIXED may report an UNMAP of its own besides the munmap's.
+    assert_eq!((st.events_remap, st.errors), (1, 0), "{st:?}");
+    assert!(st.events_unmap >= 1, "{st:?}");
+    assert_eq!(st.pages_copied + st.pages_zeroed, pages as u64, "{st:?}");
+    std::mem::forget(s.mem); // moved away; the remaining half goes with the process
+                             // SAFETY: unmapping what is left of the moved mapping. The session must
+                             // go first: it was registered with EVENT_UNMAP and this thread is not
+                             // its reader, but the engine is, so this returns once it reads it.
+    unsafe { libc::munmap(to as *mut _, len / 2) };
+    std::mem::forget(moved_mem);
 }
