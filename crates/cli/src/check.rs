@@ -326,38 +326,26 @@ fn kernel_release() -> String {
 }
 
 fn feature_rows(offered: Features) -> Vec<FlagRow> {
-    let mut rows: Vec<FlagRow> = Features::all()
-        .iter_names()
-        .map(|(name, flag)| FlagRow {
-            name: name.to_owned(),
-            offered: offered.contains(flag),
-        })
-        .collect();
-    let known = Features::all()
-        .iter_names()
-        .fold(Features::empty(), |acc, (_, f)| acc | f);
-    let unknown = offered.bits() & !known.bits();
-    if unknown != 0 {
-        rows.push(FlagRow {
-            name: format!("unknown bits {unknown:#x}"),
-            offered: true,
-        });
-    }
-    rows
+    flag_rows(offered)
 }
 
 fn ioctl_rows(offered: Ioctls) -> Vec<FlagRow> {
-    let mut rows: Vec<FlagRow> = Ioctls::all()
+    flag_rows(offered)
+}
+
+/// One row per named flag, plus one for bits this build has no name for.
+fn flag_rows<F: bitflags::Flags<Bits = u64>>(offered: F) -> Vec<FlagRow> {
+    let mut rows: Vec<FlagRow> = F::all()
         .iter_names()
         .map(|(name, flag)| FlagRow {
             name: name.to_owned(),
             offered: offered.contains(flag),
         })
         .collect();
-    let known = Ioctls::all()
+    let known = F::all()
         .iter_names()
-        .fold(Ioctls::empty(), |acc, (_, f)| acc | f);
-    let unknown = offered.bits() & !known.bits();
+        .fold(0u64, |acc, (_, f)| acc | f.bits());
+    let unknown = offered.bits() & !known;
     if unknown != 0 {
         rows.push(FlagRow {
             name: format!("unknown bits {unknown:#x}"),

@@ -120,7 +120,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         "listening for Firecracker UFFD handshakes"
     );
 
-    let (ended_tx, ended_rx) = mpsc::channel::<()>();
+    let (ended_tx, ended_rx) = mpsc::channel::<Msg>();
+    watch_signals(ended_tx.clone())?;
     let stats_file = match &args.stats_json {
         Some(p) => Some(Mutex::new(
             OpenOptions::new()
@@ -146,7 +147,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             }
         }
         if let Ok(tx) = ended_tx.lock() {
-            let _ = tx.send(());
+            let _ = tx.send(Msg::Ended);
         }
     });
     let mut config = EngineConfig::default();
@@ -164,18 +165,51 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .context("spawning the accept thread")?;
 
     let mut ended = 0usize;
-    while ended_rx.recv().is_ok() {
-        ended += 1;
-        if args.exit_after > 0 && ended >= args.exit_after {
-            tracing::info!(vms = ended, "exiting after the requested number of VMs");
-            break;
+    while let Ok(msg) = ended_rx.recv() {
+        match msg {
+            Msg::Ended => {
+                ended += 1;
+                if args.exit_after > 0 && ended >= args.exit_after {
+                    tracing::info!(vms = ended, "exiting after the requested number of VMs");
+                    break;
+                }
+            }
+            Msg::Signal(sig) => {
+                tracing::warn!(
+                    signal = sig,
+                    vms = engine.session_count(),
+                    "stopping: the VMs still running lose their page server and will block \
+                     on their next missing page"
+                );
+                break;
+            }
         }
     }
     let _ = std::fs::remove_file(&args.socket);
-    if let Ok(engine) = Arc::try_unwrap(engine) {
-        engine.shutdown();
-    }
+    engine.shutdown();
     Ok(ExitCode::SUCCESS)
+}
+
+enum Msg {
+    /// A VM ended (its report is written).
+    Ended,
+    /// SIGTERM or SIGINT: end every VM (writing their reports) and exit.
+    Signal(i32),
+}
+
+fn watch_signals(tx: mpsc::Sender<Msg>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("pagewire-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let _ = tx.send(Msg::Signal(sig));
+            }
+        })
+        .context("spawning the signal thread")?;
+    Ok(())
 }
 
 /// Binds the socket, replacing a stale socket file but nothing else.

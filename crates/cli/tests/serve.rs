@@ -465,3 +465,26 @@ fn stale_socket_is_replaced_but_other_files_are_not() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/mem"));
 }
+
+#[test]
+fn sigterm_ends_every_vm_with_its_report() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let mem = mem_file(dir.path(), 4 * MIB);
+    let mut server = Server::start(dir.path(), &mem, &[]);
+    let held = client(&server, &mem, &["--hold-ms", "5000"])
+        .spawn()
+        .expect("client");
+    server.wait_log("VM connected");
+    let pid = rustix::process::Pid::from_child(&server.child);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill");
+    let status = server.child.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+    let stats = server.stats_lines();
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    assert_eq!(stats[0]["reason"], "stopped");
+    assert!(!server.socket.exists(), "socket removed");
+    drop(held);
+}

@@ -140,7 +140,7 @@ struct Shared {
 /// Serving threads and the sessions they serve.
 pub struct Engine {
     shared: Arc<Shared>,
-    workers: Vec<JoinHandle<()>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// A session being served.
@@ -218,7 +218,10 @@ impl Engine {
                 })?;
             workers.push(w);
         }
-        Ok(Engine { shared, workers })
+        Ok(Engine {
+            shared,
+            workers: Mutex::new(workers),
+        })
     }
 
     /// Starts serving a session.
@@ -270,15 +273,13 @@ impl Engine {
         self.shared.sessions.lock().map_or(0, |s| s.len())
     }
 
-    /// Stops the serving threads and ends every session.
-    pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
+    /// Stops the serving threads and ends every session (each gets its
+    /// report, with reason `Stopped`). Later calls do nothing.
+    pub fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::Release);
         let _ = rustix::io::write(&self.shared.control, &1u64.to_ne_bytes());
-        for w in self.workers.drain(..) {
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in workers {
             let _ = w.join();
         }
         let ids: Vec<u64> = self
@@ -295,9 +296,7 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        if !self.workers.is_empty() {
-            self.stop();
-        }
+        self.shutdown();
     }
 }
 

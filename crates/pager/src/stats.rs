@@ -48,21 +48,18 @@ impl Default for Stats {
             events_unmap: AtomicU64::new(0),
             events_remap: AtomicU64::new(0),
             events_fork: AtomicU64::new(0),
-            // 1 ns .. 100 s at 3 significant digits: construction cannot fail
-            // for these bounds; fall back to an auto-resizing one anyway.
-            latency: Mutex::new(
-                hdrhistogram::Histogram::new_with_bounds(1, 100_000_000_000, 3)
-                    .or_else(|_| hdrhistogram::Histogram::new(3))
-                    .unwrap_or_else(|_| unreachable_histogram()),
-            ),
+            latency: Mutex::new(latency_histogram()),
         }
     }
 }
 
-#[cold]
-fn unreachable_histogram() -> hdrhistogram::Histogram<u64> {
-    // `Histogram::new(3)` only fails for sigfig > 5.
-    panic!("hdrhistogram rejected 3 significant digits")
+/// 1 ns to 100 s at 3 significant digits (values above are clamped).
+fn latency_histogram() -> hdrhistogram::Histogram<u64> {
+    // The bounds are constants that hdrhistogram accepts (low >= 1,
+    // high >= 2 * low, sigfig <= 5): construction cannot fail.
+    #[allow(clippy::expect_used)]
+    hdrhistogram::Histogram::new_with_bounds(1, 100_000_000_000, 3)
+        .expect("constant histogram bounds are valid")
 }
 
 impl Stats {

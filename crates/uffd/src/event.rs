@@ -65,63 +65,70 @@ impl Uffd {
             Err(errno) => return Err(Error::Os { op: "read", errno }),
         };
         let count = n / MSG;
-        for chunk in buf[..count * MSG].chunks_exact(MSG) {
-            // SAFETY: `uffd_msg` is plain old data (integers and unions of
-            // integers) for which every bit pattern is valid, and `chunk` is
-            // exactly `size_of::<uffd_msg>()` bytes; read_unaligned copes
-            // with the packed layout.
-            let msg: g::uffd_msg = unsafe { core::ptr::read_unaligned(chunk.as_ptr().cast()) };
-            out.push(decode(&msg));
-        }
+        out.extend(buf[..count * MSG].chunks_exact(MSG).map(decode));
         Ok(count)
     }
 }
 
-fn decode(msg: &g::uffd_msg) -> Event {
-    let arg = msg.arg;
-    // SAFETY (for each union read below): the kernel fills the union member
-    // that `msg.event` names, and every member is plain integers.
-    match msg.event as u32 {
+// `struct uffd_msg` as the kernel lays it out: the event type in byte 0, the
+// union of arguments from byte 8. Checked against linux-raw-sys at compile
+// time, so that the decoding below needs no unsafe reads of the union.
+const ARG: usize = 8;
+const _: () = {
+    assert!(core::mem::size_of::<g::uffd_msg>() == 32);
+    assert!(core::mem::offset_of!(g::uffd_msg, arg) == ARG);
+    assert!(core::mem::offset_of!(g::uffd_msg__bindgen_ty_1__bindgen_ty_1, address) == 8);
+    assert!(core::mem::offset_of!(g::uffd_msg__bindgen_ty_1__bindgen_ty_1, feat) == 16);
+    assert!(core::mem::offset_of!(g::uffd_msg__bindgen_ty_1__bindgen_ty_3, to) == 8);
+    assert!(core::mem::offset_of!(g::uffd_msg__bindgen_ty_1__bindgen_ty_3, len) == 16);
+    assert!(core::mem::offset_of!(g::uffd_msg__bindgen_ty_1__bindgen_ty_4, end) == 8);
+};
+
+/// The `u64` at `arg + at` of a 32-byte message.
+fn word(msg: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&msg[ARG + at..ARG + at + 8]);
+    u64::from_ne_bytes(b)
+}
+
+/// The `u32` at `arg + at` of a 32-byte message.
+fn half(msg: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&msg[ARG + at..ARG + at + 4]);
+    u32::from_ne_bytes(b)
+}
+
+fn decode(msg: &[u8]) -> Event {
+    match msg[0] as u32 {
         g::UFFD_EVENT_PAGEFAULT => {
-            let pf = unsafe { arg.pagefault };
-            let tid = unsafe { pf.feat.ptid };
+            let tid = half(msg, 16);
             Event::PageFault {
-                address: pf.address,
-                flags: FaultFlags::from_bits_retain(pf.flags),
+                address: word(msg, 8),
+                flags: FaultFlags::from_bits_retain(word(msg, 0)),
                 thread_id: (tid != 0).then_some(tid),
             }
         }
         g::UFFD_EVENT_FORK => {
-            let ufd = unsafe { arg.fork }.ufd;
-            // SAFETY: the kernel installed this descriptor in our table for
-            // this message; nothing else owns it.
-            let fd = unsafe { OwnedFd::from_raw_fd(ufd as i32) };
+            // SAFETY: for a FORK message the kernel installed this descriptor
+            // in our table as it was read; nothing else owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(half(msg, 0) as i32) };
             Event::Fork {
                 uffd: Uffd::from_fd(fd),
             }
         }
-        g::UFFD_EVENT_REMAP => {
-            let r = unsafe { arg.remap };
-            Event::Remap {
-                from: r.from,
-                to: r.to,
-                len: r.len,
-            }
-        }
-        g::UFFD_EVENT_REMOVE => {
-            let r = unsafe { arg.remove };
-            Event::Remove {
-                start: r.start,
-                end: r.end,
-            }
-        }
-        g::UFFD_EVENT_UNMAP => {
-            let r = unsafe { arg.remove };
-            Event::Unmap {
-                start: r.start,
-                end: r.end,
-            }
-        }
+        g::UFFD_EVENT_REMAP => Event::Remap {
+            from: word(msg, 0),
+            to: word(msg, 8),
+            len: word(msg, 16),
+        },
+        g::UFFD_EVENT_REMOVE => Event::Remove {
+            start: word(msg, 0),
+            end: word(msg, 8),
+        },
+        g::UFFD_EVENT_UNMAP => Event::Unmap {
+            start: word(msg, 0),
+            end: word(msg, 8),
+        },
         kind => Event::Unknown { kind: kind as u8 },
     }
 }

@@ -721,3 +721,63 @@ fn pagemap_scan_wp_async_dirty_tracking() {
     pm.scan(&args, &mut out, 16).expect("scan");
     assert!(out.is_empty(), "{out:?}");
 }
+
+/// Run as `nobody` by `unprivileged_open_names_what_to_grant`: prints the
+/// result of opening a userfaultfd.
+#[test]
+fn child_open_as_nobody() {
+    if std::env::var("UFFD_TEST_CHILD").as_deref() != Ok("open") {
+        return;
+    }
+    match Uffd::open() {
+        Ok(_) => println!("RESULT: opened"),
+        Err(e) => println!("RESULT: {e}"),
+    }
+    match Uffd::open_with(OpenOptions {
+        user_mode_only: true,
+        ..OpenOptions::default()
+    }) {
+        Ok(_) => println!("USERMODE: opened"),
+        Err(e) => println!("USERMODE: {e}"),
+    }
+}
+
+#[test]
+fn unprivileged_open_names_what_to_grant() {
+    use std::os::unix::process::CommandExt;
+    let root = rustix::process::geteuid().is_root();
+    let sysctl =
+        std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    if !root || sysctl.trim() != "0" {
+        eprintln!(
+            "SKIPPED: needs root (to drop to nobody) and vm.unprivileged_userfaultfd=0 (it is {:?})",
+            sysctl.trim()
+        );
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "--exact",
+            "child_open_as_nobody",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("UFFD_TEST_CHILD", "open")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run as nobody");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result = stdout
+        .lines()
+        .find_map(|l| l.split_once("RESULT: ").map(|(_, r)| r))
+        .unwrap_or_else(|| panic!("child printed no result: {stdout}"));
+    // /dev/userfaultfd is root-only here and the sysctl forbids the syscall
+    // for kernel faults: the error names both ways and what to grant.
+    assert!(result.contains("/dev/userfaultfd"), "{result}");
+    assert!(result.contains("CAP_SYS_PTRACE"), "{result}");
+    assert!(result.contains("vm.unprivileged_userfaultfd=1"), "{result}");
+    assert!(result.contains("user-mode-only"), "{result}");
+    // A user-mode-only userfaultfd is allowed without privileges.
+    assert!(stdout.contains("USERMODE: opened"), "{stdout}");
+}
