@@ -269,7 +269,12 @@ fn handle_connection(
     {
         Ok(v) => v,
         Err(e) => {
-            tracing::warn!(peer = %who, uid, "handshake rejected: {e}");
+            tracing::error!(
+                peer = %who,
+                uid,
+                "handshake rejected: {e}. The connection is closed; a VMM that registered \
+                 memory keeps its own userfaultfd and will block on its first missing page"
+            );
             return;
         }
     };
@@ -297,7 +302,7 @@ fn handle_connection(
         },
     };
     if let Err(e) = engine.add(spec) {
-        tracing::warn!(peer = %who, "VM rejected: {e}");
+        tracing::error!(peer = %who, "VM not served: {e}");
     }
 }
 

@@ -655,19 +655,23 @@ impl Session {
                     continue;
                 }
             };
+            let mut on_demand = 0;
             for (n, c) in claims.drain(..done_pages).enumerate() {
                 r.set(c.page, PageState::Present);
                 if n == 0 && Some(c.page) == fault_page {
+                    on_demand = 1;
                     if let Some(t) = read_at {
                         self.stats.record_latency(t.elapsed());
                     }
                 }
-                let counter = match origin {
-                    Origin::Background => &self.stats.pages_background,
-                    Origin::Fault if Some(c.page) == fault_page => &self.stats.pages_on_demand,
-                    Origin::Fault => &self.stats.pages_fault_around,
-                };
-                Stats::add(counter, 1);
+            }
+            let done = done_pages as u64;
+            match origin {
+                Origin::Background => Stats::add(&self.stats.pages_background, done),
+                Origin::Fault => {
+                    Stats::add(&self.stats.pages_on_demand, on_demand);
+                    Stats::add(&self.stats.pages_fault_around, done - on_demand);
+                }
             }
             if zero {
                 Stats::add(&self.stats.pages_zeroed, done_pages as u64);
