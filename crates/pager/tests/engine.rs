@@ -124,6 +124,31 @@ impl Drop for Mem {
     }
 }
 
+/// A session spec serving the whole of `mem` from `source`.
+fn spec(
+    name: &str,
+    u: Uffd,
+    mem: &Mem,
+    page_size: PageSize,
+    source: Arc<dyn PageSource>,
+    config: SessionConfig,
+) -> SessionSpec {
+    SessionSpec {
+        name: name.into(),
+        uffd: u,
+        regions: vec![Region {
+            host_base: mem.addr,
+            len: mem.len as u64,
+            source_offset: 0,
+            page_size,
+        }],
+        source,
+        pid: None,
+        hangup: None,
+        config,
+    }
+}
+
 struct Setup {
     engine: Engine,
     handle: SessionHandle,
@@ -139,20 +164,14 @@ fn setup(pages: usize, config: SessionConfig, features: Features) -> Option<Setu
     let data = Arc::new(content(pages, PAGE));
     let engine = Engine::start(EngineConfig { threads: 2 }, None).expect("engine");
     let handle = engine
-        .add(SessionSpec {
-            name: "test".into(),
-            uffd: u,
-            regions: vec![Region {
-                host_base: mem.addr,
-                len: mem.len as u64,
-                source_offset: 0,
-                page_size: PageSize::Base4K,
-            }],
-            source: Arc::new(Bytes(data.to_vec())),
-            pid: None,
-            hangup: None,
+        .add(spec(
+            "test",
+            u,
+            &mem,
+            PageSize::Base4K,
+            Arc::new(Bytes(data.to_vec())),
             config,
-        })
+        ))
         .expect("add");
     Some(Setup {
         engine,
@@ -381,26 +400,20 @@ fn unreadable_page_is_poisoned_not_served() {
     let data = content(8, PAGE);
     let engine = Engine::start(EngineConfig { threads: 1 }, None).expect("engine");
     let h = engine
-        .add(SessionSpec {
-            name: "flaky".into(),
-            uffd: u,
-            regions: vec![Region {
-                host_base: mem.addr,
-                len: mem.len as u64,
-                source_offset: 0,
-                page_size: PageSize::Base4K,
-            }],
-            source: Arc::new(Flaky {
+        .add(spec(
+            "flaky",
+            u,
+            &mem,
+            PageSize::Base4K,
+            Arc::new(Flaky {
                 data: data.clone(),
                 bad_page: 5,
             }),
-            pid: None,
-            hangup: None,
-            config: SessionConfig {
+            SessionConfig {
                 cluster_pages: 1,
                 ..Default::default()
             },
-        })
+        ))
         .expect("add");
     // A system call that reads the bad page gets EFAULT instead of garbage
     // (a plain load would get SIGBUS).
@@ -456,19 +469,18 @@ fn session_ends_when_the_watched_process_exits() {
     )
     .expect("engine");
     let h = engine
-        .add(SessionSpec {
-            name: "watched".into(),
-            uffd: u,
-            regions: vec![Region {
-                host_base: mem.addr,
-                len: mem.len as u64,
-                source_offset: 0,
-                page_size: PageSize::Base4K,
-            }],
-            source: Arc::new(Bytes(vec![1; 4 * PAGE])),
-            pid: Some(child.id()),
-            hangup: None,
-            config: SessionConfig::default(),
+        .add({
+            let source = Arc::new(Bytes(vec![1; 4 * PAGE]));
+            let mut watched = spec(
+                "watched",
+                u,
+                &mem,
+                PageSize::Base4K,
+                source,
+                SessionConfig::default(),
+            );
+            watched.pid = Some(child.id());
+            watched
         })
         .expect("add");
     let report = h.wait(Duration::from_secs(10)).expect("session ended");
@@ -573,20 +585,14 @@ fn hugetlb_2m_regions() {
     let data = Arc::new(data);
     let engine = Engine::start(EngineConfig { threads: 2 }, None).expect("engine");
     let h = engine
-        .add(SessionSpec {
-            name: "huge".into(),
-            uffd: u,
-            regions: vec![Region {
-                host_base: mem.addr,
-                len: mem.len as u64,
-                source_offset: 0,
-                page_size: PageSize::Huge2M,
-            }],
-            source: Arc::new(Bytes(data.to_vec())),
-            pid: None,
-            hangup: None,
-            config: SessionConfig::default(),
-        })
+        .add(spec(
+            "huge",
+            u,
+            &mem,
+            PageSize::Huge2M,
+            Arc::new(Bytes(data.to_vec())),
+            SessionConfig::default(),
+        ))
         .expect("add");
     mem.touch(vec![0, 3, 1, 2], 2, huge);
     assert_same(&mem.read_all(), &data, "2 MiB pages");

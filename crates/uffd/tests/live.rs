@@ -667,7 +667,8 @@ fn pagemap_scan_finds_present_pages() {
         u.copy(m.page(i), &pattern(i as u8), CopyMode::empty())
             .expect("copy");
     }
-    let pm = PageMap::open_self().expect("pagemap");
+    // By pid: the same page tables as /proc/self.
+    let pm = PageMap::open_pid(std::process::id()).expect("pagemap");
     let mut out = Vec::new();
     let r = pm
         .scan(
