@@ -14,9 +14,20 @@
 //! must read as zero afterwards), and a JSON report goes to stdout. A watchdog
 //! exits with code 3 when a page access (or a balloon madvise) does not finish
 //! in time, naming the page.
+//!
+//! `--pattern` picks the access pattern of the touch phase (sequential,
+//! random, strided, a hot set touched several times, or a replayed trace), and
+//! `--record-trace` writes the pages a run touched first, in order, as a trace
+//! that `--pattern trace:FILE` replays.
+//!
+//! With `--embedded` there is no socket and no separate handler: after
+//! creating and registering the userfaultfd exactly as above, the client
+//! starts a `pager::Engine` in its own process and serves its own memory, so
+//! that the engine can be measured without a second process; the report then
+//! adds the engine's statistics and the CPU time of its serving threads.
 
 use std::fs::File;
-use std::io::{IoSlice, Write as _};
+use std::io::{BufWriter, IoSlice, Write as _};
 use std::mem::MaybeUninit;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
@@ -27,7 +38,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context as _};
+use anyhow::{anyhow, bail, ensure, Context as _};
+use pager::{
+    Engine, EngineConfig, PageSize, SessionConfig, SessionHandle, SessionSpec, StatsSnapshot,
+};
 use rustix::mm::{Advice, MapFlags, ProtFlags};
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use serde::Serialize;
@@ -43,12 +57,22 @@ const WRITE_CHECK_PAGES: usize = 8;
 /// Exit code when a page access hung.
 const EXIT_HUNG: i32 = 3;
 const MIB: f64 = (1u64 << 20) as f64;
+/// The hot set of `--pattern hotset` is one page in this many (10%).
+const HOTSET_FRACTION_DIVISOR: usize = 10;
+/// Prefix of the engine's serving threads' names (`pagewire-serve-N`, cut to
+/// 15 bytes by the kernel).
+const SERVING_THREAD_PREFIX: &str = "pagewire-serv";
 
 #[derive(clap::Args, Debug)]
 pub struct FcClientArgs {
-    /// Listening Unix socket of the page-fault handler.
-    #[arg(long)]
-    pub socket: PathBuf,
+    /// Listening Unix socket of the page-fault handler (required unless
+    /// --embedded).
+    #[arg(
+        long,
+        required_unless_present = "embedded",
+        conflicts_with = "embedded"
+    )]
+    pub socket: Option<PathBuf>,
     /// Snapshot memory file: the guest's regions end to end, and the truth
     /// every served page is compared against.
     #[arg(long)]
@@ -66,13 +90,34 @@ pub struct FcClientArgs {
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// Order in which pages are touched (random: a deterministic permutation).
+    /// --pattern overrides it.
     #[arg(long, value_enum, default_value_t = Order::Random)]
     pub order: Order,
-    /// Seed of the random order.
+    /// Access pattern of the touch phase; overrides --order. `seq` and
+    /// `random` are --order sequential and random; `strided` visits pages 0,
+    /// S, 2S, ..., then 1, S+1, ... (S = --stride), every page once; `hotset`
+    /// touches a pseudo-random 10% of the pages (chosen with --seed) --passes
+    /// times, each pass in the same shuffled order; `trace:FILE` replays a
+    /// trace: one page index of the flat layout (file offset / page size) a
+    /// line, in order, repeats allowed, lines starting with `#` ignored.
+    #[arg(long, value_parser = parse_pattern)]
+    pub pattern: Option<Pattern>,
+    /// Stride in pages of `--pattern strided`.
+    #[arg(long, default_value_t = 16)]
+    pub stride: usize,
+    /// Passes over the hot set of `--pattern hotset`.
+    #[arg(long, default_value_t = 10)]
+    pub passes: usize,
+    /// Write the pages the touch phase touched first, in the order they
+    /// were handed out to the touching threads, as a trace for
+    /// `--pattern trace:FILE`.
+    #[arg(long)]
+    pub record_trace: Option<PathBuf>,
+    /// Seed of the random order (and of the hot set).
     #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,
     /// Touch only this fraction (0..=1) of the pages, the first ones in the
-    /// chosen order.
+    /// chosen order (of one pass's sequence, for hotset and trace).
     #[arg(long, default_value_t = 1.0)]
     pub touch_fraction: f64,
     /// After the touch phase, release OFFSET:LEN (bytes of the guest's flat
@@ -94,6 +139,76 @@ pub struct FcClientArgs {
     /// Exit with code 3 when a page access makes no progress for this long.
     #[arg(long, default_value_t = 30.0)]
     pub timeout_s: f64,
+    /// Serve this process's own memory with an in-process `pager::Engine`
+    /// instead of sending the userfaultfd to a handler (no --socket).
+    #[arg(long)]
+    pub embedded: bool,
+    /// Serving threads of the embedded engine [default: 2].
+    #[arg(long)]
+    pub serve_threads: Option<usize>,
+    /// Pages the embedded engine serves around each fault [default: 16].
+    #[arg(long)]
+    pub cluster_pages: Option<usize>,
+    /// Let the embedded engine populate memory in the background.
+    #[arg(long)]
+    pub background: bool,
+    /// Pages per background step of the embedded engine [default: 64].
+    #[arg(long)]
+    pub background_chunk: Option<usize>,
+}
+
+impl FcClientArgs {
+    fn serve_threads(&self) -> usize {
+        self.serve_threads.unwrap_or(2)
+    }
+
+    fn cluster_pages(&self) -> usize {
+        self.cluster_pages
+            .unwrap_or(SessionConfig::default().cluster_pages)
+    }
+
+    fn background_chunk(&self) -> usize {
+        self.background_chunk
+            .unwrap_or(SessionConfig::default().background_chunk)
+    }
+}
+
+/// A `--pattern`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    Seq,
+    Random,
+    Strided,
+    Hotset,
+    Trace(PathBuf),
+}
+
+impl Pattern {
+    fn name(&self) -> &'static str {
+        match self {
+            Pattern::Seq => "seq",
+            Pattern::Random => "random",
+            Pattern::Strided => "strided",
+            Pattern::Hotset => "hotset",
+            Pattern::Trace(_) => "trace",
+        }
+    }
+}
+
+fn parse_pattern(s: &str) -> Result<Pattern, String> {
+    match s {
+        "seq" | "sequential" => Ok(Pattern::Seq),
+        "random" => Ok(Pattern::Random),
+        "strided" => Ok(Pattern::Strided),
+        "hotset" => Ok(Pattern::Hotset),
+        _ => match s.strip_prefix("trace:") {
+            Some("") => Err("trace: needs a file name (trace:FILE)".to_string()),
+            Some(path) => Ok(Pattern::Trace(PathBuf::from(path))),
+            None => Err(format!(
+                "{s:?}: expected seq, random, strided, hotset or trace:FILE"
+            )),
+        },
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -325,7 +440,8 @@ impl Layout {
         assert_eq!(out.len(), self.page_size);
         // SAFETY: `[host, host+page_size)` is one page inside a readable
         // mapping that is never unmapped; `out` is a distinct buffer of that
-        // length. Only this thread accesses this page during the pass.
+        // length. Nothing writes guest memory while pages are read (a trace
+        // may have two threads read the same page at once, which is fine).
         unsafe { std::ptr::copy_nonoverlapping(host as *const u8, out.as_mut_ptr(), out.len()) }
     }
 
@@ -478,6 +594,8 @@ impl Watch {
 
 const CHECKED: u8 = 1;
 const MISMATCH: u8 = 2;
+/// Touched in the touch phase (set by the first thread to touch the page).
+const TOUCHED: u8 = 4;
 
 #[derive(Serialize, Clone, Debug)]
 struct Mismatch {
@@ -585,13 +703,17 @@ impl Checker<'_> {
                     loc.file_offset
                 ));
             }
+            // Only a page's first touch is a fault worth timing (a trace may
+            // repeat pages, a hot set is touched several times).
+            let first_touch = phase == Phase::Touch
+                && self.state[page].fetch_or(TOUCHED, Ordering::Relaxed) & TOUCHED == 0;
             self.watch.begin(slot, phase, page);
             let t0 = Instant::now();
             let _ = self.layout.load_byte(loc.host);
             let dt = t0.elapsed();
             self.layout.read_page(loc.host, &mut actual);
             self.watch.end(slot);
-            if phase == Phase::Touch {
+            if first_touch {
                 out.latencies_ns.push(dt.as_nanos() as u64);
             }
             let diff = expected.iter().zip(&actual).position(|(a, b)| a != b);
@@ -657,6 +779,160 @@ fn page_order(n: usize, order: Order, seed: u64) -> Vec<usize> {
     pages
 }
 
+/// Pages 0, S, 2S, ..., then 1, S+1, ...: every page once.
+fn strided_order(n: usize, stride: usize) -> Vec<usize> {
+    let stride = stride.clamp(1, n.max(1));
+    (0..stride).flat_map(|r| (r..n).step_by(stride)).collect()
+}
+
+/// Reads a trace: one page index a line, `#` comments and blank lines
+/// ignored; every index must be below `pages_total`.
+fn read_trace(path: &Path, pages_total: usize, page_size: usize) -> anyhow::Result<Vec<usize>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the trace {}", path.display()))?;
+    let mut pages = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let page: usize = line.parse().map_err(|e| {
+            anyhow!(
+                "{}:{}: {line:?} is not a page index: {e}",
+                path.display(),
+                i + 1
+            )
+        })?;
+        ensure!(
+            page < pages_total,
+            "{}:{}: page {page} lies past the end of guest memory ({pages_total} pages of \
+             {page_size} bytes)",
+            path.display(),
+            i + 1
+        );
+        pages.push(page);
+    }
+    Ok(pages)
+}
+
+/// What the touch phase does: `passes` times the pages of `sequence`, in
+/// order, handed out to the touching threads from a shared counter.
+struct Plan {
+    name: &'static str,
+    sequence: Vec<usize>,
+    passes: usize,
+}
+
+impl Plan {
+    fn new(args: &FcClientArgs, pages_total: usize, page_size: usize) -> anyhow::Result<Plan> {
+        let pattern = args.pattern.clone().unwrap_or(match args.order {
+            Order::Sequential => Pattern::Seq,
+            Order::Random => Pattern::Random,
+        });
+        let mut passes = 1;
+        let mut sequence = match &pattern {
+            Pattern::Seq => page_order(pages_total, Order::Sequential, args.seed),
+            Pattern::Random => page_order(pages_total, Order::Random, args.seed),
+            Pattern::Strided => strided_order(pages_total, args.stride),
+            Pattern::Hotset => {
+                let mut pages = page_order(pages_total, Order::Random, args.seed);
+                pages.truncate((pages_total / HOTSET_FRACTION_DIVISOR).max(1));
+                passes = args.passes;
+                pages
+            }
+            Pattern::Trace(path) => read_trace(path, pages_total, page_size)?,
+        };
+        let keep = ((sequence.len() as f64) * args.touch_fraction).floor() as usize;
+        sequence.truncate(keep);
+        Ok(Plan {
+            name: pattern.name(),
+            sequence,
+            passes,
+        })
+    }
+}
+
+/// Writes the first occurrence of each page of `sequence`, in order, as a
+/// trace.
+fn write_trace(
+    path: &Path,
+    sequence: &[usize],
+    pages_total: usize,
+    page_size: usize,
+    pattern: &str,
+) -> anyhow::Result<()> {
+    let write = || -> std::io::Result<()> {
+        let mut out = BufWriter::new(File::create(path)?);
+        writeln!(
+            out,
+            "# pagewire fc-client trace: pattern {pattern}, page size {page_size}, \
+             {pages_total} pages"
+        )?;
+        let mut seen = vec![false; pages_total];
+        for &page in sequence {
+            if !std::mem::replace(&mut seen[page], true) {
+                writeln!(out, "{page}")?;
+            }
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()
+    };
+    write().with_context(|| format!("writing the trace {}", path.display()))
+}
+
+// ---------------------------------------------------------------------------
+// CPU time
+
+/// CPU time (user + system) of this whole process, in milliseconds.
+fn process_cpu_ms() -> anyhow::Result<f64> {
+    let mut usage = MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is writable memory of the size and alignment of a
+    // `struct rusage`, which is all getrusage writes.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrusage(RUSAGE_SELF)");
+    }
+    // SAFETY: getrusage succeeded and filled the struct; it is plain integers,
+    // for which the zeroed start was valid anyway.
+    let usage = unsafe { usage.assume_init() };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
+    Ok(ms(usage.ru_utime) + ms(usage.ru_stime))
+}
+
+/// CPU time (user + system) of this process's threads whose name starts with
+/// `prefix`, in milliseconds, from `/proc/self/task/*/stat` (clock-tick
+/// resolution).
+fn threads_cpu_ms(prefix: &str) -> anyhow::Result<f64> {
+    let ticks_per_s = rustix::param::clock_ticks_per_second();
+    ensure!(ticks_per_s > 0, "sysconf(_SC_CLK_TCK) returned 0");
+    let mut ticks = 0u64;
+    for entry in std::fs::read_dir("/proc/self/task").context("listing /proc/self/task")? {
+        let entry = entry.context("listing /proc/self/task")?;
+        let path = entry.path().join("stat");
+        // A thread may exit between listing and reading.
+        let Ok(stat) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            bail!("{}: unexpected format {stat:?}", path.display());
+        };
+        if open >= close || !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        // After the comm come field 3 (state) onwards: utime and stime are
+        // fields 14 and 15 of the line.
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let field = |n: usize| -> anyhow::Result<u64> {
+            let text = fields
+                .get(n - 3)
+                .with_context(|| format!("{}: no field {n}", path.display()))?;
+            text.parse()
+                .with_context(|| format!("{}: field {n} is {text:?}", path.display()))
+        };
+        ticks += field(14)? + field(15)?;
+    }
+    Ok(ticks as f64 * 1000.0 / ticks_per_s as f64)
+}
+
 // ---------------------------------------------------------------------------
 // Report
 
@@ -708,7 +984,19 @@ struct Report {
     balloon_pages: usize,
     balloon_pages_zero: usize,
     balloon_pages_nonzero: usize,
+    /// The access pattern (seq, random, strided, hotset, trace).
+    pattern: &'static str,
+    /// Threads touching pages.
+    threads: usize,
+    /// Passes over the pattern's sequence (more than 1 for hotset).
+    passes: usize,
+    /// Page accesses of the touch phase, repeats included.
+    touches: usize,
+    /// The whole touch phase, every pass.
     touch_ms: f64,
+    /// The first pass of the touch phase (all of it but for hotset).
+    first_pass_ms: f64,
+    /// Bytes of the touched pages per second of the first pass.
     touch_mib_per_s: f64,
     /// Time of the first load of each page in the touch phase.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -717,7 +1005,17 @@ struct Report {
     verify_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     write_check: Option<WriteCheck>,
-    /// The region table sent to the handler.
+    /// CPU time (user + system) of the whole client process.
+    client_cpu_ms: f64,
+    /// With --embedded: the engine's statistics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handler_stats: Option<StatsSnapshot>,
+    /// With --embedded: CPU time (user + system) of the engine's serving
+    /// threads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handler_cpu_ms: Option<f64>,
+    /// The region table sent to the handler (given to the engine with
+    /// --embedded).
     regions: Vec<RegionMsg>,
 }
 
@@ -735,6 +1033,38 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
         args.timeout_s.is_finite() && args.timeout_s > 0.0,
         "--timeout-s must be positive"
     );
+    ensure!(args.stride >= 1, "--stride must be at least 1");
+    ensure!(args.passes >= 1, "--passes must be at least 1");
+    match (&args.socket, args.embedded) {
+        (None, false) => bail!(
+            "--socket is required (the handler's socket), unless --embedded serves the memory \
+             in this process"
+        ),
+        (Some(_), true) => bail!("--socket and --embedded exclude each other"),
+        _ => {}
+    }
+    if !args.embedded {
+        ensure!(
+            args.serve_threads.is_none()
+                && args.cluster_pages.is_none()
+                && args.background_chunk.is_none()
+                && !args.background,
+            "--serve-threads, --cluster-pages, --background and --background-chunk need \
+             --embedded"
+        );
+    }
+    ensure!(
+        args.serve_threads() >= 1,
+        "--serve-threads must be at least 1"
+    );
+    ensure!(
+        args.cluster_pages() >= 1,
+        "--cluster-pages must be at least 1"
+    );
+    ensure!(
+        args.background_chunk() >= 1,
+        "--background-chunk must be at least 1"
+    );
 
     let file = File::open(&args.mem_file)
         .with_context(|| format!("opening the memory file {}", args.mem_file.display()))?;
@@ -744,6 +1074,7 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
         .len();
     let layout = Layout::map(file_size, args.regions, args.huge)?;
     let page_size = layout.page_size;
+    let plan = Plan::new(args, layout.pages_total, page_size)?;
 
     let mut ballooned = vec![false; layout.pages_total];
     for b in &args.balloon {
@@ -781,12 +1112,19 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
             })?;
     }
     let messages = layout.messages();
-    let stream = handshake(&args.socket, &messages, &uffd)?;
-    debug!(regions = messages.len(), "handshake sent");
-    // Like the VMM, keep the socket and our copy of the userfaultfd open until
-    // the process exits: the handler takes EOF as the end of the VM.
-    std::mem::forget(stream);
-    std::mem::forget(uffd);
+    let embedded = match &args.socket {
+        Some(socket) if !args.embedded => {
+            let stream = handshake(socket, &messages, &uffd)?;
+            debug!(regions = messages.len(), "handshake sent");
+            // Like the VMM, keep the socket and our copy of the userfaultfd
+            // open until the process exits: the handler takes EOF as the end
+            // of the VM.
+            std::mem::forget(stream);
+            std::mem::forget(uffd);
+            None
+        }
+        _ => Some(Embedded::start(args, &layout, uffd)?),
+    };
 
     let slots = args.threads.max(1);
     let watch = Arc::new(Watch {
@@ -819,11 +1157,14 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
         first: Mutex::new(Vec::new()),
         abort: AtomicBool::new(false),
     };
-    let order = page_order(layout.pages_total, args.order, args.seed);
+    let order = &plan.sequence;
 
     if let Some(n) = args.exit_after {
         let n = n.min(order.len());
         checker.pass(&order[..n], 1, Phase::Touch, false)?;
+        if let Some(path) = &args.record_trace {
+            write_trace(path, &order[..n], layout.pages_total, page_size, plan.name)?;
+        }
         let line = serde_json::json!({
             "exit_after": n,
             "pages_touched": n,
@@ -835,11 +1176,21 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
         std::process::exit(0);
     }
 
-    // Touch phase.
-    let touch_n = ((layout.pages_total as f64) * args.touch_fraction).floor() as usize;
-    let touch_n = touch_n.min(layout.pages_total);
-    let touch = checker.pass(&order[..touch_n], args.threads, Phase::Touch, false)?;
-    let touch_secs = touch.elapsed.as_secs_f64();
+    // Touch phase: the first pass faults the pages in, later ones (hotset)
+    // touch them again.
+    let touch = checker.pass(order, args.threads, Phase::Touch, false)?;
+    let first_pass_secs = touch.elapsed.as_secs_f64();
+    let mut touch_secs = first_pass_secs;
+    let mut latencies_ns = touch.latencies_ns;
+    for _ in 1..plan.passes {
+        let again = checker.pass(order, args.threads, Phase::Touch, false)?;
+        touch_secs += again.elapsed.as_secs_f64();
+        latencies_ns.extend(again.latencies_ns);
+    }
+    let touch_n = checker.count(TOUCHED);
+    if let Some(path) = &args.record_trace {
+        write_trace(path, order, layout.pages_total, page_size, plan.name)?;
+    }
 
     // Balloon, then verify every page.
     let mut balloon_zero = 0;
@@ -890,6 +1241,16 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
         None
     };
 
+    // The engine's figures, before its threads (and their /proc entries) go.
+    let (handler_stats, handler_cpu_ms) = match embedded {
+        Some(e) => {
+            let (stats, cpu_ms) = e.finish()?;
+            (Some(stats), Some(cpu_ms))
+        }
+        None => (None, None),
+    };
+    let client_cpu_ms = process_cpu_ms()?;
+
     let mismatched_pages = checker.count(MISMATCH);
     let write_failed = write_check.as_ref().is_some_and(|w| w.failed > 0);
     let ok = mismatched_pages == 0 && balloon_nonzero == 0 && !write_failed;
@@ -910,15 +1271,23 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
         balloon_pages: checker.ballooned.iter().filter(|b| **b).count(),
         balloon_pages_zero: balloon_zero,
         balloon_pages_nonzero: balloon_nonzero,
+        pattern: plan.name,
+        threads: args.threads,
+        passes: plan.passes,
+        touches: order.len() * plan.passes,
         touch_ms: touch_secs * 1000.0,
-        touch_mib_per_s: if touch_secs > 0.0 {
-            (touch_n * page_size) as f64 / MIB / touch_secs
+        first_pass_ms: first_pass_secs * 1000.0,
+        touch_mib_per_s: if first_pass_secs > 0.0 {
+            (touch_n * page_size) as f64 / MIB / first_pass_secs
         } else {
             0.0
         },
-        faults_latency: Latency::of(touch.latencies_ns),
+        faults_latency: Latency::of(latencies_ns),
         verify_ms,
         write_check,
+        client_cpu_ms,
+        handler_stats,
+        handler_cpu_ms,
         regions: messages,
     };
     let text = serde_json::to_string_pretty(&report).context("serialising the report")?;
@@ -935,6 +1304,73 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The in-process engine of `--embedded`, serving this process's memory.
+struct Embedded {
+    engine: Engine,
+    handle: SessionHandle,
+}
+
+impl Embedded {
+    /// Starts the engine and gives it the userfaultfd (after its API
+    /// handshake, with every region registered) and the region table.
+    fn start(args: &FcClientArgs, layout: &Layout, uffd: Uffd) -> anyhow::Result<Embedded> {
+        let page_size = PageSize::from_bytes(layout.page_size as u64).with_context(|| {
+            format!(
+                "the page size {} is not one the engine serves",
+                layout.page_size
+            )
+        })?;
+        let regions = layout
+            .regions
+            .iter()
+            .map(|r| pager::Region {
+                host_base: r.host as u64,
+                len: r.size as u64,
+                source_offset: r.offset,
+                page_size,
+            })
+            .collect();
+        let source = pager::MemFile::open(&args.mem_file)
+            .with_context(|| format!("opening {} for the engine", args.mem_file.display()))?;
+        let engine = Engine::start(
+            EngineConfig {
+                threads: args.serve_threads(),
+            },
+            None,
+        )
+        .context("starting the embedded engine")?;
+        let handle = engine
+            .add(SessionSpec {
+                name: format!("fc-client {}", std::process::id()),
+                uffd,
+                regions,
+                source: Arc::new(source),
+                pid: None,
+                hangup: None,
+                config: SessionConfig {
+                    cluster_pages: args.cluster_pages(),
+                    background: args.background,
+                    background_chunk: args.background_chunk(),
+                    ..SessionConfig::default()
+                },
+            })
+            .context("adding the session to the embedded engine")?;
+        debug!(threads = args.serve_threads(), "embedded engine serving");
+        Ok(Embedded { engine, handle })
+    }
+
+    /// The session's statistics and the serving threads' CPU time in
+    /// milliseconds; then stops the engine. Nothing may touch guest memory
+    /// afterwards.
+    fn finish(self) -> anyhow::Result<(StatsSnapshot, f64)> {
+        let stats = self.handle.stats();
+        let cpu_ms = threads_cpu_ms(SERVING_THREAD_PREFIX)
+            .context("reading the CPU time of the serving threads")?;
+        self.engine.shutdown();
+        Ok((stats, cpu_ms))
+    }
 }
 
 /// Connects to the handler and sends the region table with the userfaultfd,

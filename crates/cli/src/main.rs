@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod check;
 mod fc_client;
 mod serve;
@@ -27,6 +28,12 @@ enum Command {
     /// check every byte it serves (for tests and the demo).
     #[command(name = "fc-client")]
     FcClient(fc_client::FcClientArgs),
+    /// Run the same work against several handlers and the physical
+    /// baselines, and print a table.
+    Bench(bench::BenchArgs),
+    /// The minimal one-page-per-fault handler `bench` measures as the floor.
+    #[command(name = "bench-floor", hide = true)]
+    BenchFloor(bench::FloorArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +50,8 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::FcClient(args) => fc_client::run(&args),
+        Command::Bench(args) => bench::run(&args),
+        Command::BenchFloor(args) => bench::floor(&args),
     };
     match result {
         Ok(code) => code,

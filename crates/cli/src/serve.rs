@@ -63,7 +63,7 @@ pub struct ServeArgs {
 /// versions may add some); `page_size_kib` holds bytes despite its name and
 /// is what older versions send instead of `page_size`.
 #[derive(Debug, Deserialize)]
-struct FcRegion {
+pub(crate) struct FcRegion {
     base_host_virt_addr: u64,
     size: u64,
     offset: u64,
@@ -73,7 +73,7 @@ struct FcRegion {
 
 /// Why a handshake was refused.
 #[derive(Debug, thiserror::Error)]
-enum Reject {
+pub(crate) enum Reject {
     #[error("peer closed the connection before sending a complete handshake ({0} bytes received)")]
     Eof(usize),
     #[error("no complete handshake within {0:?}")]
@@ -213,7 +213,7 @@ fn watch_signals(tx: mpsc::Sender<Msg>) -> anyhow::Result<()> {
 }
 
 /// Binds the socket, replacing a stale socket file but nothing else.
-fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+pub(crate) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             std::fs::remove_file(path)
@@ -308,7 +308,7 @@ fn handle_connection(
 
 /// Reads one handshake: bytes until they form one complete JSON value, and
 /// exactly one fd, within `timeout` and `max` bytes.
-fn read_handshake(
+pub(crate) fn read_handshake(
     stream: &UnixStream,
     timeout: Duration,
     max: usize,
@@ -368,7 +368,7 @@ fn read_handshake(
 }
 
 /// Turns Firecracker's regions into the engine's, checking everything.
-fn to_regions(fc: &[FcRegion], file_len: u64) -> Result<Vec<Region>, Reject> {
+pub(crate) fn to_regions(fc: &[FcRegion], file_len: u64) -> Result<Vec<Region>, Reject> {
     if fc.is_empty() {
         return Err(Reject::NoRegions);
     }

@@ -1,0 +1,580 @@
+//! `pagewire bench`: the same work against several handlers in one run, with
+//! the physical baselines measured alongside.
+//!
+//! A memory file is generated (or given); then, for each handler, a client
+//! process (`pagewire fc-client`) performs Firecracker's handshake, touches
+//! the memory in the chosen pattern and checks every byte. Handlers:
+//! - `serve`: `pagewire serve` in its own process (the Firecracker layout);
+//! - `embedded`: the engine inside the client process (a VMM linking `pager`);
+//! - `floor`: `pagewire bench-floor`, one page per fault on one thread with
+//!   the file already in memory: the kernel mechanism with nothing added;
+//! - any `--handler-cmd 'CMD {socket} {mem_file}'`.
+
+use std::io::Write;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Guest memory size (K, M, G suffixes).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub size: u64,
+    /// Access pattern: seq, random, strided, hotset, trace:FILE.
+    #[arg(long, default_value = "seq")]
+    pub pattern: String,
+    /// Client threads touching memory at once.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Handlers to compare, comma separated: serve, embedded, floor.
+    #[arg(long, value_delimiter = ',', default_value = "floor,serve,embedded")]
+    pub handlers: Vec<String>,
+    /// Another handler to compare: a shell command in which {socket} and
+    /// {mem_file} are replaced; it must listen on {socket} and speak
+    /// Firecracker's UFFD handshake. May be given several times.
+    #[arg(long)]
+    pub handler_cmd: Vec<String>,
+    /// Pages served around each fault by serve and embedded.
+    #[arg(long, default_value_t = 16)]
+    pub cluster_pages: usize,
+    /// Background population in serve and embedded.
+    #[arg(long)]
+    pub background: bool,
+    /// Serving threads for serve and embedded.
+    #[arg(long, default_value_t = 2)]
+    pub serve_threads: usize,
+    /// Use this memory file instead of generating one.
+    #[arg(long)]
+    pub mem_file: Option<PathBuf>,
+    /// In the generated file, every Nth page is zero (0: none).
+    #[arg(long, default_value_t = 4)]
+    pub zero_every: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pagewire bench-floor`: the minimal handler (hidden).
+#[derive(clap::Args, Debug)]
+pub struct FloorArgs {
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[arg(long)]
+    pub mem_file: PathBuf,
+    /// Write `{faults, pages_copied}` here when the VM ends.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if bytes == 0 || bytes % (2 << 20) != 0 {
+        return Err(format!(
+            "{s:?}: the size must be a positive multiple of 2 MiB"
+        ));
+    }
+    Ok(bytes)
+}
+
+#[derive(Debug, Serialize)]
+struct Baselines {
+    memcpy_gib_s: f64,
+    zero_fill_gib_s: f64,
+}
+
+#[derive(Debug, Serialize, Default)]
+struct Row {
+    handler: String,
+    ok: bool,
+    error: Option<String>,
+    wall_ms: f64,
+    gib_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    faults: Option<u64>,
+    pages_copied: Option<u64>,
+    pages_zeroed: Option<u64>,
+    handler_cpu_ms: Option<f64>,
+    mismatched_pages: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    size: u64,
+    pattern: String,
+    threads: usize,
+    cluster_pages: usize,
+    background: bool,
+    baselines: Baselines,
+    results: Vec<Row>,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("finding the pagewire binary")?;
+    let dir = TempDir::new()?;
+    let mem = match &args.mem_file {
+        Some(p) => p.clone(),
+        None => {
+            let p = dir.path().join("mem");
+            generate(&p, args.size, args.zero_every)?;
+            p
+        }
+    };
+    let baselines = Baselines {
+        memcpy_gib_s: memcpy_gib_s(args.size as usize),
+        zero_fill_gib_s: zero_fill_gib_s(args.size as usize),
+    };
+    let mut results = Vec::new();
+    for h in &args.handlers {
+        let row = match h.as_str() {
+            "serve" | "floor" => external(&exe, dir.path(), &mem, args, h, None),
+            "embedded" => embedded(&exe, &mem, args),
+            other => Err(anyhow::anyhow!(
+                "unknown handler {other:?} (serve, embedded, floor)"
+            )),
+        };
+        results.push(row.unwrap_or_else(|e| failed(h, e)));
+    }
+    for (i, cmd) in args.handler_cmd.iter().enumerate() {
+        let name = format!("cmd{}", i + 1);
+        let row = external(&exe, dir.path(), &mem, args, &name, Some(cmd));
+        results.push(row.unwrap_or_else(|e| failed(&name, e)));
+    }
+    let all_ok = results.iter().all(|r| r.ok);
+    let report = Report {
+        size: args.size,
+        pattern: args.pattern.clone(),
+        threads: args.threads,
+        cluster_pages: args.cluster_pages,
+        background: args.background,
+        baselines,
+        results,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn failed(handler: &str, e: anyhow::Error) -> Row {
+    Row {
+        handler: handler.to_string(),
+        error: Some(format!("{e:#}")),
+        ..Row::default()
+    }
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "pagewire bench: {} MiB, pattern {}, {} client thread(s), cluster {} pages{}",
+        r.size >> 20,
+        r.pattern,
+        r.threads,
+        r.cluster_pages,
+        if r.background { ", background" } else { "" }
+    );
+    println!(
+        "baselines: memcpy {:.2} GiB/s, kernel zero-fill faults {:.2} GiB/s",
+        r.baselines.memcpy_gib_s, r.baselines.zero_fill_gib_s
+    );
+    println!(
+        "{:<10} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9}  verified",
+        "handler",
+        "wall ms",
+        "GiB/s",
+        "p50 us",
+        "p99 us",
+        "max us",
+        "faults",
+        "copied",
+        "zeroed",
+        "cpu ms"
+    );
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    for row in &r.results {
+        if let Some(e) = &row.error {
+            println!("{:<10} failed: {e}", row.handler);
+            continue;
+        }
+        println!(
+            "{:<10} {:>9.1} {:>7.3} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>8} {:>8} {:>9}  {}",
+            row.handler,
+            row.wall_ms,
+            row.gib_s,
+            row.p50_us,
+            row.p99_us,
+            row.max_us,
+            opt(row.faults),
+            opt(row.pages_copied),
+            opt(row.pages_zeroed),
+            row.handler_cpu_ms
+                .map_or("-".to_string(), |v| format!("{v:.0}")),
+            if row.mismatched_pages == 0 {
+                "yes"
+            } else {
+                "NO"
+            }
+        );
+    }
+    if let (Some(f), Some(s)) = (
+        r.results.iter().find(|x| x.handler == "floor" && x.ok),
+        r.results.iter().find(|x| x.handler == "serve" && x.ok),
+    ) {
+        if f.gib_s > 0.0 {
+            println!("serve / floor throughput: {:.1}x", s.gib_s / f.gib_s);
+        }
+    }
+}
+
+/// Fills `path` with `size` bytes of pseudo-random pages, every
+/// `zero_every`th page zero.
+fn generate(path: &Path, size: u64, zero_every: usize) -> anyhow::Result<()> {
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut page = vec![0u8; 4096];
+    for i in 0..size / 4096 {
+        if zero_every > 0 && i as usize % zero_every == zero_every - 1 {
+            page.fill(0);
+        } else {
+            for w in page.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_ne_bytes());
+            }
+        }
+        f.write_all(&page)?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn memcpy_gib_s(size: usize) -> f64 {
+    let src = vec![0x5Au8; size];
+    let mut dst = vec![0u8; size];
+    dst.iter_mut().step_by(4096).for_each(|b| *b = 1); // populate
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    size as f64 / best / (1u64 << 30) as f64
+}
+
+/// First touch of fresh anonymous memory: the kernel's zero-fill faults.
+fn zero_fill_gib_s(size: usize) -> f64 {
+    // A large zeroed allocation comes straight from mmap: untouched pages.
+    let mut v = vec![0u8; size];
+    let t = Instant::now();
+    for i in (0..size).step_by(4096) {
+        v[i] = 1;
+    }
+    let s = t.elapsed().as_secs_f64();
+    std::hint::black_box(&v);
+    size as f64 / s / (1u64 << 30) as f64
+}
+
+/// Runs the client against a handler in its own process.
+fn external(
+    exe: &Path,
+    dir: &Path,
+    mem: &Path,
+    args: &BenchArgs,
+    name: &str,
+    cmd: Option<&String>,
+) -> anyhow::Result<Row> {
+    let socket = dir.join(format!("{name}.sock"));
+    let stats = dir.join(format!("{name}.stats"));
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&stats);
+    let mut handler = match (name, cmd) {
+        ("serve", _) => {
+            let mut c = Command::new(exe);
+            c.arg("serve")
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--mem-file")
+                .arg(mem)
+                .arg("--stats-json")
+                .arg(&stats)
+                .args(["--exit-after", "1", "--threads"])
+                .arg(args.serve_threads.to_string())
+                .arg("--cluster-pages")
+                .arg(args.cluster_pages.to_string());
+            if args.background {
+                c.arg("--background");
+            }
+            c
+        }
+        ("floor", _) => {
+            let mut c = Command::new(exe);
+            c.arg("bench-floor")
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--mem-file")
+                .arg(mem)
+                .arg("--stats-json")
+                .arg(&stats);
+            c
+        }
+        (_, Some(cmd)) => {
+            let line = cmd
+                .replace("{socket}", &socket.to_string_lossy())
+                .replace("{mem_file}", &mem.to_string_lossy());
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(format!("exec {line}"));
+            c
+        }
+        (other, None) => bail!("unknown handler {other}"),
+    };
+    let mut child = handler
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting handler {name}"))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("handler {name} exited before listening ({status})");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!(
+                "handler {name} did not listen on {} within 20 s",
+                socket.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let client = client_command(exe, mem, args)
+        .arg("--socket")
+        .arg(&socket)
+        .output()
+        .context("running the client");
+    // Our handlers exit when their VM ends; another is told to.
+    if cmd.is_some() {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_child(&child),
+            rustix::process::Signal::TERM,
+        );
+    }
+    let cpu_ms = wait_cpu_ms(&mut child, Duration::from_secs(20));
+    let out = client?;
+    let mut row = row_from_client(name, &out)?;
+    row.handler_cpu_ms = cpu_ms;
+    if let Ok(text) = std::fs::read_to_string(&stats) {
+        if let Some(line) = text.lines().next() {
+            let v: serde_json::Value = serde_json::from_str(line).context("handler stats")?;
+            let st = if v.get("stats").is_some() {
+                &v["stats"]
+            } else {
+                &v
+            };
+            row.faults = st["faults"].as_u64();
+            row.pages_copied = st["pages_copied"].as_u64();
+            row.pages_zeroed = st["pages_zeroed"].as_u64();
+        }
+    }
+    Ok(row)
+}
+
+fn embedded(exe: &Path, mem: &Path, args: &BenchArgs) -> anyhow::Result<Row> {
+    let mut c = client_command(exe, mem, args);
+    c.arg("--embedded")
+        .arg("--serve-threads")
+        .arg(args.serve_threads.to_string())
+        .arg("--cluster-pages")
+        .arg(args.cluster_pages.to_string());
+    if args.background {
+        c.arg("--background");
+    }
+    let out = c.output().context("running the embedded client")?;
+    let mut row = row_from_client("embedded", &out)?;
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    row.handler_cpu_ms = r["handler_cpu_ms"].as_f64();
+    let st = &r["handler_stats"];
+    row.faults = st["faults"].as_u64();
+    row.pages_copied = st["pages_copied"].as_u64();
+    row.pages_zeroed = st["pages_zeroed"].as_u64();
+    Ok(row)
+}
+
+fn client_command(exe: &Path, mem: &Path, args: &BenchArgs) -> Command {
+    let mut c = Command::new(exe);
+    c.arg("fc-client")
+        .arg("--mem-file")
+        .arg(mem)
+        .arg("--pattern")
+        .arg(&args.pattern)
+        .arg("--threads")
+        .arg(args.threads.to_string())
+        .stdin(Stdio::null());
+    c
+}
+
+fn row_from_client(name: &str, out: &std::process::Output) -> anyhow::Result<Row> {
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "the client's report is not JSON (exit {}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })?;
+    let lat = &r["faults_latency"];
+    let mismatched = r["mismatched_pages"].as_u64().unwrap_or(u64::MAX);
+    let mib_s = r["touch_mib_per_s"].as_f64().unwrap_or(0.0);
+    Ok(Row {
+        handler: name.to_string(),
+        ok: out.status.success() && mismatched == 0,
+        error: (!out.status.success()).then(|| format!("client exited with {}", out.status)),
+        wall_ms: r["touch_ms"].as_f64().unwrap_or(0.0),
+        gib_s: mib_s / 1024.0,
+        p50_us: lat["p50_us"].as_f64().unwrap_or(0.0),
+        p99_us: lat["p99_us"].as_f64().unwrap_or(0.0),
+        max_us: lat["max_us"].as_f64().unwrap_or(0.0),
+        mismatched_pages: mismatched,
+        ..Row::default()
+    })
+}
+
+/// Waits for a handler to exit (killing it after `limit`) and returns the
+/// CPU time it used, user + system, from wait4's rusage.
+fn wait_cpu_ms(child: &mut Child, limit: Duration) -> Option<f64> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value to be overwritten.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: waiting (without blocking) for our own child; both out
+        // pointers are valid for writes.
+        let pid = unsafe { libc::wait4(child.id() as i32, &mut status, libc::WNOHANG, &mut usage) };
+        if pid > 0 {
+            let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+            return Some(ms(usage.ru_utime) + ms(usage.ru_stime));
+        }
+        if pid < 0 {
+            return None;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<TempDir> {
+        let p = std::env::temp_dir().join(format!("pagewire-bench.{}", std::process::id()));
+        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(TempDir(p))
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The floor: one connection, one thread, one page per fault, the file
+/// already in memory. Exits when the VM hangs up.
+pub fn floor(args: &FloorArgs) -> anyhow::Result<ExitCode> {
+    let data = std::fs::read(&args.mem_file)
+        .with_context(|| format!("reading {}", args.mem_file.display()))?;
+    let listener: UnixListener = crate::serve::bind(&args.socket)?;
+    let (stream, _) = listener.accept().context("accept")?;
+    let (fc, uffd) = crate::serve::read_handshake(&stream, Duration::from_secs(5), 1 << 20)
+        .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
+    let regions = crate::serve::to_regions(&fc, data.len() as u64)
+        .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
+    let _ = std::fs::remove_file(&args.socket);
+    let mut faults = 0u64;
+    let mut copied = 0u64;
+    let mut events = Vec::with_capacity(uffd::MAX_BATCH);
+    loop {
+        let mut fds = [
+            rustix::event::PollFd::new(&uffd, rustix::event::PollFlags::IN),
+            rustix::event::PollFd::new(&stream, rustix::event::PollFlags::RDHUP),
+        ];
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => bail!("poll: {e}"),
+        }
+        if !fds[1].revents().is_empty() {
+            break; // the VM hung up
+        }
+        events.clear();
+        uffd.read_events(&mut events, 1)
+            .context("reading the userfaultfd")?;
+        for ev in events.drain(..) {
+            let uffd::Event::PageFault { address, .. } = ev else {
+                continue;
+            };
+            faults += 1;
+            let Some(r) = regions.iter().find(|r| r.contains(address)) else {
+                continue;
+            };
+            let ps = r.page_bytes();
+            let page = address & !(ps - 1);
+            let off = (r.source_offset + page - r.host_base) as usize;
+            loop {
+                match uffd.copy(page, &data[off..off + ps as usize], uffd::CopyMode::empty()) {
+                    Ok(_) => {
+                        copied += 1;
+                        break;
+                    }
+                    Err(uffd::Error::Exists { .. }) => {
+                        let _ = uffd.wake(page, ps as usize);
+                        break;
+                    }
+                    Err(uffd::Error::EventsPending { .. }) => {
+                        let mut drained = Vec::with_capacity(uffd::MAX_BATCH);
+                        let _ = uffd.read_events(&mut drained, uffd::MAX_BATCH);
+                        std::thread::yield_now();
+                    }
+                    Err(e) => bail!("copy: {e}"),
+                }
+            }
+        }
+    }
+    if let Some(p) = &args.stats_json {
+        std::fs::write(
+            p,
+            format!("{{\"faults\":{faults},\"pages_copied\":{copied}}}\n"),
+        )
+        .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
