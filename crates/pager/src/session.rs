@@ -39,6 +39,11 @@ pub struct SessionConfig {
     /// How often a resolving ioctl is retried after EAGAIN (queued events)
     /// before the pages are released and the failure reported.
     pub max_retries: u32,
+    /// Sequential readahead: a fault exactly where the previous cluster
+    /// ended maps the pages from it onwards in one COPY, doubling the window
+    /// up to this many 4 KiB pages. No readahead when it is not above
+    /// `cluster_pages` (so `cluster_pages: 1` keeps one page per fault).
+    pub max_readahead_pages: usize,
 }
 
 impl Default for SessionConfig {
@@ -49,6 +54,7 @@ impl Default for SessionConfig {
             background_chunk: 64,
             serve_forks: false,
             max_retries: 1000,
+            max_readahead_pages: 256,
         }
     }
 }
@@ -77,6 +83,8 @@ enum Origin {
 struct Ctx {
     origin: Origin,
     read_at: Option<Instant>,
+    /// Map the faulting page with an ioctl of its own, before the others.
+    fault_alone: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +105,15 @@ pub struct Session {
     ended: AtomicBool,
     /// Userfaultfds of forked children, read but not yet taken by the engine.
     forks: Mutex<Vec<Uffd>>,
+    /// Readahead: where a sequential stream's next fault would land, and the
+    /// window (in 4 KiB pages) it will get.
+    stream: Mutex<Stream>,
+}
+
+#[derive(Debug, Default)]
+struct Stream {
+    next: u64,
+    window: usize,
 }
 
 #[derive(Debug, Default)]
@@ -139,6 +156,7 @@ impl Session {
             config,
             ended: AtomicBool::new(false),
             forks: Mutex::new(Vec::new()),
+            stream: Mutex::new(Stream::default()),
         }
     }
 
@@ -158,6 +176,7 @@ impl Session {
             config: self.config.clone(),
             ended: AtomicBool::new(false),
             forks: Mutex::new(Vec::new()),
+            stream: Mutex::new(Stream::default()),
         }
     }
 
@@ -317,25 +336,52 @@ impl Session {
                 }
             }
         }
-        let cluster = self.cluster_pages(r.region.page_size);
-        if cluster > 1 {
-            let start = page / cluster * cluster;
-            for q in start..(start + cluster).min(r.pages()) {
-                if q != page && r.transition(q, PageState::Missing, PageState::Claimed) {
-                    claims.push(Claim {
-                        page: q,
-                        zero: r.known_zero(q),
-                    });
-                }
-            }
-            claims[1..].sort_by_key(|c| c.page);
-        }
+        let sequential = self.extend_claims(r, page, &mut claims);
         let id = r.id;
         let ctx = Ctx {
             origin: Origin::Fault,
             read_at: Some(fault.read_at),
+            fault_alone: !sequential,
         };
         self.serve_claims(layout, id, claims, ctx, deferred, events)
+    }
+
+    /// Adds the pages served with the faulting one. A fault exactly where
+    /// the previous cluster ended is a sequential stream: the window from the
+    /// faulting page onwards (doubling each time, up to the readahead limit),
+    /// mapped in one COPY with the faulting page. Otherwise the aligned
+    /// cluster around the faulting page, which is mapped first on its own.
+    /// Returns whether the fault was sequential.
+    fn extend_claims(&self, r: &RegionState, page: usize, claims: &mut Vec<Claim>) -> bool {
+        let cluster = self.cluster_pages(r.region.page_size);
+        if cluster <= 1 {
+            return false;
+        }
+        let ps = r.region.page_size.bytes();
+        let max = ((self.config.max_readahead_pages * 4096) / ps).max(1);
+        let addr = r.page_addr(page);
+        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let sequential = max > cluster && stream.next == addr;
+        let (start, end) = if sequential {
+            stream.window = (stream.window * 2).clamp(cluster, max);
+            (page, (page + stream.window).min(r.pages()))
+        } else {
+            stream.window = cluster;
+            let start = page / cluster * cluster;
+            (start, (start + cluster).min(r.pages()))
+        };
+        for q in start..end {
+            if q != page && r.transition(q, PageState::Missing, PageState::Claimed) {
+                claims.push(Claim {
+                    page: q,
+                    zero: r.known_zero(q),
+                });
+            }
+        }
+        stream.next = r.page_addr(end);
+        drop(stream);
+        claims[1..].sort_by_key(|c| c.page);
+        sequential
     }
 
     fn cluster_pages(&self, ps: PageSize) -> usize {
@@ -406,6 +452,7 @@ impl Session {
         let ctx = Ctx {
             origin: Origin::Background,
             read_at: None,
+            fault_alone: false,
         };
         Some(self.serve_claims(layout, id, claims, ctx, deferred, events))
     }
@@ -426,7 +473,7 @@ impl Session {
         deferred: &mut Vec<Fault>,
         events: &mut Vec<Event>,
     ) -> Served {
-        let Ctx { origin, read_at } = ctx;
+        let origin = ctx.origin;
         let fault_page = match origin {
             Origin::Fault => claims.first().map(|c| c.page),
             Origin::Background => None,
@@ -451,15 +498,7 @@ impl Session {
                     }
                 }
                 let first_data = data.unwrap_or(0);
-                match self.map_claims(
-                    r,
-                    &mut claims,
-                    &buf,
-                    first_data,
-                    origin,
-                    fault_page,
-                    read_at,
-                ) {
+                match self.map_claims(r, &mut claims, &buf, first_data, &ctx, fault_page) {
                     MapResult::Done => return Served::Done,
                     MapResult::ProcessGone => return Served::ProcessGone,
                     MapResult::EventsPending => {
@@ -593,17 +632,18 @@ impl Session {
         claims: &mut Vec<Claim>,
         buf: &[u8],
         first_data: usize,
-        origin: Origin,
+        ctx: &Ctx,
         fault_page: Option<usize>,
-        read_at: Option<Instant>,
     ) -> MapResult {
+        let (origin, read_at) = (ctx.origin, ctx.read_at);
+        let alone = if ctx.fault_alone { fault_page } else { None };
         let ps = r.region.page_size.bytes();
         let hugetlb = r.region.page_size == PageSize::Huge2M;
         while !claims.is_empty() {
-            // A run: the first claim alone if it is the faulting page,
+            // A run: the faulting page alone when it goes first on its own,
             // otherwise consecutive claims of one kind.
             let mut k = 1;
-            if Some(claims[0].page) != fault_page {
+            if Some(claims[0].page) != alone {
                 while k < claims.len()
                     && claims[k].page == claims[0].page + k
                     && claims[k].zero == claims[0].zero

@@ -661,3 +661,38 @@ fn remap_moves_regions_and_unmap_drops_them() {
     unsafe { libc::munmap(to as *mut _, len / 2) };
     std::mem::forget(moved_mem);
 }
+
+#[test]
+fn sequential_faults_read_ahead_and_random_ones_do_not() {
+    let pages = 1024;
+    let touch_seq = |cfg: SessionConfig| -> Option<StatsSnapshot> {
+        let s = setup(pages, cfg, Features::empty())?;
+        s.mem.touch((0..pages).collect(), 1, PAGE);
+        assert_same(&s.mem.read_all(), &s.data, "sequential");
+        Some(settle(&s.handle, |st| {
+            st.pages_copied + st.pages_zeroed == pages as u64
+        }))
+    };
+    // Clusters of 16 without readahead: one fault per cluster.
+    let Some(flat) = touch_seq(SessionConfig {
+        max_readahead_pages: 0,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    assert_eq!(flat.faults, (pages / 16) as u64, "{flat:?}");
+    // With readahead the window doubles 16, 32, ... 256: far fewer faults.
+    let Some(ahead) = touch_seq(SessionConfig::default()) else {
+        return;
+    };
+    assert!(ahead.faults <= 10, "{ahead:?}");
+    assert_eq!(ahead.pages_copied + ahead.pages_zeroed, pages as u64);
+    // A single page per fault stays a single page per fault.
+    let Some(single) = touch_seq(SessionConfig {
+        cluster_pages: 1,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    assert_eq!(single.faults, pages as u64, "{single:?}");
+}
