@@ -6,18 +6,8 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pagewire");
 
-fn have_uffd() -> bool {
-    match uffd::Uffd::open() {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("userfaultfd required but unavailable: {e}");
-            }
-            eprintln!("SKIPPED: cannot create a userfaultfd here: {e}");
-            false
-        }
-    }
-}
+mod common;
+use common::have_uffd;
 
 #[test]
 fn bench_compares_every_handler_and_verifies() {

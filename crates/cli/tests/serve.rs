@@ -13,18 +13,8 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_pagewire");
 const MIB: usize = 1 << 20;
 
-fn have_uffd() -> bool {
-    match uffd::Uffd::open() {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("userfaultfd required but unavailable: {e}");
-            }
-            eprintln!("SKIPPED: cannot create a userfaultfd here: {e}");
-            false
-        }
-    }
-}
+mod common;
+use common::have_uffd;
 
 /// A memory file: pseudo-random pages, every 7th page zero, and a hole.
 fn mem_file(dir: &Path, bytes: usize) -> PathBuf {

@@ -125,6 +125,17 @@ struct Cursor {
 
 thread_local! {
     static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static CLAIMS: std::cell::RefCell<Vec<Claim>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's claims buffer, emptied: no allocation per
+/// fault once it has grown to the largest window.
+fn with_claims<R>(f: impl FnOnce(&mut Vec<Claim>) -> R) -> R {
+    let mut claims = CLAIMS.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    claims.clear();
+    let r = f(&mut claims);
+    CLAIMS.with(|c| *c.borrow_mut() = claims);
+    r
 }
 
 /// Zeros to copy where ZEROPAGE is not available (hugetlbfs).
@@ -303,8 +314,21 @@ impl Session {
             let _ = self.uffd.wake(fault.addr & !0xfff, 4096);
             return Served::Done;
         };
+        with_claims(|claims| self.claim_and_serve(layout, i, page, fault, claims, deferred, events))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn claim_and_serve(
+        &self,
+        layout: RwLockReadGuard<'_, Layout>,
+        i: usize,
+        page: usize,
+        fault: Fault,
+        claims: &mut Vec<Claim>,
+        deferred: &mut Vec<Fault>,
+        events: &mut Vec<Event>,
+    ) -> Served {
         let r = &layout.regions[i];
-        let mut claims = Vec::new();
         loop {
             match r.state(page) {
                 PageState::Missing => {
@@ -336,7 +360,7 @@ impl Session {
                 }
             }
         }
-        let sequential = self.extend_claims(r, page, &mut claims);
+        let sequential = self.extend_claims(r, page, claims);
         let id = r.id;
         let ctx = Ctx {
             origin: Origin::Fault,
@@ -399,8 +423,17 @@ impl Session {
         if self.is_ended() {
             return None;
         }
+        with_claims(|claims| self.background_claims(claims, deferred, events))
+    }
+
+    fn background_claims(
+        &self,
+        claims: &mut Vec<Claim>,
+        deferred: &mut Vec<Fault>,
+        events: &mut Vec<Event>,
+    ) -> Option<Served> {
         let layout = self.read_layout();
-        let (id, claims) = {
+        let id = {
             let mut cur = self.background.lock().unwrap_or_else(|e| e.into_inner());
             if cur.done {
                 return None;
@@ -418,7 +451,7 @@ impl Session {
                     break; // no regions at all
                 };
                 let chunk = self.cluster_pages_bg(r.region.page_size);
-                let mut claims = Vec::new();
+                claims.clear();
                 let mut p = cur.page;
                 while p < r.pages() && claims.len() < chunk {
                     if r.transition(p, PageState::Missing, PageState::Claimed) {
@@ -437,7 +470,7 @@ impl Session {
                     cur.page = 0;
                 }
                 if !claims.is_empty() {
-                    found = Some((r.id, claims));
+                    found = Some(r.id);
                     break;
                 }
             }
@@ -468,7 +501,7 @@ impl Session {
         &self,
         mut layout: RwLockReadGuard<'_, Layout>,
         id: u64,
-        mut claims: Vec<Claim>,
+        claims: &mut Vec<Claim>,
         ctx: Ctx,
         deferred: &mut Vec<Fault>,
         events: &mut Vec<Event>,
@@ -487,18 +520,18 @@ impl Session {
                 let Some(r) = layout.by_id(id) else {
                     return Served::Done; // unmapped meanwhile
                 };
-                self.reconcile(r, &mut claims, fault_page);
+                self.reconcile(r, claims, fault_page);
                 if claims.is_empty() {
                     return Served::Done;
                 }
                 if data.is_none() {
-                    data = Some(self.read_source(r, &mut claims, &mut buf));
+                    data = Some(self.read_source(r, claims, &mut buf));
                     if claims.is_empty() {
                         return Served::Done;
                     }
                 }
                 let first_data = data.unwrap_or(0);
-                match self.map_claims(r, &mut claims, &buf, first_data, &ctx, fault_page) {
+                match self.map_claims(r, claims, &buf, first_data, &ctx, fault_page) {
                     MapResult::Done => return Served::Done,
                     MapResult::ProcessGone => return Served::ProcessGone,
                     MapResult::EventsPending => {
@@ -513,7 +546,7 @@ impl Session {
                                  (their threads will fault again)",
                                 self.config.max_retries
                             );
-                            self.release(r, &claims);
+                            self.release(r, claims);
                             return Served::Done;
                         }
                         drop(layout);
