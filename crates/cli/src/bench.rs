@@ -515,7 +515,7 @@ pub fn floor(args: &FloorArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("reading {}", args.mem_file.display()))?;
     let listener: UnixListener = crate::serve::bind(&args.socket)?;
     let (stream, _) = listener.accept().context("accept")?;
-    let (fc, uffd) = crate::serve::read_handshake(&stream, Duration::from_secs(5), 1 << 20)
+    let (fc, uffd) = wire::firecracker::read_handshake(&stream, Duration::from_secs(5), 1 << 20)
         .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
     let regions = crate::serve::to_regions(&fc, data.len() as u64)
         .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;

@@ -27,11 +27,9 @@
 //! adds the engine's statistics and the CPU time of its serving threads.
 
 use std::fs::File;
-use std::io::{BufWriter, IoSlice, Write as _};
+use std::io::{BufWriter, Write as _};
 use std::mem::MaybeUninit;
-use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -43,10 +41,10 @@ use pager::{
     Engine, EngineConfig, PageSize, SessionConfig, SessionHandle, SessionSpec, StatsSnapshot,
 };
 use rustix::mm::{Advice, MapFlags, ProtFlags};
-use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use serde::Serialize;
 use tracing::debug;
 use uffd::{Features, RegisterMode, Uffd};
+use wire::firecracker::Mapping;
 
 /// Page size of `--huge` (MAP_HUGE_2MB).
 const HUGE_PAGE_SIZE: usize = 2 << 20;
@@ -257,17 +255,6 @@ fn parse_balloon(s: &str) -> Result<BalloonRange, String> {
 // ---------------------------------------------------------------------------
 // The handshake message
 
-/// One entry of the JSON array Firecracker sends (`GuestRegionUffdMapping`).
-#[derive(Serialize, Clone, Debug)]
-struct RegionMsg {
-    base_host_virt_addr: u64,
-    size: u64,
-    offset: u64,
-    page_size: u64,
-    /// Holds bytes despite its name, as in Firecracker.
-    page_size_kib: u64,
-}
-
 // ---------------------------------------------------------------------------
 // Guest memory
 
@@ -414,15 +401,16 @@ impl Layout {
         }
     }
 
-    fn messages(&self) -> Vec<RegionMsg> {
+    fn messages(&self) -> Vec<Mapping> {
         self.regions
             .iter()
-            .map(|r| RegionMsg {
-                base_host_virt_addr: r.host as u64,
-                size: r.size as u64,
-                offset: r.offset,
-                page_size: self.page_size as u64,
-                page_size_kib: self.page_size as u64,
+            .map(|r| {
+                Mapping::new(
+                    r.host as u64,
+                    r.size as u64,
+                    r.offset,
+                    self.page_size as u64,
+                )
             })
             .collect()
     }
@@ -1016,7 +1004,7 @@ struct Report {
     handler_cpu_ms: Option<f64>,
     /// The region table sent to the handler (given to the engine with
     /// --embedded).
-    regions: Vec<RegionMsg>,
+    regions: Vec<Mapping>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1114,7 +1102,7 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
     let messages = layout.messages();
     let embedded = match &args.socket {
         Some(socket) if !args.embedded => {
-            let stream = handshake(socket, &messages, &uffd)?;
+            let stream = wire::firecracker::send_handshake(socket, &messages, &uffd)?;
             debug!(regions = messages.len(), "handshake sent");
             // Like the VMM, keep the socket and our copy of the userfaultfd
             // open until the process exits: the handler takes EOF as the end
@@ -1371,42 +1359,4 @@ impl Embedded {
         self.engine.shutdown();
         Ok((stats, cpu_ms))
     }
-}
-
-/// Connects to the handler and sends the region table with the userfaultfd,
-/// in one `sendmsg`, as Firecracker does.
-fn handshake(socket: &Path, messages: &[RegionMsg], uffd: &Uffd) -> anyhow::Result<UnixStream> {
-    let body = serde_json::to_vec(messages).context("serialising the region table")?;
-    let mut stream = UnixStream::connect(socket)
-        .with_context(|| format!("connecting to the handler's socket {}", socket.display()))?;
-    let fds = [uffd.as_fd()];
-    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    ensure!(
-        control.push(SendAncillaryMessage::ScmRights(&fds)),
-        "the control buffer cannot hold one file descriptor"
-    );
-    let sent = rustix::net::sendmsg(
-        &stream,
-        &[IoSlice::new(&body)],
-        &mut control,
-        SendFlags::empty(),
-    )
-    .with_context(|| {
-        format!(
-            "sending the region table and the userfaultfd to {}",
-            socket.display()
-        )
-    })?;
-    if sent < body.len() {
-        // A stream socket may take part of a large message; the fd went with
-        // the first byte, the rest follows as plain data.
-        stream.write_all(&body[sent..]).with_context(|| {
-            format!(
-                "sending the rest of the region table to {}",
-                socket.display()
-            )
-        })?;
-    }
-    Ok(stream)
 }

@@ -8,21 +8,20 @@
 //! its process exits (pidfd), whichever comes first.
 
 use std::fs::OpenOptions;
-use std::io::{IoSliceMut, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use pager::{
     Engine, EngineConfig, MemFile, PageSize, PageSource, Region, SessionConfig, SessionSpec,
 };
-use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
-use serde::Deserialize;
+use wire::firecracker::{read_handshake, HandshakeError, Mapping};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -59,53 +58,13 @@ pub struct ServeArgs {
     pub max_handshake_bytes: usize,
 }
 
-/// One region as Firecracker describes it. Unknown fields are ignored (newer
-/// versions may add some); `page_size_kib` holds bytes despite its name and
-/// is what older versions send instead of `page_size`.
-#[derive(Debug, Deserialize)]
-pub(crate) struct FcRegion {
-    base_host_virt_addr: u64,
-    size: u64,
-    offset: u64,
-    page_size: Option<u64>,
-    page_size_kib: Option<u64>,
-}
-
 /// Why a handshake was refused.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Reject {
-    #[error("peer closed the connection before sending a complete handshake ({0} bytes received)")]
-    Eof(usize),
-    #[error("no complete handshake within {0:?}")]
-    Timeout(Duration),
-    #[error("handshake larger than {0} bytes")]
-    TooLarge(usize),
-    #[error("malformed JSON: {0}")]
-    Json(String),
-    #[error("no userfaultfd received: the message must carry one fd (SCM_RIGHTS)")]
-    NoFd,
-    #[error("{0} file descriptors received: exactly one (the userfaultfd) is expected")]
-    TooManyFds(usize),
-    #[error("control data was truncated (too many or unexpected ancillary messages)")]
-    Truncated,
-    #[error("the received fd is not a userfaultfd")]
-    NotUffd,
-    #[error("no regions in the handshake")]
-    NoRegions,
-    #[error("region {index}: page_size {page_size} and page_size_kib {kib} disagree")]
-    PageSizeConflict {
-        index: usize,
-        page_size: u64,
-        kib: u64,
-    },
-    #[error("region {index}: page size {0} is not 4096 or 2097152", .page_size)]
-    PageSize { index: usize, page_size: u64 },
-    #[error("region {index}: no page_size")]
-    NoPageSize { index: usize },
+    #[error("{0}")]
+    Handshake(#[from] HandshakeError),
     #[error("{0}")]
     Regions(#[from] pager::RegionError),
-    #[error("socket: {0}")]
-    Io(#[from] std::io::Error),
 }
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
@@ -265,6 +224,7 @@ fn handle_connection(
     let who = pid.map_or_else(|| "unknown pid".to_string(), |p| format!("pid {p}"));
     let timeout = Duration::from_secs_f64(args.handshake_timeout_s.max(0.001));
     let (regions, uffd) = match read_handshake(&stream, timeout, args.max_handshake_bytes)
+        .map_err(Reject::from)
         .and_then(|(fc, fd)| Ok((to_regions(&fc, source.len())?, fd)))
     {
         Ok(v) => v,
@@ -306,86 +266,16 @@ fn handle_connection(
     }
 }
 
-/// Reads one handshake: bytes until they form one complete JSON value, and
-/// exactly one fd, within `timeout` and `max` bytes.
-pub(crate) fn read_handshake(
-    stream: &UnixStream,
-    timeout: Duration,
-    max: usize,
-) -> Result<(Vec<FcRegion>, uffd::Uffd), Reject> {
-    let deadline = Instant::now() + timeout;
-    let mut data: Vec<u8> = Vec::with_capacity(4096);
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Reject::Timeout(timeout));
-        }
-        stream.set_read_timeout(Some(left))?;
-        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
-        let mut iov = [IoSliceMut::new(&mut chunk)];
-        let msg =
-            match rustix::net::recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
-                Ok(m) => m,
-                Err(rustix::io::Errno::AGAIN) => return Err(Reject::Timeout(timeout)),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(Reject::Io(e.into())),
-            };
-        for m in control.drain() {
-            if let RecvAncillaryMessage::ScmRights(received) = m {
-                fds.extend(received);
-            }
-        }
-        if msg.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
-            return Err(Reject::Truncated);
-        }
-        if msg.bytes == 0 {
-            return Err(Reject::Eof(data.len()));
-        }
-        data.extend_from_slice(&chunk[..msg.bytes]);
-        if data.len() > max {
-            return Err(Reject::TooLarge(max));
-        }
-        let mut values = serde_json::Deserializer::from_slice(&data).into_iter::<Vec<FcRegion>>();
-        match values.next() {
-            Some(Ok(regions)) => {
-                if fds.len() > 1 {
-                    return Err(Reject::TooManyFds(fds.len()));
-                }
-                let fd = fds.pop().ok_or(Reject::NoFd)?;
-                if !uffd::is_userfaultfd(fd.as_fd()) {
-                    return Err(Reject::NotUffd);
-                }
-                return Ok((regions, uffd::Uffd::from_fd(fd)));
-            }
-            Some(Err(e)) if e.is_eof() => continue,
-            Some(Err(e)) => return Err(Reject::Json(e.to_string())),
-            None => continue, // only whitespace so far
-        }
-    }
-}
-
 /// Turns Firecracker's regions into the engine's, checking everything.
-pub(crate) fn to_regions(fc: &[FcRegion], file_len: u64) -> Result<Vec<Region>, Reject> {
+pub(crate) fn to_regions(fc: &[Mapping], file_len: u64) -> Result<Vec<Region>, Reject> {
     if fc.is_empty() {
-        return Err(Reject::NoRegions);
+        return Err(HandshakeError::NoRegions.into());
     }
     let mut out = Vec::with_capacity(fc.len());
     for (index, r) in fc.iter().enumerate() {
-        let page_size = match (r.page_size, r.page_size_kib) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(Reject::PageSizeConflict {
-                    index,
-                    page_size: a,
-                    kib: b,
-                })
-            }
-            (Some(a), _) | (None, Some(a)) => a,
-            (None, None) => return Err(Reject::NoPageSize { index }),
-        };
-        let ps = PageSize::from_bytes(page_size).ok_or(Reject::PageSize { index, page_size })?;
+        let page_size = r.page_size(index)?;
+        let ps =
+            PageSize::from_bytes(page_size).ok_or(HandshakeError::PageSize { index, page_size })?;
         out.push(Region {
             host_base: r.base_host_virt_addr,
             len: r.size,
@@ -402,8 +292,8 @@ mod tests {
     use super::*;
 
     fn parse(json: &str) -> Result<Vec<Region>, Reject> {
-        let fc: Vec<FcRegion> =
-            serde_json::from_str(json).map_err(|e| Reject::Json(e.to_string()))?;
+        let fc: Vec<Mapping> = serde_json::from_str(json)
+            .map_err(|e| Reject::Handshake(HandshakeError::Json(e.to_string())))?;
         to_regions(&fc, 1 << 30)
     }
 
@@ -425,20 +315,23 @@ mod tests {
 
     #[test]
     fn rejects_bad_regions() {
-        assert!(matches!(parse("[]"), Err(Reject::NoRegions)));
+        assert!(matches!(
+            parse("[]"),
+            Err(Reject::Handshake(HandshakeError::NoRegions))
+        ));
         assert!(matches!(
             parse(r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":8192}]"#),
-            Err(Reject::PageSize { .. })
+            Err(Reject::Handshake(HandshakeError::PageSize { .. }))
         ));
         assert!(matches!(
             parse(
                 r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":4096,"page_size_kib":4}]"#
             ),
-            Err(Reject::PageSizeConflict { .. })
+            Err(Reject::Handshake(HandshakeError::PageSizeConflict { .. }))
         ));
         assert!(matches!(
             parse(r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0}]"#),
-            Err(Reject::NoPageSize { .. })
+            Err(Reject::Handshake(HandshakeError::NoPageSize { .. }))
         ));
         assert!(matches!(
             parse(

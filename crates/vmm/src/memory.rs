@@ -1,0 +1,313 @@
+//! Guest RAM: one host mapping, placed at guest physical address 0.
+//!
+//! This module and `vcpu.rs` are the crate's only `unsafe`: the mapping is
+//! created here, lives as long as the [`GuestMemory`] value, and every access
+//! goes through a bounds-checked copy. The guest writes the same memory
+//! concurrently, so no Rust reference to guest memory is ever handed out;
+//! copies use raw pointers (a torn read of a word the guest is rewriting is
+//! a value the guest could have seen, never undefined behaviour in the VMM's
+//! own data).
+
+use std::ffi::c_void;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::ptr::NonNull;
+
+use rustix::mm::{MapFlags, ProtFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// 4 KiB.
+pub const PAGE: u64 = 4096;
+/// 2 MiB: guest memory sizes are a multiple of this (the guest's page tables
+/// map it with 2 MiB pages, and hugetlbfs backing needs it).
+pub const HUGE_PAGE: u64 = 2 << 20;
+
+/// How guest RAM is backed on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Backing {
+    /// Anonymous private memory, as Firecracker maps it.
+    #[default]
+    Anonymous,
+    /// A shared memfd (shmem), as a VMM that shares memory with a device
+    /// process maps it.
+    Memfd,
+    /// 2 MiB pages from hugetlbfs (MAP_HUGETLB); needs free huge pages
+    /// (`/proc/sys/vm/nr_hugepages`).
+    Hugetlb,
+}
+
+impl Backing {
+    /// The page size the userfaultfd serves this memory in.
+    pub fn page_size(self) -> u64 {
+        match self {
+            Backing::Hugetlb => HUGE_PAGE,
+            Backing::Anonymous | Backing::Memfd => PAGE,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backing::Anonymous => "anonymous",
+            Backing::Memfd => "memfd",
+            Backing::Hugetlb => "hugetlb",
+        }
+    }
+}
+
+/// Guest RAM: `len` bytes at guest physical address 0.
+#[derive(Debug)]
+pub struct GuestMemory {
+    ptr: NonNull<u8>,
+    len: u64,
+    backing: Backing,
+    /// Keeps the memfd alive for the mapping's lifetime (memfd backing).
+    _memfd: Option<OwnedFd>,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; every access is a
+// raw copy through `ptr` with bounds checked, so sharing the address between
+// threads is sound (the guest itself accesses it concurrently anyway).
+unsafe impl Send for GuestMemory {}
+// SAFETY: see `Send`; no method hands out references into the mapping.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Maps `len` bytes (a multiple of 2 MiB) of fresh memory. Nothing is
+    /// populated: every page is missing until touched.
+    pub fn new(len: u64, backing: Backing) -> Result<GuestMemory, Error> {
+        if len == 0 || !len.is_multiple_of(HUGE_PAGE) {
+            return Err(Error::Config(format!(
+                "guest memory must be a non-zero multiple of 2 MiB, not {len} bytes"
+            )));
+        }
+        let size = usize::try_from(len)
+            .map_err(|_| Error::Config(format!("guest memory of {len} bytes is too large")))?;
+        let prot = ProtFlags::READ | ProtFlags::WRITE;
+        let (ptr, memfd) = match backing {
+            Backing::Anonymous | Backing::Hugetlb => {
+                let mut flags = MapFlags::PRIVATE | MapFlags::NORESERVE;
+                if backing == Backing::Hugetlb {
+                    flags |= MapFlags::HUGETLB;
+                }
+                // SAFETY: a fresh anonymous mapping at an address the kernel
+                // chooses overlaps nothing of ours.
+                let ptr =
+                    unsafe { rustix::mm::mmap_anonymous(std::ptr::null_mut(), size, prot, flags) }
+                        .map_err(|e| match (backing, e) {
+                            (Backing::Hugetlb, rustix::io::Errno::NOMEM) => Error::Config(format!(
+                                "no free 2 MiB huge pages for {} MiB of guest memory: raise \
+                             /proc/sys/vm/nr_hugepages (needs {})",
+                                len >> 20,
+                                len / HUGE_PAGE
+                            )),
+                            _ => Error::os("mmap guest memory", e),
+                        })?;
+                (ptr, None)
+            }
+            Backing::Memfd => {
+                let fd =
+                    rustix::fs::memfd_create("pagewire-guest", rustix::fs::MemfdFlags::CLOEXEC)
+                        .map_err(|e| Error::os("memfd_create", e))?;
+                rustix::fs::ftruncate(&fd, len).map_err(|e| Error::os("ftruncate memfd", e))?;
+                // SAFETY: a fresh shared mapping of our own memfd at an
+                // address the kernel chooses overlaps nothing of ours.
+                let ptr = unsafe {
+                    rustix::mm::mmap(std::ptr::null_mut(), size, prot, MapFlags::SHARED, &fd, 0)
+                }
+                .map_err(|e| Error::os("mmap memfd", e))?;
+                (ptr, Some(fd))
+            }
+        };
+        let ptr = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| Error::Config("mmap returned a null mapping".into()))?;
+        Ok(GuestMemory {
+            ptr,
+            len,
+            backing,
+            _memfd: memfd,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// The host address of guest physical address 0.
+    pub fn host_addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    fn check(&self, gpa: u64, len: usize) -> Result<usize, Error> {
+        match gpa.checked_add(len as u64) {
+            Some(end) if end <= self.len => Ok(gpa as usize),
+            _ => Err(Error::OutOfRange { gpa, len }),
+        }
+    }
+
+    /// Copies `buf.len()` bytes out of guest memory at `gpa`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let at = self.check(gpa, buf.len())?;
+        // SAFETY: `check` keeps the range inside the mapping, which lives as
+        // long as `self`; `buf` is ours and cannot overlap guest memory
+        // (no reference into the mapping is ever created).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(at), buf.as_mut_ptr(), buf.len())
+        };
+        Ok(())
+    }
+
+    /// Copies `data` into guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), Error> {
+        let at = self.check(gpa, data.len())?;
+        // SAFETY: as in `read`, with the copy's direction reversed.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(at), data.len())
+        };
+        Ok(())
+    }
+
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, Error> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), Error> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+
+    /// Fills `[gpa, gpa + len)` with `f(address)` for each 8-byte word.
+    pub fn fill_words(&self, gpa: u64, len: u64, f: impl Fn(u64) -> u64) -> Result<(), Error> {
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut at = gpa;
+        let end = gpa + len;
+        while at < end {
+            let n = ((end - at) as usize).min(chunk.len());
+            for (i, w) in chunk[..n].chunks_exact_mut(8).enumerate() {
+                w.copy_from_slice(&f(at + 8 * i as u64).to_le_bytes());
+            }
+            self.write(at, &chunk[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes all of guest memory to `file` from offset 0 (Firecracker's
+    /// memory-file layout). 4 KiB pages of zeros are left as holes, so a
+    /// page source can map them as zero pages without reading.
+    pub fn save(&self, file: &mut File) -> Result<(), Error> {
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < self.len {
+            let n = ((self.len - at) as usize).min(chunk.len());
+            self.read(at, &mut chunk[..n])?;
+            for (i, page) in chunk[..n].chunks(PAGE as usize).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    file.write_all_at(page, at + (i as u64) * PAGE)
+                        .map_err(|e| Error::io("writing the memory file", e))?;
+                }
+            }
+            at += n as u64;
+        }
+        file.set_len(self.len)
+            .map_err(|e| Error::io("sizing the memory file", e))?;
+        file.flush()
+            .map_err(|e| Error::io("writing the memory file", e))?;
+        Ok(())
+    }
+
+    /// Reads all of guest memory from `file` (eager restore).
+    pub fn load(&self, file: &mut File) -> Result<(), Error> {
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < self.len {
+            let n = ((self.len - at) as usize).min(chunk.len());
+            file.read_exact(&mut chunk[..n])
+                .map_err(|e| Error::io("reading the memory file", e))?;
+            self.write(at, &chunk[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Gives `[gpa, gpa + len)` back to the host, as a balloon does:
+    /// MADV_DONTNEED (anonymous, hugetlb) or MADV_REMOVE (memfd). The range
+    /// reads as zeros afterwards.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<(), Error> {
+        let page = self.backing.page_size();
+        if !gpa.is_multiple_of(page) || !len.is_multiple_of(page) {
+            return Err(Error::Config(format!(
+                "discard of {len:#x} bytes at {gpa:#x} is not aligned to {page} bytes"
+            )));
+        }
+        let at = self.check(gpa, len as usize)?;
+        let advice = match self.backing {
+            Backing::Memfd => rustix::mm::Advice::LinuxRemove,
+            Backing::Anonymous | Backing::Hugetlb => rustix::mm::Advice::LinuxDontNeed,
+        };
+        // SAFETY: the range lies inside our mapping (checked); discarding it
+        // only changes what the guest reads there, which is the point.
+        unsafe {
+            rustix::mm::madvise(
+                self.ptr.as_ptr().add(at).cast::<c_void>(),
+                len as usize,
+                advice,
+            )
+        }
+        .map_err(|e| Error::os("madvise (discard)", e))
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by `new` with this address and
+        // length, and nothing refers to it once `self` is dropped (the VM
+        // that used it holds an `Arc` to this value).
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len as usize) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_write_bounds_and_save_load() {
+        let m = GuestMemory::new(HUGE_PAGE, Backing::Anonymous).expect("map");
+        m.write_u64(8, 0x1122).expect("write");
+        assert_eq!(m.read_u64(8).expect("read"), 0x1122);
+        assert!(matches!(
+            m.read_u64(HUGE_PAGE - 4),
+            Err(Error::OutOfRange { .. })
+        ));
+        m.fill_words(PAGE * 3, PAGE, |a| a ^ 7).expect("fill");
+        let mut f = tempfile::tempfile().expect("tmp");
+        m.save(&mut f).expect("save");
+        assert_eq!(f.metadata().expect("meta").len(), HUGE_PAGE);
+        let n = GuestMemory::new(HUGE_PAGE, Backing::Memfd).expect("map");
+        use std::io::Seek;
+        f.rewind().expect("rewind");
+        n.load(&mut f).expect("load");
+        assert_eq!(n.read_u64(8).expect("read"), 0x1122);
+        assert_eq!(
+            n.read_u64(PAGE * 3 + 16).expect("read"),
+            (PAGE * 3 + 16) ^ 7
+        );
+        n.discard(PAGE * 3, PAGE).expect("discard");
+        assert_eq!(n.read_u64(PAGE * 3 + 16).expect("read"), 0);
+        assert!(GuestMemory::new(PAGE, Backing::Anonymous).is_err());
+    }
+}

@@ -1,0 +1,288 @@
+//! Restoring a snapshot three ways that must give the same guest:
+//! eagerly (read the whole memory file), lazily with the pager embedded in
+//! this process, and lazily through an external page server reached with
+//! Firecracker's handshake (this VMM plays Firecracker's part).
+
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pager::{Engine, EngineConfig, SessionConfig, SessionHandle, SessionSpec, StatsSnapshot};
+use uffd::{Features, RegisterMode, Uffd};
+
+use crate::error::Error;
+use crate::state::VmState;
+use crate::vm::{Vm, VmConfig, VmEvent};
+
+/// How guest memory comes back.
+#[derive(Debug, Clone)]
+pub enum RestoreMode {
+    /// Read the whole memory file before the guest runs.
+    Eager,
+    /// Serve pages on demand from threads inside this process.
+    Embedded(EmbeddedOptions),
+    /// Hand the userfaultfd to a page server (`pagewire serve`) on this socket.
+    External { socket: PathBuf },
+}
+
+impl RestoreMode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            RestoreMode::Eager => "eager",
+            RestoreMode::Embedded(_) => "embedded",
+            RestoreMode::External { .. } => "serve",
+        }
+    }
+}
+
+/// Tuning of the embedded pager.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedOptions {
+    pub threads: usize,
+    pub cluster_pages: usize,
+    pub background: bool,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> EmbeddedOptions {
+        EmbeddedOptions {
+            threads: 2,
+            cluster_pages: SessionConfig::default().cluster_pages,
+            background: false,
+        }
+    }
+}
+
+/// A restored VM, running, with whatever serves its memory.
+pub struct Restored {
+    /// The guest; see [`Vm::run_to_pass`].
+    pub vm: Vm,
+    pub state: VmState,
+    /// When `restore` was called.
+    pub started: Instant,
+    /// From `started` until the vCPUs were running.
+    pub resume_time: Duration,
+    pager: Option<(Engine, SessionHandle)>,
+    link: Option<ServerLink>,
+    /// The VMM keeps its own userfaultfd open while an external server
+    /// serves it: if the server dies, faults then wait (and the watch stops
+    /// the VM) instead of the kernel silently mapping zero pages.
+    _uffd: Option<Uffd>,
+}
+
+impl Restored {
+    /// The embedded pager's statistics (None for other modes).
+    pub fn pager_stats(&self) -> Option<StatsSnapshot> {
+        self.pager.as_ref().map(|(_, h)| h.stats())
+    }
+
+    /// Stops the guest, then whatever served it.
+    pub fn finish(mut self) -> Result<Option<StatsSnapshot>, Error> {
+        let stopped = self.vm.stop(Duration::from_secs(5));
+        let stats = self.pager_stats();
+        if let Some((engine, _)) = self.pager.take() {
+            engine.shutdown();
+        }
+        if let Some(link) = self.link.take() {
+            link.close();
+        }
+        stopped.map(|()| stats)
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let _ = self.vm.stop(Duration::from_secs(5));
+        if let Some((engine, _)) = self.pager.take() {
+            engine.shutdown();
+        }
+        if let Some(link) = self.link.take() {
+            link.close();
+        }
+    }
+}
+
+/// The connection to an external page server and the thread that watches
+/// it for a hang-up.
+struct ServerLink {
+    stream: Arc<UnixStream>,
+    done: Arc<AtomicBool>,
+    watch: Option<JoinHandle<()>>,
+}
+
+impl ServerLink {
+    fn new(stream: UnixStream, events: Sender<VmEvent>) -> Result<ServerLink, Error> {
+        let stream = Arc::new(stream);
+        let done = Arc::new(AtomicBool::new(false));
+        let (s, d) = (stream.clone(), done.clone());
+        let watch = std::thread::Builder::new()
+            .name("server-watch".into())
+            .spawn(move || watch_server(&s, &d, &events))
+            .map_err(|e| Error::io("spawning the page-server watch", e))?;
+        Ok(ServerLink {
+            stream,
+            done,
+            watch: Some(watch),
+        })
+    }
+
+    fn close(mut self) {
+        self.done.store(true, Ordering::Release);
+        if let Some(w) = self.watch.take() {
+            let _ = w.join();
+        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn watch_server(stream: &UnixStream, done: &AtomicBool, events: &Sender<VmEvent>) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let timeout = Timespec {
+        tv_sec: 0,
+        tv_nsec: 50_000_000,
+    };
+    let mut buf = [0u8; 256];
+    while !done.load(Ordering::Acquire) {
+        let mut fds = [PollFd::new(
+            stream,
+            PollFlags::IN | PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR,
+        )];
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+        let rev = fds[0].revents();
+        if rev.intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR) {
+            break;
+        }
+        // The protocol has the server send nothing; drain and ignore.
+        match rustix::io::read(stream.as_fd(), &mut buf) {
+            Ok(0) => break,
+            Ok(_) | Err(rustix::io::Errno::INTR) | Err(rustix::io::Errno::AGAIN) => continue,
+            Err(_) => break,
+        }
+    }
+    if !done.load(Ordering::Acquire) {
+        tracing::error!("the page server hung up; stopping the VM");
+        let _ = events.send(VmEvent::PageServerGone);
+    }
+}
+
+/// Restores the VM described by `state_path` and starts it; with
+/// `park_at`, vCPUs park after reporting that pass.
+pub fn restore(
+    state_path: &Path,
+    mode: &RestoreMode,
+    park_at: Option<u64>,
+) -> Result<Restored, Error> {
+    let started = Instant::now();
+    let state = VmState::load(state_path)?;
+    let mem_path = state.memory_path(state_path);
+    let expected = state.memory.bytes;
+    match std::fs::metadata(&mem_path) {
+        Ok(m) if m.len() < expected => {
+            return Err(Error::ShortMemoryFile {
+                path: mem_path.display().to_string(),
+                actual: m.len(),
+                expected,
+            })
+        }
+        Ok(_) => {}
+        // An external server may read a file this process cannot see.
+        Err(_) if matches!(mode, RestoreMode::External { .. }) => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("opening the memory file {}", mem_path.display()),
+                e,
+            ))
+        }
+    }
+    let mut vm = Vm::create(VmConfig {
+        mem_bytes: expected,
+        vcpus: state.vcpus.len() as u32,
+        backing: state.memory.backing,
+    })?;
+    let memory = vm.memory().clone();
+    let page_size = memory.backing().page_size();
+    let mut pager = None;
+    let mut link = None;
+    let mut kept_uffd = None;
+    match mode {
+        RestoreMode::Eager => {
+            let mut f = std::fs::File::open(&mem_path)
+                .map_err(|e| Error::io(format!("opening {}", mem_path.display()), e))?;
+            memory.load(&mut f)?;
+        }
+        RestoreMode::Embedded(opts) => {
+            let uffd = register(memory.host_addr(), memory.len())?;
+            let source = pager::MemFile::open(&mem_path)
+                .map_err(|e| Error::Engine(format!("memory file: {e}")))?;
+            let engine = Engine::start(
+                EngineConfig {
+                    threads: opts.threads.max(1),
+                },
+                None,
+            )
+            .map_err(|e| Error::Engine(e.to_string()))?;
+            let ps = pager::PageSize::from_bytes(page_size)
+                .ok_or_else(|| Error::Engine(format!("page size {page_size}")))?;
+            let handle = engine
+                .add(SessionSpec {
+                    name: format!("vm {}", state_path.display()),
+                    uffd,
+                    regions: vec![pager::Region {
+                        host_base: memory.host_addr(),
+                        len: memory.len(),
+                        source_offset: 0,
+                        page_size: ps,
+                    }],
+                    source: Arc::new(source),
+                    pid: None,
+                    hangup: None,
+                    config: SessionConfig {
+                        cluster_pages: opts.cluster_pages.max(1),
+                        background: opts.background,
+                        ..SessionConfig::default()
+                    },
+                })
+                .map_err(|e| Error::Engine(e.to_string()))?;
+            pager = Some((engine, handle));
+        }
+        RestoreMode::External { socket } => {
+            let uffd = register(memory.host_addr(), memory.len())?;
+            let mapping =
+                wire::firecracker::Mapping::new(memory.host_addr(), memory.len(), 0, page_size);
+            let stream = wire::firecracker::send_handshake(socket, &[mapping], &uffd)?;
+            link = Some(ServerLink::new(stream, vm.event_sender())?);
+            kept_uffd = Some(uffd);
+        }
+    }
+    vm.load_state(&state)?;
+    vm.start(park_at)?;
+    let resume_time = started.elapsed();
+    Ok(Restored {
+        vm,
+        state,
+        started,
+        resume_time,
+        pager,
+        link,
+        _uffd: kept_uffd,
+    })
+}
+
+/// A userfaultfd (with REMOVE events, for balloons) registered over guest
+/// memory in MISSING mode.
+fn register(host: u64, len: u64) -> Result<Uffd, Error> {
+    let uffd = Uffd::open().map_err(|e| Error::UffdOpen(e.to_string()))?;
+    uffd.api(Features::EVENT_REMOVE)
+        .map_err(|e| Error::UffdOpen(e.to_string()))?;
+    uffd.register(host, len as usize, RegisterMode::MISSING)?;
+    Ok(uffd)
+}

@@ -1,0 +1,229 @@
+//! Firecracker's UFFD handshake (see `docs/protocol.md`).
+//!
+//! The VMM connects to the handler's Unix socket and sends, in one
+//! `sendmsg`, a JSON array of [`Mapping`]s with its userfaultfd attached as
+//! SCM_RIGHTS. The connection then stays open for the VM's lifetime: the
+//! handler treats EOF as "the VM is gone", and the VMM can treat EOF or a
+//! hang-up as "the handler is gone".
+
+use std::io::{IoSlice, IoSliceMut, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use serde::{Deserialize, Serialize};
+
+/// One guest memory region as Firecracker describes it
+/// (`GuestRegionUffdMapping`). Unknown fields are ignored when reading (newer
+/// versions may add some); `page_size_kib` holds bytes despite its name and
+/// is what older versions send instead of `page_size`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    /// Where the region starts in the VMM's address space.
+    pub base_host_virt_addr: u64,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Where its bytes start in the memory file.
+    pub offset: u64,
+    /// Page size in bytes (newer Firecracker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u64>,
+    /// Page size in bytes, despite the name (older Firecracker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size_kib: Option<u64>,
+}
+
+impl Mapping {
+    /// A mapping with both page-size fields set, as current Firecracker sends.
+    pub fn new(base_host_virt_addr: u64, size: u64, offset: u64, page_size: u64) -> Mapping {
+        Mapping {
+            base_host_virt_addr,
+            size,
+            offset,
+            page_size: Some(page_size),
+            page_size_kib: Some(page_size),
+        }
+    }
+
+    /// The page size, reconciling the two fields.
+    pub fn page_size(&self, index: usize) -> Result<u64, HandshakeError> {
+        match (self.page_size, self.page_size_kib) {
+            (Some(a), Some(b)) if a != b => Err(HandshakeError::PageSizeConflict {
+                index,
+                page_size: a,
+                kib: b,
+            }),
+            (Some(a), _) | (None, Some(a)) => Ok(a),
+            (None, None) => Err(HandshakeError::NoPageSize { index }),
+        }
+    }
+}
+
+/// What went wrong with a handshake, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("peer closed the connection before sending a complete handshake ({0} bytes received)")]
+    Eof(usize),
+    #[error("no complete handshake within {0:?}")]
+    Timeout(Duration),
+    #[error("handshake larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    #[error("no userfaultfd received: the message must carry one fd (SCM_RIGHTS)")]
+    NoFd,
+    #[error("{0} file descriptors received: exactly one (the userfaultfd) is expected")]
+    TooManyFds(usize),
+    #[error("control data was truncated (too many or unexpected ancillary messages)")]
+    Truncated,
+    #[error("the received fd is not a userfaultfd")]
+    NotUffd,
+    #[error("no regions in the handshake")]
+    NoRegions,
+    #[error("region {index}: page_size {page_size} and page_size_kib {kib} disagree")]
+    PageSizeConflict {
+        index: usize,
+        page_size: u64,
+        kib: u64,
+    },
+    #[error("region {index}: page size {page_size} is not 4096 or 2097152")]
+    PageSize { index: usize, page_size: u64 },
+    #[error("region {index}: no page_size")]
+    NoPageSize { index: usize },
+    #[error("cannot connect to the page server at {path}: {source}. Is `pagewire serve --socket {path}` running?")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// VMM side: connects to `socket` and sends `mappings` with `uffd` attached,
+/// in one `sendmsg` as Firecracker does. Returns the connection, which must
+/// stay open for as long as the handler should serve the VM.
+pub fn send_handshake(
+    socket: &Path,
+    mappings: &[Mapping],
+    uffd: &uffd::Uffd,
+) -> Result<UnixStream, HandshakeError> {
+    let body = serde_json::to_vec(mappings).map_err(|e| HandshakeError::Json(e.to_string()))?;
+    let mut stream = UnixStream::connect(socket).map_err(|source| HandshakeError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    let fds = [uffd.as_fd()];
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(HandshakeError::Truncated);
+    }
+    let sent = rustix::net::sendmsg(
+        &stream,
+        &[IoSlice::new(&body)],
+        &mut control,
+        SendFlags::empty(),
+    )
+    .map_err(|e| HandshakeError::Io(e.into()))?;
+    if sent < body.len() {
+        // A stream socket may take part of a large message; the fd went with
+        // the first byte, the rest follows as plain data.
+        stream.write_all(&body[sent..])?;
+    }
+    Ok(stream)
+}
+
+/// Handler side: reads one handshake, that is bytes until they form one
+/// complete JSON value, and exactly one fd, which must be a userfaultfd,
+/// within `timeout` and `max` bytes.
+pub fn read_handshake(
+    stream: &UnixStream,
+    timeout: Duration,
+    max: usize,
+) -> Result<(Vec<Mapping>, uffd::Uffd), HandshakeError> {
+    let deadline = Instant::now() + timeout;
+    let mut data: Vec<u8> = Vec::with_capacity(4096);
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HandshakeError::Timeout(timeout));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [IoSliceMut::new(&mut chunk)];
+        let msg =
+            match rustix::net::recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+                Ok(m) => m,
+                Err(rustix::io::Errno::AGAIN) => return Err(HandshakeError::Timeout(timeout)),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(HandshakeError::Io(e.into())),
+            };
+        for m in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(received) = m {
+                fds.extend(received);
+            }
+        }
+        if msg.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+            return Err(HandshakeError::Truncated);
+        }
+        if msg.bytes == 0 {
+            return Err(HandshakeError::Eof(data.len()));
+        }
+        data.extend_from_slice(&chunk[..msg.bytes]);
+        if data.len() > max {
+            return Err(HandshakeError::TooLarge(max));
+        }
+        let mut values = serde_json::Deserializer::from_slice(&data).into_iter::<Vec<Mapping>>();
+        match values.next() {
+            Some(Ok(regions)) => {
+                if fds.len() > 1 {
+                    return Err(HandshakeError::TooManyFds(fds.len()));
+                }
+                let fd = fds.pop().ok_or(HandshakeError::NoFd)?;
+                if !uffd::is_userfaultfd(fd.as_fd()) {
+                    return Err(HandshakeError::NotUffd);
+                }
+                return Ok((regions, uffd::Uffd::from_fd(fd)));
+            }
+            Some(Err(e)) if e.is_eof() => continue,
+            Some(Err(e)) => return Err(HandshakeError::Json(e.to_string())),
+            None => continue, // only whitespace so far
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_both_page_size_fields() {
+        let m: Vec<Mapping> = serde_json::from_str(
+            r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size_kib":4096,"new":1}]"#,
+        )
+        .expect("valid");
+        assert_eq!(m[0].page_size(0).expect("size"), 4096);
+        let both = Mapping::new(4096, 4096, 0, 4096);
+        let json = serde_json::to_string(std::slice::from_ref(&both)).expect("serialise");
+        assert!(json.contains("\"page_size\":4096") && json.contains("\"page_size_kib\":4096"));
+        let back: Vec<Mapping> = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back[0], both);
+        let bad = Mapping {
+            page_size_kib: Some(4),
+            ..both
+        };
+        assert!(matches!(
+            bad.page_size(3),
+            Err(HandshakeError::PageSizeConflict { index: 3, .. })
+        ));
+    }
+}
