@@ -22,7 +22,7 @@ use serde::Serialize;
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Guest memory size (K, M, G suffixes).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    #[arg(long, default_value = "256M", value_parser = crate::fc_client::parse_size)]
     pub size: u64,
     /// Access pattern: seq, random, strided, hotset, trace:FILE.
     #[arg(long, default_value = "seq")]
@@ -68,26 +68,6 @@ pub struct FloorArgs {
     /// Write `{faults, pages_copied}` here when the VM ends.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|e| format!("{s:?}: {e}"))?;
-    let bytes = n
-        .checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))?;
-    if bytes == 0 || bytes % (2 << 20) != 0 {
-        return Err(format!(
-            "{s:?}: the size must be a positive multiple of 2 MiB"
-        ));
-    }
-    Ok(bytes)
 }
 
 #[derive(Debug, Serialize)]
@@ -249,7 +229,7 @@ fn print_table(r: &Report) {
 
 /// Fills `path` with `size` bytes of pseudo-random pages, every
 /// `zero_every`th page zero.
-fn generate(path: &Path, size: u64, zero_every: usize) -> anyhow::Result<()> {
+pub(crate) fn generate(path: &Path, size: u64, zero_every: usize) -> anyhow::Result<()> {
     let mut f = std::io::BufWriter::new(
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
     );
@@ -489,15 +469,19 @@ fn wait_cpu_ms(child: &mut Child, limit: Duration) -> Option<f64> {
 }
 
 /// A temporary directory removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new() -> anyhow::Result<TempDir> {
-        let p = std::env::temp_dir().join(format!("pagewire-bench.{}", std::process::id()));
+    pub(crate) fn new() -> anyhow::Result<TempDir> {
+        TempDir::named("bench")
+    }
+
+    pub(crate) fn named(what: &str) -> anyhow::Result<TempDir> {
+        let p = std::env::temp_dir().join(format!("pagewire-{what}.{}", std::process::id()));
         std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
         Ok(TempDir(p))
     }
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }

@@ -6,8 +6,10 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod check;
+mod demo;
 mod fc_client;
 mod serve;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "pagewire", version, about)]
@@ -18,6 +20,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole thing on this machine: run a KVM guest, snapshot it,
+    /// restore it eagerly, embedded and through `pagewire serve`, and
+    /// report (the process-memory version without /dev/kvm).
+    Demo(demo::DemoArgs),
+    /// The reference KVM VMM: run a guest, snapshot it, restore it.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
     /// Report the kernel's userfaultfd features and test which access paths
     /// to registered memory are served.
     Check(check::CheckArgs),
@@ -47,6 +56,8 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(&args),
+        Command::Vm(cmd) => vm::run(&cmd),
         Command::Check(args) => check::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::FcClient(args) => fc_client::run(&args),

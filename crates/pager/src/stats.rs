@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Live counters, updated by serving threads without locks (the histogram
 /// takes a short lock once per served fault).
@@ -105,7 +105,7 @@ impl Stats {
 }
 
 /// A copy of the counters at one moment.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StatsSnapshot {
     /// Page-fault messages read.
     pub faults: u64,
@@ -138,7 +138,7 @@ pub struct StatsSnapshot {
 }
 
 /// Latency percentiles in microseconds.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct LatencySummary {
     pub count: u64,
     pub mean_us: f64,

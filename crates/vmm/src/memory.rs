@@ -10,7 +10,7 @@
 
 use std::ffi::c_void;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
@@ -229,18 +229,58 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// Reads all of guest memory from `file` (eager restore).
-    pub fn load(&self, file: &mut File) -> Result<(), Error> {
-        let mut chunk = vec![0u8; 1 << 20];
-        let mut at = 0u64;
-        while at < self.len {
-            let n = ((self.len - at) as usize).min(chunk.len());
-            file.read_exact(&mut chunk[..n])
-                .map_err(|e| Error::io("reading the memory file", e))?;
-            self.write(at, &chunk[..n])?;
-            at += n as u64;
+    /// Reads all of guest memory from `file` (eager restore), straight into
+    /// the mapping. Only the file's data is read: its holes are zeros, which
+    /// is what fresh memory already holds. Returns the bytes read. Must be
+    /// called before any vCPU runs.
+    pub fn load(&self, file: &File) -> Result<u64, Error> {
+        let mut read = 0u64;
+        for (start, end) in data_extents(file, self.len) {
+            let mut at = start;
+            while at < end {
+                let n = ((end - at) as usize).min(64 << 20);
+                let got = self.read_file_into(file, at, n)?;
+                if got == 0 {
+                    return Err(Error::io(
+                        "reading the memory file",
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!("the file ends at {at:#x}, before the guest's memory does"),
+                        ),
+                    ));
+                }
+                at += got as u64;
+                read += got as u64;
+            }
         }
-        Ok(())
+        Ok(read)
+    }
+
+    /// One `pread` of up to `n` bytes at file offset `at` into guest memory
+    /// at the same address.
+    fn read_file_into(&self, file: &File, at: u64, n: usize) -> Result<usize, Error> {
+        use std::os::fd::AsRawFd;
+        let start = self.check(at, n)?;
+        loop {
+            // SAFETY: `check` keeps the range inside the mapping, which lives
+            // as long as `self`; the kernel writes into it like any user
+            // buffer, and no Rust reference into guest memory exists.
+            let r = unsafe {
+                libc::pread(
+                    file.as_raw_fd(),
+                    self.ptr.as_ptr().add(start).cast(),
+                    n,
+                    at as libc::off_t,
+                )
+            };
+            if r >= 0 {
+                return Ok(r as usize);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::io("reading the memory file", e));
+            }
+        }
     }
 
     /// Gives `[gpa, gpa + len)` back to the host, as a balloon does:
@@ -271,6 +311,31 @@ impl GuestMemory {
     }
 }
 
+/// The data extents of the first `len` bytes of `file` (SEEK_DATA and
+/// SEEK_HOLE), or the whole range if the filesystem cannot say.
+fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
+    use rustix::fs::{seek, SeekFrom};
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(d) => d.min(len),
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => return vec![(0, len)],
+        };
+        if data >= len {
+            break;
+        }
+        let hole = match seek(file, SeekFrom::Hole(data)) {
+            Ok(h) => h.min(len),
+            Err(_) => return vec![(0, len)],
+        };
+        out.push((data, hole));
+        pos = hole;
+    }
+    out
+}
+
 impl Drop for GuestMemory {
     fn drop(&mut self) {
         // SAFETY: the mapping was created by `new` with this address and
@@ -298,9 +363,7 @@ mod tests {
         m.save(&mut f).expect("save");
         assert_eq!(f.metadata().expect("meta").len(), HUGE_PAGE);
         let n = GuestMemory::new(HUGE_PAGE, Backing::Memfd).expect("map");
-        use std::io::Seek;
-        f.rewind().expect("rewind");
-        n.load(&mut f).expect("load");
+        assert_eq!(n.load(&f).expect("load"), 2 * PAGE);
         assert_eq!(n.read_u64(8).expect("read"), 0x1122);
         assert_eq!(
             n.read_u64(PAGE * 3 + 16).expect("read"),

@@ -67,6 +67,9 @@ pub struct Restored {
     pub started: Instant,
     /// From `started` until the vCPUs were running.
     pub resume_time: Duration,
+    /// Eager restores: the bytes read from the memory file (its data; holes
+    /// are zeros already).
+    pub eager_bytes: Option<u64>,
     pager: Option<(Engine, SessionHandle)>,
     link: Option<ServerLink>,
     /// The VMM keeps its own userfaultfd open while an external server
@@ -203,6 +206,7 @@ pub fn restore(
             ))
         }
     }
+    tracing::debug!(at = ?started.elapsed(), "state loaded");
     let mut vm = Vm::create(VmConfig {
         mem_bytes: expected,
         vcpus: state.vcpus.len() as u32,
@@ -213,16 +217,19 @@ pub fn restore(
     let mut pager = None;
     let mut link = None;
     let mut kept_uffd = None;
+    let mut eager_bytes = None;
     match mode {
         RestoreMode::Eager => {
-            let mut f = std::fs::File::open(&mem_path)
+            let f = std::fs::File::open(&mem_path)
                 .map_err(|e| Error::io(format!("opening {}", mem_path.display()), e))?;
-            memory.load(&mut f)?;
+            eager_bytes = Some(memory.load(&f)?);
         }
         RestoreMode::Embedded(opts) => {
             let uffd = register(memory.host_addr(), memory.len())?;
+            tracing::debug!(at = ?started.elapsed(), "registered");
             let source = pager::MemFile::open(&mem_path)
                 .map_err(|e| Error::Engine(format!("memory file: {e}")))?;
+            tracing::debug!(at = ?started.elapsed(), "source open");
             let engine = Engine::start(
                 EngineConfig {
                     threads: opts.threads.max(1),
@@ -252,6 +259,7 @@ pub fn restore(
                     },
                 })
                 .map_err(|e| Error::Engine(e.to_string()))?;
+            tracing::debug!(at = ?started.elapsed(), "session added");
             pager = Some((engine, handle));
         }
         RestoreMode::External { socket } => {
@@ -263,6 +271,7 @@ pub fn restore(
             kept_uffd = Some(uffd);
         }
     }
+    tracing::debug!(at = ?started.elapsed(), "memory ready");
     vm.load_state(&state)?;
     vm.start(park_at)?;
     let resume_time = started.elapsed();
@@ -271,6 +280,7 @@ pub fn restore(
         state,
         started,
         resume_time,
+        eager_bytes,
         pager,
         link,
         _uffd: kept_uffd,

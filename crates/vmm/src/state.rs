@@ -53,6 +53,10 @@ pub struct VcpuState {
     pub regs: Regs,
     pub sregs: Sregs,
     pub fpu: Fpu,
+    /// The last pass this vCPU reported before the snapshot (VMM-side
+    /// device state: the next report will be this plus one).
+    #[serde(default)]
+    pub last_pass: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -300,6 +304,11 @@ impl VmState {
             ));
         }
         Ok(())
+    }
+
+    /// The highest pass any vCPU reported before the snapshot.
+    pub fn last_pass(&self) -> Option<u64> {
+        self.vcpus.iter().filter_map(|v| v.last_pass).max()
     }
 
     /// The memory file's path, resolved against the state file's directory.

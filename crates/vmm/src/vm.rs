@@ -139,6 +139,9 @@ pub struct Vm {
     paused: Vec<Option<VcpuState>>,
     halted: Vec<bool>,
     last: Vec<Option<Report>>,
+    /// Per vCPU: the last pass reported before the snapshot this VM was
+    /// restored from.
+    restored_passes: Vec<Option<u64>>,
     /// Everything the guest wrote to its console.
     pub console: String,
 }
@@ -206,6 +209,7 @@ impl Vm {
             paused: vec![None; n],
             halted: vec![false; n],
             last: vec![None; n],
+            restored_passes: vec![None; n],
             console: String::new(),
         })
     }
@@ -224,6 +228,16 @@ impl Vm {
 
     pub fn plans(&self) -> &[VcpuPlan] {
         &self.plans
+    }
+
+    /// The highest pass any vCPU has reported (including before the
+    /// snapshot this VM was restored from).
+    pub fn last_pass(&self) -> Option<u64> {
+        self.last
+            .iter()
+            .zip(&self.restored_passes)
+            .filter_map(|(l, r)| l.map(|l| l.pass).or(*r))
+            .max()
     }
 
     /// A sender for events from outside the VM (the page-server watch).
@@ -262,6 +276,7 @@ impl Vm {
             )));
         }
         self.set_workload(state.workload)?;
+        self.restored_passes = state.vcpus.iter().map(|v| v.last_pass).collect();
         for (vcpu, s) in self.idle.iter().zip(&state.vcpus) {
             vcpu.set_sregs(&s.sregs.to_kvm())
                 .map_err(Error::kvm("KVM_SET_SREGS"))?;
@@ -471,7 +486,10 @@ impl Vm {
     /// Writes `dir/state.json` and `dir/memory.bin` (Firecracker's layout)
     /// for a paused VM.
     pub fn snapshot(&self, dir: &Path) -> Result<VmState, Error> {
-        let vcpus = self.states()?;
+        let mut vcpus = self.states()?;
+        for ((v, last), before) in vcpus.iter_mut().zip(&self.last).zip(&self.restored_passes) {
+            v.last_pass = last.map(|r| r.pass).or(*before);
+        }
         let workload = self
             .workload
             .ok_or_else(|| Error::Config("nothing to snapshot: no workload was booted".into()))?;
@@ -600,6 +618,7 @@ fn save_vcpu(id: u32, fd: &VcpuFd) -> Result<VcpuState, String> {
         regs: Regs::from(&regs),
         sregs: Sregs::from_kvm(&sregs),
         fpu: Fpu::from(&fpu),
+        last_pass: None,
     })
 }
 

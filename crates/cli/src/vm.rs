@@ -1,0 +1,363 @@
+//! `pagewire vm run|snapshot|restore`: the reference KVM VMM for users.
+//!
+//! `run` boots a guest and lets it verify its memory for some passes;
+//! `snapshot` does the same, then writes `state.json` and `memory.bin` into
+//! a directory; `restore` brings such a snapshot back eagerly, with the pager
+//! embedded in this process, or through a `pagewire serve` reached with
+//! Firecracker's handshake, and runs more verified passes.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use vmm::{Backing, EmbeddedOptions, RestoreMode, Vm, VmConfig, Workload, WorkloadKind};
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Boot a guest and run verified passes over its memory.
+    Run(RunArgs),
+    /// Boot a guest, run it, pause it and write a snapshot.
+    Snapshot(SnapshotArgs),
+    /// Restore a snapshot and run more verified passes.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct GuestArgs {
+    /// Guest memory (a multiple of 2 MiB; K/M/G suffixes).
+    #[arg(long, default_value = "64M", value_parser = crate::fc_client::parse_size)]
+    pub mem: u64,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// walker (all memory), sparse (one page in ten) or halt (CPL0 console, HLT).
+    #[arg(long, default_value = "walker", value_parser = parse_kind)]
+    pub guest: WorkloadKind,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Memory at the top that every vCPU reads each pass (K/M suffixes).
+    #[arg(long, default_value = "0", value_parser = crate::fc_client::parse_size)]
+    pub shared: u64,
+    /// anonymous (as Firecracker), memfd or hugetlb (2 MiB pages).
+    #[arg(long, default_value = "anonymous", value_parser = parse_backing)]
+    pub backing: Backing,
+    /// Verified passes over memory after the fill.
+    #[arg(long, default_value_t = 2)]
+    pub passes: u64,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_s: u64,
+    /// Print a JSON report instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub guest: GuestArgs,
+}
+
+#[derive(Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Directory for state.json and memory.bin.
+    #[arg(long)]
+    pub dir: PathBuf,
+}
+
+#[derive(Args, Clone)]
+pub struct RestoreArgs {
+    /// The snapshot's state.json (or its directory).
+    #[arg(long)]
+    pub state: PathBuf,
+    /// eager, embedded or serve.
+    #[arg(long, default_value = "embedded")]
+    pub mode: String,
+    /// With --mode serve: the page server's socket.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Verified passes to run after the restore.
+    #[arg(long, default_value_t = 2)]
+    pub passes: u64,
+    /// Embedded pager: serving threads.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Embedded pager: 4 KiB pages served around each fault.
+    #[arg(long, default_value_t = 16)]
+    pub cluster_pages: usize,
+    /// Embedded pager: populate the rest of memory in the background.
+    #[arg(long)]
+    pub background: bool,
+    #[arg(long, default_value_t = 300)]
+    pub timeout_s: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_kind(s: &str) -> Result<WorkloadKind, String> {
+    WorkloadKind::parse(s).ok_or_else(|| format!("{s:?}: expected walker, sparse or halt"))
+}
+
+fn parse_backing(s: &str) -> Result<Backing, String> {
+    match s {
+        "anonymous" => Ok(Backing::Anonymous),
+        "memfd" => Ok(Backing::Memfd),
+        "hugetlb" => Ok(Backing::Hugetlb),
+        _ => Err(format!("{s:?}: expected anonymous, memfd or hugetlb")),
+    }
+}
+
+pub fn run(cmd: &VmCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        VmCommand::Run(a) => {
+            let (vm, report) = boot_and_run(&a.guest)?;
+            drop(vm);
+            print(&report, a.guest.json, |r| print_boot(r, None))?;
+        }
+        VmCommand::Snapshot(a) => {
+            let (mut vm, mut report) = boot_and_run(&a.guest)?;
+            let t = Instant::now();
+            vm.snapshot(&a.dir)
+                .with_context(|| format!("writing the snapshot into {}", a.dir.display()))?;
+            report.snapshot_ms = Some(ms(t.elapsed()));
+            report.snapshot_dir = Some(a.dir.clone());
+            vm.stop(Duration::from_secs(5))?;
+            print(&report, a.guest.json, |r| print_boot(r, Some(&a.dir)))?;
+        }
+        VmCommand::Restore(a) => {
+            let report = restore(a)?;
+            print(&report, a.json, print_restore)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn print<T: Serialize>(report: &T, json: bool, text: impl Fn(&T)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        text(report);
+    }
+    Ok(())
+}
+
+/// What a boot (and optional snapshot) did.
+#[derive(Serialize, Debug, Clone)]
+pub struct BootReport {
+    pub guest: &'static str,
+    pub mem_mib: u64,
+    pub vcpus: u32,
+    pub backing: &'static str,
+    /// Pages the guest's passes touch (its working set).
+    pub working_set_pages: u64,
+    pub passes: u64,
+    pub run_ms: f64,
+    /// Every pass's checksum matched and the guest saw no wrong word.
+    pub verified: bool,
+    pub console: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_dir: Option<PathBuf>,
+}
+
+fn print_boot(r: &BootReport, dir: Option<&Path>) {
+    println!(
+        "{} guest, {} MiB ({}), {} vCPU(s): {} passes over {} pages in {:.0} ms, {}",
+        r.guest,
+        r.mem_mib,
+        r.backing,
+        r.vcpus,
+        r.passes,
+        r.working_set_pages,
+        r.run_ms,
+        if r.verified {
+            "verified"
+        } else {
+            "NOT verified"
+        }
+    );
+    if !r.console.is_empty() {
+        print!("console: {}", r.console);
+    }
+    if let (Some(d), Some(t)) = (dir, r.snapshot_ms) {
+        println!("snapshot written to {} in {t:.0} ms", d.display());
+    }
+}
+
+/// Boots a guest and runs it to `passes` (or to HLT for the halt guest).
+pub fn boot_and_run(g: &GuestArgs) -> anyhow::Result<(Vm, BootReport)> {
+    let mut vm = Vm::create(VmConfig {
+        mem_bytes: g.mem,
+        vcpus: g.vcpus,
+        backing: g.backing,
+    })?;
+    let workload = Workload {
+        kind: g.guest,
+        seed: g.seed,
+        shared_bytes: g.shared,
+    };
+    vm.boot(workload)?;
+    let t = Instant::now();
+    let timeout = Duration::from_secs(g.timeout_s);
+    vm.start(Some(g.passes))?;
+    if g.guest == WorkloadKind::Halt {
+        let mut halted = 0;
+        while halted < g.vcpus {
+            if t.elapsed() > timeout {
+                bail!("the guest did not halt within {timeout:?}");
+            }
+            if let Some(vmm::VmEvent::Halted(_)) = vm.next_event(Duration::from_millis(100))? {
+                halted += 1;
+            }
+        }
+    } else {
+        vm.run_to_pass(t, timeout)?;
+    }
+    let report = BootReport {
+        guest: g.guest.name(),
+        mem_mib: g.mem >> 20,
+        vcpus: g.vcpus,
+        backing: g.backing.name(),
+        working_set_pages: vm.plans().iter().map(|p| p.pages()).sum(),
+        passes: if g.guest == WorkloadKind::Halt {
+            0
+        } else {
+            g.passes
+        },
+        run_ms: ms(t.elapsed()),
+        verified: true,
+        console: vm.console.clone(),
+        snapshot_ms: None,
+        snapshot_dir: None,
+    };
+    Ok((vm, report))
+}
+
+/// What a restore did.
+#[derive(Serialize, Debug, Clone)]
+pub struct RestoreReport {
+    pub mode: &'static str,
+    pub guest: &'static str,
+    pub mem_mib: u64,
+    pub vcpus: usize,
+    /// From the start of the restore until the vCPUs ran.
+    pub resume_ms: f64,
+    /// From the start of the restore until every vCPU had finished a full
+    /// pass over its working set, i.e. every page it needs was present.
+    pub working_set_ms: f64,
+    /// From the start of the restore until the last verified pass.
+    pub total_ms: f64,
+    pub passes: u64,
+    pub working_set_pages: u64,
+    /// Every pass's checksum matched and the guest saw no wrong word.
+    pub verified: bool,
+    /// Page faults the pager read (embedded only; for `serve`, see its
+    /// --stats-json).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faults: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages_copied: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages_zeroed: Option<u64>,
+    /// Bytes copied into guest memory by this process (eager: the whole
+    /// file; embedded: what the pager copied).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_moved: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault_p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault_p99_us: Option<f64>,
+}
+
+fn print_restore(r: &RestoreReport) {
+    println!(
+        "{} restore of a {} MiB {} guest: resumed in {:.1} ms, working set present after {:.1} ms, {} passes {} in {:.0} ms",
+        r.mode,
+        r.mem_mib,
+        r.guest,
+        r.resume_ms,
+        r.working_set_ms,
+        r.passes,
+        if r.verified { "verified" } else { "NOT verified" },
+        r.total_ms
+    );
+    if let (Some(f), Some(c), Some(z)) = (r.faults, r.pages_copied, r.pages_zeroed) {
+        println!("pager: {f} faults, {c} pages copied, {z} zero pages mapped");
+    }
+}
+
+pub fn resolve_state(p: &Path) -> PathBuf {
+    if p.is_dir() {
+        p.join("state.json")
+    } else {
+        p.to_path_buf()
+    }
+}
+
+/// Restores, runs `passes` more verified passes and reports.
+pub fn restore(a: &RestoreArgs) -> anyhow::Result<RestoreReport> {
+    let state_path = resolve_state(&a.state);
+    let mode = match a.mode.as_str() {
+        "eager" => RestoreMode::Eager,
+        "embedded" => RestoreMode::Embedded(EmbeddedOptions {
+            threads: a.threads,
+            cluster_pages: a.cluster_pages,
+            background: a.background,
+        }),
+        "serve" => RestoreMode::External {
+            socket: a
+                .socket
+                .clone()
+                .context("--mode serve needs --socket (where `pagewire serve` listens)")?,
+        },
+        other => bail!("--mode {other:?}: expected eager, embedded or serve"),
+    };
+    let state = vmm::VmState::load(&state_path)?;
+    let start_pass = state.last_pass().map_or(0, |p| p + 1);
+    let target = start_pass + a.passes.max(1) - 1;
+    let mut r = vmm::restore(&state_path, &mode, Some(target))
+        .with_context(|| format!("restoring {}", state_path.display()))?;
+    let progress =
+        r.vm.run_to_pass(r.started, Duration::from_secs(a.timeout_s))?;
+    let working_set = progress
+        .first_report
+        .iter()
+        .map(|d| d.unwrap_or(progress.elapsed))
+        .max()
+        .unwrap_or(progress.elapsed);
+    let working_set_pages = r.vm.plans().iter().map(|p| p.pages()).sum();
+    let resume = r.resume_time;
+    let eager_bytes = r.eager_bytes;
+    let total = progress.elapsed;
+    let stats = r.finish()?;
+    Ok(RestoreReport {
+        mode: mode.name(),
+        guest: state.workload.kind.name(),
+        mem_mib: state.memory.bytes >> 20,
+        vcpus: state.vcpus.len(),
+        resume_ms: ms(resume),
+        working_set_ms: ms(working_set),
+        total_ms: ms(total),
+        passes: a.passes.max(1),
+        working_set_pages,
+        verified: true,
+        faults: stats.as_ref().map(|s| s.faults),
+        pages_copied: stats.as_ref().map(|s| s.pages_copied),
+        pages_zeroed: stats.as_ref().map(|s| s.pages_zeroed),
+        bytes_moved: match &mode {
+            RestoreMode::Eager => eager_bytes,
+            _ => stats.as_ref().map(|s| s.bytes_copied),
+        },
+        fault_p50_us: stats.as_ref().map(|s| s.first_touch_latency.p50_us),
+        fault_p99_us: stats.as_ref().map(|s| s.first_touch_latency.p99_us),
+    })
+}

@@ -1,0 +1,284 @@
+//! `pagewire vm` and `pagewire demo` end to end: real KVM guests restored
+//! eagerly, embedded and through a real `pagewire serve` process. They need
+//! /dev/kvm and userfaultfd; without them they skip with a message, unless
+//! PAGEWIRE_REQUIRE_KVM=1 makes a skip a failure.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pagewire");
+
+fn have_kvm() -> bool {
+    if !common::have_uffd() {
+        return false;
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("/dev/kvm required but unavailable: {e}");
+            }
+            eprintln!("SKIPPED: /dev/kvm cannot be opened: {e}");
+            false
+        }
+    }
+}
+
+fn pagewire(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("PAGEWIRE_LOG", "warn")
+        .output()
+        .expect("run pagewire")
+}
+
+fn json_ok(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "pagewire failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn snapshot(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let d = dir.to_string_lossy().to_string();
+    let mut a = vec!["vm", "snapshot", "--dir", &d, "--json"];
+    a.extend_from_slice(args);
+    let r = json_ok(&pagewire(&a));
+    assert_eq!(r["verified"], true, "{r}");
+    r
+}
+
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    stats: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, extra: &[&str]) -> Server {
+        let socket = dir.join("serve.sock");
+        let stats = dir.join("serve.jsonl");
+        let child = Command::new(BIN)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--mem-file")
+            .arg(dir.join("memory.bin"))
+            .arg("--stats-json")
+            .arg(&stats)
+            .args(extra)
+            .env("PAGEWIRE_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start serve");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "serve did not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Server {
+            child,
+            socket,
+            stats,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn restore(dir: &Path, mode: &str, extra: &[&str]) -> serde_json::Value {
+    let state = dir.join("state.json").to_string_lossy().to_string();
+    let mut a = vec!["vm", "restore", "--state", &state, "--mode", mode, "--json"];
+    a.extend_from_slice(extra);
+    let r = json_ok(&pagewire(&a));
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["mode"], mode, "{r}");
+    r
+}
+
+#[test]
+fn snapshot_then_restore_eager_embedded_and_through_serve() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let boot = snapshot(
+        dir.path(),
+        &[
+            "--mem", "64M", "--vcpus", "2", "--guest", "walker", "--shared", "1M",
+        ],
+    );
+    let pages = boot["working_set_pages"].as_u64().expect("pages");
+    let eager = restore(dir.path(), "eager", &[]);
+    assert!(
+        eager["bytes_moved"].as_u64().expect("bytes") >= pages * 4096 / 2,
+        "{eager}"
+    );
+    let embedded = restore(dir.path(), "embedded", &["--cluster-pages", "1"]);
+    // One page per fault: every page of the working set was a fault.
+    assert!(
+        embedded["faults"].as_u64().expect("faults") >= pages - 2 * 256,
+        "{embedded}"
+    );
+    let server = Server::start(dir.path(), &["--exit-after", "1"]);
+    let sock = server.socket.to_string_lossy().to_string();
+    restore(dir.path(), "serve", &["--socket", &sock, "--passes", "3"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&server.stats).map_or(true, |s| s.is_empty()) {
+        assert!(Instant::now() < deadline, "serve wrote no statistics");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&server.stats)
+            .expect("stats")
+            .lines()
+            .next()
+            .expect("line"),
+    )
+    .expect("json");
+    assert!(
+        line["stats"]["pages_copied"].as_u64().unwrap_or(0) > 0,
+        "{line}"
+    );
+    assert_eq!(line["stats"]["pages_poisoned"], 0, "{line}");
+}
+
+#[test]
+fn a_page_server_that_dies_mid_run_stops_the_vm_with_a_clear_error() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    snapshot(dir.path(), &["--mem", "128M", "--guest", "walker"]);
+    let mut server = Server::start(dir.path(), &["--cluster-pages", "1"]);
+    let state = dir.path().join("state.json");
+    let mut vm = Command::new(BIN)
+        .args([
+            "vm", "restore", "--mode", "serve", "--passes", "1000", "--state",
+        ])
+        .arg(&state)
+        .arg("--socket")
+        .arg(&server.socket)
+        .env("PAGEWIRE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vm");
+    // One page per fault over 128 MiB takes seconds: kill the server while
+    // the guest still needs most of its memory.
+    std::thread::sleep(Duration::from_millis(300));
+    server.child.kill().expect("kill serve");
+    let _ = server.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = vm.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = vm.kill();
+            panic!("the VMM hung after its page server died");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = vm.wait_with_output().expect("output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "the VMM claimed success: {err}");
+    assert!(err.contains("page server hung up"), "unclear error: {err}");
+}
+
+#[test]
+fn a_truncated_memory_file_is_refused_with_a_clear_error() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    snapshot(dir.path(), &["--mem", "16M", "--guest", "sparse"]);
+    let mem = dir.path().join("memory.bin");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&mem)
+        .expect("open")
+        .set_len(4 << 20)
+        .expect("truncate");
+    let state = dir.path().join("state.json").to_string_lossy().to_string();
+    for mode in ["eager", "embedded"] {
+        let out = pagewire(&["vm", "restore", "--state", &state, "--mode", mode]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("holds 4194304 bytes") && err.contains("not started"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn hugetlb_backed_guest_restores_lazily() {
+    if !have_kvm() {
+        return;
+    }
+    let nr = "/proc/sys/vm/nr_hugepages";
+    let read = || -> usize {
+        std::fs::read_to_string(nr)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    if read() < 64 {
+        let _ = std::fs::write(nr, "64");
+    }
+    if read() < 40 {
+        let msg = format!("only {} huge pages could be reserved in {nr}", read());
+        if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    snapshot(
+        dir.path(),
+        &["--mem", "16M", "--guest", "walker", "--backing", "hugetlb"],
+    );
+    let r = restore(dir.path(), "embedded", &[]);
+    assert!(r["faults"].as_u64().expect("faults") > 0, "{r}");
+}
+
+#[test]
+fn demo_reports_three_verified_restores() {
+    if !have_kvm() {
+        return;
+    }
+    let out = pagewire(&["demo", "--mem", "64M", "--json"]);
+    let r = json_ok(&out);
+    assert_eq!(r["verified"], true, "{r}");
+    let modes: Vec<&str> = r["restores"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|x| x["mode"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(modes, ["eager", "embedded", "serve"]);
+    for row in r["restores"].as_array().expect("rows") {
+        assert_eq!(row["verified"], true, "{row}");
+        assert!(row["working_set_ms"].as_f64().expect("ms") > 0.0, "{row}");
+    }
+    // The page server's own counts reached the report.
+    assert!(r["restores"][2]["faults"].as_u64().unwrap_or(0) > 0, "{r}");
+}
