@@ -22,7 +22,7 @@ use serde::Serialize;
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Guest memory size (K, M, G suffixes).
-    #[arg(long, default_value = "256M", value_parser = crate::fc_client::parse_size)]
+    #[arg(long, default_value = "256M", value_parser = crate::fc_client::parse_size_2m)]
     pub size: u64,
     /// Access pattern: seq, random, strided, hotset, trace:FILE.
     #[arg(long, default_value = "seq")]

@@ -23,7 +23,7 @@ use crate::vm::{GuestArgs, RestoreArgs, RestoreReport};
 #[derive(Args)]
 pub struct DemoArgs {
     /// Guest memory.
-    #[arg(long, default_value = "512M", value_parser = crate::fc_client::parse_size)]
+    #[arg(long, default_value = "512M", value_parser = crate::fc_client::parse_size_2m)]
     pub mem: u64,
     #[arg(long, default_value_t = 2)]
     pub vcpus: u32,

@@ -222,6 +222,17 @@ pub struct BalloonRange {
     pub len: u64,
 }
 
+/// A size that must be a positive multiple of 2 MiB (memory files, guests).
+pub(crate) fn parse_size_2m(s: &str) -> Result<u64, String> {
+    let bytes = parse_size(s)?;
+    if bytes == 0 || !bytes.is_multiple_of(2 << 20) {
+        return Err(format!(
+            "{s:?}: the size must be a positive multiple of 2 MiB"
+        ));
+    }
+    Ok(bytes)
+}
+
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (digits, mult) = match s.as_bytes().last().map(u8::to_ascii_uppercase) {

@@ -28,7 +28,7 @@ pub enum VmCommand {
 #[derive(Args, Clone)]
 pub struct GuestArgs {
     /// Guest memory (a multiple of 2 MiB; K/M/G suffixes).
-    #[arg(long, default_value = "64M", value_parser = crate::fc_client::parse_size)]
+    #[arg(long, default_value = "64M", value_parser = crate::fc_client::parse_size_2m)]
     pub mem: u64,
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
