@@ -86,6 +86,10 @@ struct Row {
     p50_us: f64,
     p99_us: f64,
     max_us: f64,
+    /// Loads that waited for the handler (slower than 5 µs): how many, and
+    /// their p99.
+    waited: u64,
+    waited_p99_us: f64,
     faults: Option<u64>,
     pages_copied: Option<u64>,
     pages_zeroed: Option<u64>,
@@ -179,13 +183,15 @@ fn print_table(r: &Report) {
         r.baselines.memcpy_gib_s, r.baselines.zero_fill_gib_s
     );
     println!(
-        "{:<10} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9}  verified",
+        "{:<10} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9}  verified",
         "handler",
         "wall ms",
         "GiB/s",
         "p50 us",
         "p99 us",
         "max us",
+        "waited",
+        "wait p99",
         "faults",
         "copied",
         "zeroed",
@@ -198,13 +204,15 @@ fn print_table(r: &Report) {
             continue;
         }
         println!(
-            "{:<10} {:>9.1} {:>7.3} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>8} {:>8} {:>9}  {}",
+            "{:<10} {:>9.1} {:>7.3} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>10.1} {:>8} {:>8} {:>8} {:>9}  {}",
             row.handler,
             row.wall_ms,
             row.gib_s,
             row.p50_us,
             row.p99_us,
             row.max_us,
+            row.waited,
+            row.waited_p99_us,
             opt(row.faults),
             opt(row.pages_copied),
             opt(row.pages_zeroed),
@@ -438,6 +446,8 @@ fn row_from_client(name: &str, out: &std::process::Output) -> anyhow::Result<Row
         p50_us: lat["p50_us"].as_f64().unwrap_or(0.0),
         p99_us: lat["p99_us"].as_f64().unwrap_or(0.0),
         max_us: lat["max_us"].as_f64().unwrap_or(0.0),
+        waited: r["waited_latency"]["samples"].as_u64().unwrap_or(0),
+        waited_p99_us: r["waited_latency"]["p99_us"].as_f64().unwrap_or(0.0),
         mismatched_pages: mismatched,
         ..Row::default()
     })

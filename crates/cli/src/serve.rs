@@ -39,7 +39,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub background: bool,
     /// 4 KiB pages per background step.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 8)]
     pub background_chunk: usize,
     /// Serving threads (default: one per core).
     #[arg(long)]

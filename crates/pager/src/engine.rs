@@ -46,12 +46,20 @@ pub enum EngineError {
 pub struct EngineConfig {
     /// Serving threads (default: one per core).
     pub threads: usize,
+    /// How many of them also populate memory in the background when idle
+    /// (default 1). The others only serve faults, so a fault never waits
+    /// for a background copy to finish on a busy machine, and background
+    /// work never takes every core from the faulting process (measured:
+    /// with 2 of 2 threads populating, loads that waited for the handler
+    /// had a p99 of 460-490 µs; see docs/benchmarks.md).
+    pub background_threads: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            background_threads: 1,
         }
     }
 }
@@ -136,6 +144,9 @@ struct Shared {
     /// epoch, so a worker that found nothing to do clears `pending` only if
     /// no session arrived meanwhile.
     background: AtomicU64,
+    /// Threads populating now, at most `max_populators`.
+    populators: AtomicUsize,
+    max_populators: usize,
     round_robin: AtomicUsize,
     on_end: Option<EndHook>,
 }
@@ -206,12 +217,15 @@ impl Engine {
             next_id: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
             background: AtomicU64::new(0),
+            populators: AtomicUsize::new(0),
+            max_populators: config.background_threads.clamp(1, config.threads.max(1)),
             round_robin: AtomicUsize::new(0),
             on_end,
         });
         let mut workers = Vec::new();
         for n in 0..config.threads.max(1) {
             let s = shared.clone();
+
             let w = std::thread::Builder::new()
                 .name(format!("pagewire-serve-{n}"))
                 .spawn(move || worker(&s))
@@ -492,6 +506,15 @@ impl Shared {
         }
     }
 
+    /// Takes one of the populating tokens if one is free.
+    fn take_populate_token(&self) -> bool {
+        self.populators
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_populators).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
     /// One background step on the next session that has work. Returns
     /// whether any session did some.
     fn background_round(&self, scratch: &mut Scratch) -> bool {
@@ -533,7 +556,11 @@ struct Scratch {
     events: Vec<uffd::Event>,
 }
 
+/// A serving thread. When background work is pending it takes background
+/// steps between faults, if it holds one of the `background_threads` tokens
+/// (any thread may take a free one: whichever thread drained the kick).
 fn worker(shared: &Shared) {
+    let mut holds_token = false;
     let mut events: Vec<epoll::Event> = Vec::with_capacity(16);
     let mut scratch = Scratch {
         faults: Vec::with_capacity(4 * uffd::MAX_BATCH),
@@ -548,12 +575,17 @@ fn worker(shared: &Shared) {
             return;
         }
         let background = shared.background.load(Ordering::Acquire);
+        if background & 1 == 1 {
+            if !holds_token {
+                holds_token = shared.take_populate_token();
+            }
+        } else if holds_token {
+            shared.populators.fetch_sub(1, Ordering::AcqRel);
+            holds_token = false;
+        }
+        let populate = background & 1 == 1 && holds_token;
         events.clear();
-        let timeout = if background & 1 == 1 {
-            Some(&zero)
-        } else {
-            None
-        };
+        let timeout = if populate { Some(&zero) } else { None };
         match epoll::wait(
             &shared.epoll,
             rustix::buffer::spare_capacity(&mut events),
@@ -587,13 +619,15 @@ fn worker(shared: &Shared) {
                 _ => shared.end(id, EndReason::HungUp),
             }
         }
-        if events.is_empty() && background & 1 == 1 && !shared.background_round(&mut scratch) {
+        if events.is_empty() && populate && !shared.background_round(&mut scratch) {
             let _ = shared.background.compare_exchange(
                 background,
                 background & !1,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             );
+            shared.populators.fetch_sub(1, Ordering::AcqRel);
+            holds_token = false;
         }
     }
 }

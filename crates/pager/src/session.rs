@@ -51,7 +51,7 @@ impl Default for SessionConfig {
         SessionConfig {
             cluster_pages: 16,
             background: false,
-            background_chunk: 64,
+            background_chunk: 8,
             serve_forks: false,
             max_retries: 1000,
             max_readahead_pages: 256,

@@ -162,7 +162,14 @@ fn setup(pages: usize, config: SessionConfig, features: Features) -> Option<Setu
     u.register(mem.addr, mem.len, RegisterMode::MISSING)
         .expect("register");
     let data = Arc::new(content(pages, PAGE));
-    let engine = Engine::start(EngineConfig { threads: 2 }, None).expect("engine");
+    let engine = Engine::start(
+        EngineConfig {
+            threads: 2,
+            ..EngineConfig::default()
+        },
+        None,
+    )
+    .expect("engine");
     let handle = engine
         .add(spec(
             "test",
@@ -398,7 +405,14 @@ fn unreadable_page_is_poisoned_not_served() {
     u.register(mem.addr, mem.len, RegisterMode::MISSING)
         .expect("register");
     let data = content(8, PAGE);
-    let engine = Engine::start(EngineConfig { threads: 1 }, None).expect("engine");
+    let engine = Engine::start(
+        EngineConfig {
+            threads: 1,
+            ..EngineConfig::default()
+        },
+        None,
+    )
+    .expect("engine");
     let h = engine
         .add(spec(
             "flaky",
@@ -462,7 +476,10 @@ fn session_ends_when_the_watched_process_exits() {
     let ended = Arc::new(std::sync::Mutex::new(Vec::new()));
     let e2 = ended.clone();
     let engine = Engine::start(
-        EngineConfig { threads: 1 },
+        EngineConfig {
+            threads: 1,
+            ..EngineConfig::default()
+        },
         Some(Box::new(move |r: &SessionReport| {
             e2.lock().expect("lock").push(r.reason)
         })),
@@ -495,7 +512,14 @@ fn pid_that_does_not_exist_is_refused() {
     let Some(u) = uffd(Features::empty()) else {
         return;
     };
-    let engine = Engine::start(EngineConfig { threads: 1 }, None).expect("engine");
+    let engine = Engine::start(
+        EngineConfig {
+            threads: 1,
+            ..EngineConfig::default()
+        },
+        None,
+    )
+    .expect("engine");
     let err = engine
         .add(SessionSpec {
             name: "ghost".into(),
@@ -583,7 +607,14 @@ fn hugetlb_2m_regions() {
     let mut data = content(4 * 512, PAGE);
     data[2 * huge..3 * huge].fill(0); // one all-zero huge page
     let data = Arc::new(data);
-    let engine = Engine::start(EngineConfig { threads: 2 }, None).expect("engine");
+    let engine = Engine::start(
+        EngineConfig {
+            threads: 2,
+            ..EngineConfig::default()
+        },
+        None,
+    )
+    .expect("engine");
     let h = engine
         .add(spec(
             "huge",

@@ -233,6 +233,7 @@ pub fn restore(
             let engine = Engine::start(
                 EngineConfig {
                     threads: opts.threads.max(1),
+                    ..EngineConfig::default()
                 },
                 None,
             )

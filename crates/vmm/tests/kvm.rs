@@ -169,8 +169,14 @@ fn start_server(dir: &std::path::Path, mem: std::path::PathBuf) -> std::path::Pa
                     .expect("page size"),
             })
             .collect();
-        let engine =
-            pager::Engine::start(pager::EngineConfig { threads: 1 }, None).expect("engine");
+        let engine = pager::Engine::start(
+            pager::EngineConfig {
+                threads: 1,
+                ..pager::EngineConfig::default()
+            },
+            None,
+        )
+        .expect("engine");
         let (tx, rx) = std::sync::mpsc::channel();
         let session = engine
             .add(pager::SessionSpec {
