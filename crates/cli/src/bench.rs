@@ -346,20 +346,7 @@ fn external(
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting handler {name}"))?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            bail!("handler {name} exited before listening ({status})");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!(
-                "handler {name} did not listen on {} within 20 s",
-                socket.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_listening(&mut child, &socket, name)?;
     let client = client_command(exe, mem, args)
         .arg("--socket")
         .arg(&socket)
@@ -451,6 +438,26 @@ fn row_from_client(name: &str, out: &std::process::Output) -> anyhow::Result<Row
         mismatched_pages: mismatched,
         ..Row::default()
     })
+}
+
+/// Waits until a handler started as `child` creates `socket` (20 s at
+/// most); fails early if it exits first, and kills it on timeout.
+pub(crate) fn wait_listening(child: &mut Child, socket: &Path, name: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("handler {name} exited before listening ({status})");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!(
+                "handler {name} did not listen on {} within 20 s",
+                socket.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 /// Waits for a handler to exit (killing it after `limit`) and returns the

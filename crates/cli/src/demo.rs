@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
@@ -283,7 +283,7 @@ fn allocated_mib(p: &Path) -> f64 {
 
 fn start_server(exe: &Path, socket: &Path, mem: &Path, stats: &Path) -> anyhow::Result<Child> {
     let _ = std::fs::remove_file(socket);
-    let child = Command::new(exe)
+    let mut child = Command::new(exe)
         .arg("serve")
         .arg("--socket")
         .arg(socket)
@@ -296,16 +296,7 @@ fn start_server(exe: &Path, socket: &Path, mem: &Path, stats: &Path) -> anyhow::
         .stdin(Stdio::null())
         .spawn()
         .context("starting pagewire serve")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if Instant::now() > deadline {
-            bail!(
-                "pagewire serve did not create {} within 10 s",
-                socket.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    crate::bench::wait_listening(&mut child, socket, "pagewire serve")?;
     Ok(child)
 }
 

@@ -291,24 +291,7 @@ fn hugetlb_2m_regions() {
     if !have_uffd() {
         return;
     }
-    let nr = "/proc/sys/vm/nr_hugepages";
-    let have: usize = std::fs::read_to_string(nr)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    if have < 16 {
-        let _ = std::fs::write(nr, "16");
-    }
-    let have: usize = std::fs::read_to_string(nr)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    if have < 8 {
-        let msg = format!("only {have} huge pages could be reserved in {nr}");
-        if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED: {msg}");
+    if !common::have_huge_pages(16, 8) {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");

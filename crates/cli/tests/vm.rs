@@ -11,26 +11,6 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pagewire");
 
-fn have_kvm() -> bool {
-    if !common::have_uffd() {
-        return false;
-    }
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("/dev/kvm required but unavailable: {e}");
-            }
-            eprintln!("SKIPPED: /dev/kvm cannot be opened: {e}");
-            false
-        }
-    }
-}
-
 fn pagewire(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
@@ -114,7 +94,7 @@ fn restore(dir: &Path, mode: &str, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn snapshot_then_restore_eager_embedded_and_through_serve() {
-    if !have_kvm() {
+    if !common::have_kvm() {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");
@@ -161,7 +141,7 @@ fn snapshot_then_restore_eager_embedded_and_through_serve() {
 
 #[test]
 fn a_page_server_that_dies_mid_run_stops_the_vm_with_a_clear_error() {
-    if !have_kvm() {
+    if !common::have_kvm() {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");
@@ -204,7 +184,7 @@ fn a_page_server_that_dies_mid_run_stops_the_vm_with_a_clear_error() {
 
 #[test]
 fn a_truncated_memory_file_is_refused_with_a_clear_error() {
-    if !have_kvm() {
+    if !common::have_kvm() {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");
@@ -230,25 +210,10 @@ fn a_truncated_memory_file_is_refused_with_a_clear_error() {
 
 #[test]
 fn hugetlb_backed_guest_restores_lazily() {
-    if !have_kvm() {
+    if !common::have_kvm() {
         return;
     }
-    let nr = "/proc/sys/vm/nr_hugepages";
-    let read = || -> usize {
-        std::fs::read_to_string(nr)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    if read() < 64 {
-        let _ = std::fs::write(nr, "64");
-    }
-    if read() < 40 {
-        let msg = format!("only {} huge pages could be reserved in {nr}", read());
-        if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED: {msg}");
+    if !common::have_huge_pages(64, 40) {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");
@@ -262,7 +227,7 @@ fn hugetlb_backed_guest_restores_lazily() {
 
 #[test]
 fn demo_reports_three_verified_restores() {
-    if !have_kvm() {
+    if !common::have_kvm() {
         return;
     }
     let out = pagewire(&["demo", "--mem", "64M", "--json"]);

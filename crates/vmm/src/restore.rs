@@ -84,8 +84,14 @@ impl Restored {
         self.pager.as_ref().map(|(_, h)| h.stats())
     }
 
-    /// Stops the guest, then whatever served it.
+    /// Stops the guest, then whatever served it; returns the embedded
+    /// pager's final statistics.
     pub fn finish(mut self) -> Result<Option<StatsSnapshot>, Error> {
+        self.teardown()
+    }
+
+    /// The guest first: nothing may be served once its server is gone.
+    fn teardown(&mut self) -> Result<Option<StatsSnapshot>, Error> {
         let stopped = self.vm.stop(Duration::from_secs(5));
         let stats = self.pager_stats();
         if let Some((engine, _)) = self.pager.take() {
@@ -100,12 +106,8 @@ impl Restored {
 
 impl Drop for Restored {
     fn drop(&mut self) {
-        let _ = self.vm.stop(Duration::from_secs(5));
-        if let Some((engine, _)) = self.pager.take() {
-            engine.shutdown();
-        }
-        if let Some(link) = self.link.take() {
-            link.close();
+        if let Err(e) = self.teardown() {
+            tracing::error!("stopping the restored VM: {e}");
         }
     }
 }

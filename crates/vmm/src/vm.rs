@@ -124,7 +124,8 @@ pub struct Progress {
 /// A KVM virtual machine with guest RAM at address 0.
 pub struct Vm {
     _kvm: Kvm,
-    vm: VmFd,
+    /// Kept only to keep the VM alive; dropped before `memory`.
+    _vm: VmFd,
     memory: Arc<GuestMemory>,
     config: VmConfig,
     idle: Vec<VcpuFd>,
@@ -188,7 +189,7 @@ impl Vm {
         let n = config.vcpus as usize;
         Ok(Vm {
             _kvm: kvm,
-            vm,
+            _vm: vm,
             memory,
             config,
             idle,
@@ -549,11 +550,6 @@ impl Vm {
             let _ = h.join();
         }
         Ok(())
-    }
-
-    /// The VM's file descriptor, for callers that add devices.
-    pub fn fd(&self) -> &VmFd {
-        &self.vm
     }
 }
 
