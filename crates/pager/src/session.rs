@@ -44,6 +44,10 @@ pub struct SessionConfig {
     /// up to this many 4 KiB pages. No readahead when it is not above
     /// `cluster_pages` (so `cluster_pages: 1` keeps one page per fault).
     pub max_readahead_pages: usize,
+    /// Zero runs of at most this many pages between data pages are mapped
+    /// with the data in one COPY (they then use memory) instead of a
+    /// ZEROPAGE each. 0: every zero page gets ZEROPAGE.
+    pub zero_merge_pages: usize,
 }
 
 impl Default for SessionConfig {
@@ -55,6 +59,7 @@ impl Default for SessionConfig {
             serve_forks: false,
             max_retries: 1000,
             max_readahead_pages: 256,
+            zero_merge_pages: 8,
         }
     }
 }
@@ -91,6 +96,19 @@ struct Ctx {
 struct Claim {
     page: usize,
     zero: bool,
+    /// The read buffer holds this page's bytes (set by `read_source`;
+    /// cleared when the page is discarded meanwhile and becomes zero).
+    in_buf: bool,
+}
+
+impl Claim {
+    fn new(page: usize, zero: bool) -> Claim {
+        Claim {
+            page,
+            zero,
+            in_buf: false,
+        }
+    }
 }
 
 /// One address space being served.
@@ -154,6 +172,10 @@ impl PageBuf {
     /// The bytes of the last `prepare`.
     fn data(&self) -> &[u8] {
         &self.raw[self.off..self.off + self.len]
+    }
+
+    fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.off..self.off + self.len]
     }
 }
 
@@ -367,16 +389,13 @@ impl Session {
             match r.state(page) {
                 PageState::Missing => {
                     if r.transition(page, PageState::Missing, PageState::Claimed) {
-                        claims.push(Claim {
-                            page,
-                            zero: r.known_zero(page),
-                        });
+                        claims.push(Claim::new(page, r.known_zero(page)));
                         break;
                     }
                 }
                 PageState::Discarded => {
                     if r.transition(page, PageState::Discarded, PageState::Claimed) {
-                        claims.push(Claim { page, zero: true });
+                        claims.push(Claim::new(page, true));
                         break;
                     }
                 }
@@ -430,10 +449,7 @@ impl Session {
         };
         for q in start..end {
             if q != page && r.transition(q, PageState::Missing, PageState::Claimed) {
-                claims.push(Claim {
-                    page: q,
-                    zero: r.known_zero(q),
-                });
+                claims.push(Claim::new(q, r.known_zero(q)));
             }
         }
         stream.next = r.page_addr(end);
@@ -489,10 +505,7 @@ impl Session {
                 let mut p = cur.page;
                 while p < r.pages() && claims.len() < chunk {
                     if r.transition(p, PageState::Missing, PageState::Claimed) {
-                        claims.push(Claim {
-                            page: p,
-                            zero: r.known_zero(p),
-                        });
+                        claims.push(Claim::new(p, r.known_zero(p)));
                     } else if !claims.is_empty() {
                         break;
                     }
@@ -612,6 +625,7 @@ impl Session {
                 PageState::ClaimedDiscarded if Some(c.page) == fault_page => {
                     r.set(c.page, PageState::Claimed);
                     c.zero = true;
+                    c.in_buf = false;
                     true
                 }
                 PageState::ClaimedDiscarded => {
@@ -635,6 +649,7 @@ impl Session {
             claims.iter().filter(|c| !c.zero).map(|c| c.page).min(),
             claims.iter().filter(|c| !c.zero).map(|c| c.page).max(),
         ) else {
+            buf.prepare(0);
             return 0;
         };
         let len = (hi - lo + 1) * ps;
@@ -651,9 +666,17 @@ impl Session {
             });
             return lo;
         }
-        for c in claims.iter_mut().filter(|c| !c.zero) {
-            let page = &buf.data()[(c.page - lo) * ps..][..ps];
-            c.zero = is_zero(page);
+        let data = buf.data_mut();
+        for c in claims.iter_mut().filter(|c| (lo..=hi).contains(&c.page)) {
+            let page = &mut data[(c.page - lo) * ps..][..ps];
+            if c.zero {
+                // Known zero (a hole, a discarded page): the buffer must hold
+                // zeros there, because a short zero run is copied along.
+                page.fill(0);
+            } else {
+                c.zero = is_zero(page);
+            }
+            c.in_buf = true;
         }
         lo
     }
@@ -705,20 +728,16 @@ impl Session {
         let alone = if ctx.fault_alone { fault_page } else { None };
         let ps = r.region.page_size.bytes();
         let hugetlb = r.region.page_size == PageSize::Huge2M;
+        let merge = self.config.zero_merge_pages;
         while !claims.is_empty() {
             // A run: the faulting page alone when it goes first on its own,
-            // otherwise consecutive claims of one kind.
-            let mut k = 1;
-            if Some(claims[0].page) != alone {
-                while k < claims.len()
-                    && claims[k].page == claims[0].page + k
-                    && claims[k].zero == claims[0].zero
-                    && (!hugetlb || !claims[0].zero)
-                {
-                    k += 1;
-                }
-            }
-            let (page, zero) = (claims[0].page, claims[0].zero);
+            // otherwise consecutive claims, short zero runs copied along.
+            let (k, zero) = if Some(claims[0].page) == alone {
+                (1, claims[0].zero)
+            } else {
+                plan_run(claims, merge, hugetlb)
+            };
+            let page = claims[0].page;
             let addr = r.page_addr(page);
             let len = k * ps;
             let result = if zero && !hugetlb {
@@ -788,6 +807,53 @@ impl Session {
         }
         MapResult::Done
     }
+}
+
+/// Plans the next ioctl over `claims` (sorted by page, not empty): returns
+/// how many claims it maps and whether it is a ZEROPAGE (or, on hugetlbfs, a
+/// COPY of zeros, one page at a time) rather than a COPY from the buffer.
+///
+/// A COPY runs over consecutive pages; a run of at most `merge` zero pages
+/// whose zeros are in the read buffer, with data after it, is copied
+/// along from the buffer (which holds zeros there) instead of costing an
+/// ioctl of its own: with every 4th page zero, splitting runs made four
+/// ioctls per 16 KiB (measured: sequential 1.07 GiB/s against 1.73 without
+/// zero pages). Longer zero runs still get ZEROPAGE, which uses no memory.
+fn plan_run(claims: &[Claim], merge: usize, hugetlb: bool) -> (usize, bool) {
+    let first = claims[0].page;
+    let consecutive = claims
+        .iter()
+        .enumerate()
+        .take_while(|(k, c)| c.page == first + k)
+        .count();
+    let span = &claims[..consecutive];
+    // Length of the zero run starting at `k` in `span`.
+    let zero_run = |k: usize| span[k..].iter().take_while(|c| c.zero).count();
+    // Whether the zero run at `k` (of length `n`) is copied along.
+    let copied_along = |k: usize, n: usize| {
+        n <= merge && k + n < span.len() && span[k..k + n].iter().all(|c| c.in_buf)
+    };
+    if span[0].zero {
+        let n = zero_run(0);
+        if !copied_along(0, n) {
+            return (if hugetlb { 1 } else { n }, true);
+        }
+    }
+    let mut k = 0;
+    while k < span.len() {
+        if span[k].zero {
+            let n = zero_run(k);
+            if !copied_along(k, n) {
+                break;
+            }
+            k += n;
+        } else if span[k].in_buf {
+            k += 1;
+        } else {
+            break;
+        }
+    }
+    (k.max(1), false)
 }
 
 enum MapResult {
@@ -950,5 +1016,65 @@ mod tests {
         );
         // SAFETY: unmapping our mapping; both threads are joined.
         unsafe { libc::munmap(base as *mut _, len) };
+    }
+
+    /// Claims from a pattern: `d` data, `z` zero in the buffer, `Z` zero not
+    /// in the buffer (a hole outside the read, or discarded meanwhile), `.`
+    /// no claim (a gap).
+    fn claims(pattern: &str) -> Vec<Claim> {
+        pattern
+            .chars()
+            .enumerate()
+            .filter(|(_, ch)| *ch != '.')
+            .map(|(page, ch)| Claim {
+                page,
+                zero: ch != 'd',
+                in_buf: ch != 'Z',
+            })
+            .collect()
+    }
+
+    fn runs(pattern: &str, merge: usize, hugetlb: bool) -> Vec<(usize, bool)> {
+        let mut c = claims(pattern);
+        let mut out = Vec::new();
+        while !c.is_empty() {
+            let (k, zero) = plan_run(&c, merge, hugetlb);
+            assert!(k >= 1 && k <= c.len());
+            out.push((k, zero));
+            c.drain(..k);
+        }
+        out
+    }
+
+    #[test]
+    fn short_zero_runs_between_data_are_copied_along() {
+        // Every 4th page zero: one COPY instead of eight ioctls.
+        assert_eq!(runs("dddzdddzdddzdddd", 8, false), vec![(16, false)]);
+        // A long zero run keeps its ZEROPAGE; a trailing one is not copied.
+        assert_eq!(
+            runs("ddzzzzdd", 3, false),
+            vec![(2, false), (4, true), (2, false)]
+        );
+        assert_eq!(runs("dddzz", 8, false), vec![(3, false), (2, true)]);
+        // A leading short zero run followed by data goes with the data.
+        assert_eq!(runs("zzdd", 8, false), vec![(4, false)]);
+        // Zeros whose bytes are not in the buffer are never copied.
+        assert_eq!(
+            runs("ddZdd", 8, false),
+            vec![(2, false), (1, true), (2, false)]
+        );
+        // Gaps end a run.
+        assert_eq!(runs("dd.dd", 8, false), vec![(2, false), (2, false)]);
+        // merge 0: every zero run gets its own ioctl.
+        assert_eq!(
+            runs("dzd", 0, false),
+            vec![(1, false), (1, true), (1, false)]
+        );
+        // hugetlbfs: zero pages not copied along go one at a time.
+        assert_eq!(
+            runs("dZZd", 8, true),
+            vec![(1, false), (1, true), (1, true), (1, false)]
+        );
+        assert_eq!(runs("dzzd", 8, true), vec![(4, false)]);
     }
 }
