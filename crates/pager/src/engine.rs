@@ -144,6 +144,9 @@ struct Shared {
     /// epoch, so a worker that found nothing to do clears `pending` only if
     /// no session arrived meanwhile.
     background: AtomicU64,
+    /// Readahead work, `epoch << 1 | pending` as for `background`. Any idle
+    /// thread reads ahead (no token): a stream's thread is waiting for it.
+    readahead: AtomicU64,
     /// Threads populating now, at most `max_populators`.
     populators: AtomicUsize,
     max_populators: usize,
@@ -217,6 +220,7 @@ impl Engine {
             next_id: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
             background: AtomicU64::new(0),
+            readahead: AtomicU64::new(0),
             populators: AtomicUsize::new(0),
             max_populators: config.background_threads.clamp(1, config.threads.max(1)),
             round_robin: AtomicUsize::new(0),
@@ -475,7 +479,44 @@ impl Shared {
             }
         }
         scratch.faults.clear();
+        if entry.session.take_ahead_added() {
+            let _ = self
+                .readahead
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some((v + 2) | 1));
+            // Wake an idle thread to share the copying.
+            let _ = rustix::io::write(&self.control, &1u64.to_ne_bytes());
+        }
         self.adopt_forks(entry);
+    }
+
+    /// One readahead step on the next session that has some. Returns
+    /// whether any session did.
+    fn readahead_round(&self, scratch: &mut Scratch) -> bool {
+        let entries: Vec<Arc<Entry>> = match self.sessions.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => return false,
+        };
+        let n = entries.len();
+        let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        for k in 0..n {
+            let entry = &entries[(start + k) % n.max(1)];
+            match entry
+                .session
+                .readahead_step(&mut scratch.faults, &mut scratch.events)
+            {
+                None => continue,
+                Some(Served::ProcessGone) => {
+                    scratch.faults.clear();
+                    self.end(entry.id, EndReason::AddressSpaceGone);
+                    return true;
+                }
+                Some(Served::Done) => {
+                    self.serve_faults(entry, scratch);
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     fn adopt_forks(&self, entry: &Arc<Entry>) {
@@ -584,8 +625,10 @@ fn worker(shared: &Shared) {
             holds_token = false;
         }
         let populate = background & 1 == 1 && holds_token;
+        let readahead = shared.readahead.load(Ordering::Acquire);
+        let ahead = readahead & 1 == 1;
         events.clear();
-        let timeout = if populate { Some(&zero) } else { None };
+        let timeout = if populate || ahead { Some(&zero) } else { None };
         match epoll::wait(
             &shared.epoll,
             rustix::buffer::spare_capacity(&mut events),
@@ -619,7 +662,21 @@ fn worker(shared: &Shared) {
                 _ => shared.end(id, EndReason::HungUp),
             }
         }
-        if events.is_empty() && populate && !shared.background_round(&mut scratch) {
+        if !events.is_empty() {
+            continue;
+        }
+        if ahead {
+            if !shared.readahead_round(&mut scratch) {
+                let _ = shared.readahead.compare_exchange(
+                    readahead,
+                    readahead & !1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+            continue;
+        }
+        if populate && !shared.background_round(&mut scratch) {
             let _ = shared.background.compare_exchange(
                 background,
                 background & !1,

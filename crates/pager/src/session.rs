@@ -39,11 +39,15 @@ pub struct SessionConfig {
     /// How often a resolving ioctl is retried after EAGAIN (queued events)
     /// before the pages are released and the failure reported.
     pub max_retries: u32,
-    /// Sequential readahead: a fault exactly where the previous cluster
-    /// ended maps the pages from it onwards in one COPY, doubling the window
-    /// up to this many 4 KiB pages. No readahead when it is not above
-    /// `cluster_pages` (so `cluster_pages: 1` keeps one page per fault).
+    /// Sequential readahead: a fault where the previous cluster or window
+    /// ended maps a cluster from it onwards at once, and idle serving threads
+    /// map the window after it, doubling on each sequential fault up to this
+    /// many 4 KiB pages. No readahead when it is not above `cluster_pages`
+    /// (so `cluster_pages: 1` keeps one page per fault).
     pub max_readahead_pages: usize,
+    /// Pages an idle serving thread claims and maps at a time while reading
+    /// ahead of a sequential stream (4 KiB regions).
+    pub readahead_chunk: usize,
     /// Zero runs of at most this many pages between data pages are mapped
     /// with the data in one COPY (they then use memory) instead of a
     /// ZEROPAGE each. 0: every zero page gets ZEROPAGE.
@@ -58,7 +62,8 @@ impl Default for SessionConfig {
             background_chunk: 8,
             serve_forks: false,
             max_retries: 1000,
-            max_readahead_pages: 256,
+            max_readahead_pages: 1024,
+            readahead_chunk: 64,
             zero_merge_pages: 8,
         }
     }
@@ -81,6 +86,8 @@ pub(crate) enum Served {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
     Fault,
+    /// Readahead ahead of a sequential stream.
+    Readahead,
     Background,
 }
 
@@ -123,15 +130,30 @@ pub struct Session {
     ended: AtomicBool,
     /// Userfaultfds of forked children, read but not yet taken by the engine.
     forks: Mutex<Vec<Uffd>>,
-    /// Readahead: where a sequential stream's next fault would land, and the
-    /// window (in 4 KiB pages) it will get.
+    /// Readahead: the sequential stream being followed.
     stream: Mutex<Stream>,
+    /// Set when readahead work was added; the engine then wakes idle
+    /// serving threads to do it.
+    ahead_added: AtomicBool,
 }
 
 #[derive(Debug, Default)]
 struct Stream {
+    /// Where the next sequential fault would land (the readahead frontier).
     next: u64,
+    /// The readahead window, in pages of the stream's region.
     window: usize,
+    /// Readahead still to do: pages `ahead..ahead_end` of region `region`,
+    /// claimed in order by idle serving threads.
+    region: u64,
+    ahead: usize,
+    ahead_end: usize,
+}
+
+impl Stream {
+    fn active(&self, region: u64) -> bool {
+        self.region == region && self.ahead < self.ahead_end
+    }
 }
 
 #[derive(Debug, Default)]
@@ -224,6 +246,7 @@ impl Session {
             ended: AtomicBool::new(false),
             forks: Mutex::new(Vec::new()),
             stream: Mutex::new(Stream::default()),
+            ahead_added: AtomicBool::new(false),
         }
     }
 
@@ -244,6 +267,7 @@ impl Session {
             ended: AtomicBool::new(false),
             forks: Mutex::new(Vec::new()),
             stream: Mutex::new(Stream::default()),
+            ahead_added: AtomicBool::new(false),
         }
     }
 
@@ -407,8 +431,10 @@ impl Session {
                     return Served::Done;
                 }
                 PageState::Claimed | PageState::ClaimedDiscarded => {
-                    // Its owner maps it and wakes the waiters.
+                    // Its owner maps it and wakes the waiters. If that is
+                    // readahead, the stream caught up with it: read further.
                     Stats::add(&self.stats.faults_already_served, 1);
+                    self.stream_caught_up(r, page);
                     return Served::Done;
                 }
             }
@@ -423,12 +449,16 @@ impl Session {
         self.serve_claims(layout, id, claims, ctx, deferred, events)
     }
 
-    /// Adds the pages served with the faulting one. A fault exactly where
-    /// the previous cluster ended is a sequential stream: the window from the
-    /// faulting page onwards (doubling each time, up to the readahead limit),
-    /// mapped in one COPY with the faulting page. Otherwise the aligned
+    /// Adds the pages served with the faulting one, and returns whether the
+    /// fault was sequential.
+    ///
+    /// A fault where the previous cluster or readahead window ended, or on a
+    /// page readahead has not reached yet, continues a sequential stream:
+    /// the cluster from the faulting page onwards is mapped at once in one
+    /// COPY, and the window after it (doubling on each such fault, up to the
+    /// readahead limit) is left to idle serving threads, which copy it in
+    /// chunks while the faulting thread runs on. Otherwise the aligned
     /// cluster around the faulting page, which is mapped first on its own.
-    /// Returns whether the fault was sequential.
     fn extend_claims(&self, r: &RegionState, page: usize, claims: &mut Vec<Claim>) -> bool {
         let cluster = self.cluster_pages(r.region.page_size);
         if cluster <= 1 {
@@ -438,24 +468,111 @@ impl Session {
         let max = ((self.config.max_readahead_pages * 4096) / ps).max(1);
         let addr = r.page_addr(page);
         let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        let sequential = max > cluster && stream.next == addr;
+        let active = stream.active(r.id);
+        let in_window = active && page >= stream.ahead && page <= stream.ahead_end;
+        let sequential = max > cluster && (stream.next == addr || in_window);
         let (start, end) = if sequential {
             stream.window = (stream.window * 2).clamp(cluster, max);
-            (page, (page + stream.window).min(r.pages()))
+            let end = (page + cluster).min(r.pages());
+            let ahead_end = (page + stream.window).min(r.pages());
+            if active {
+                stream.ahead_end = stream.ahead_end.max(ahead_end);
+            } else {
+                stream.region = r.id;
+                stream.ahead = end;
+                stream.ahead_end = ahead_end;
+            }
+            stream.next = r.page_addr(stream.ahead_end);
+            if stream.ahead < stream.ahead_end {
+                self.ahead_added.store(true, Ordering::Release);
+            }
+            (page, end)
         } else {
-            stream.window = cluster;
             let start = page / cluster * cluster;
-            (start, (start + cluster).min(r.pages()))
+            let end = (start + cluster).min(r.pages());
+            if !active {
+                // A new stream may start here. (An active one is left alone:
+                // another thread's random fault must not end it.)
+                stream.window = cluster;
+                stream.next = r.page_addr(end);
+            }
+            (start, end)
         };
+        drop(stream);
         for q in start..end {
             if q != page && r.transition(q, PageState::Missing, PageState::Claimed) {
                 claims.push(Claim::new(q, r.known_zero(q)));
             }
         }
-        stream.next = r.page_addr(end);
-        drop(stream);
         claims[1..].sort_by_key(|c| c.page);
         sequential
+    }
+
+    /// A fault on a page being mapped: if it is in the readahead window,
+    /// the stream is as far as readahead got, so readahead goes a window
+    /// further.
+    fn stream_caught_up(&self, r: &RegionState, page: usize) {
+        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        if stream.region != r.id || page > stream.ahead_end || page < stream.ahead {
+            return;
+        }
+        let end = (page + stream.window).min(r.pages());
+        if end > stream.ahead_end {
+            stream.ahead_end = end;
+            stream.next = r.page_addr(end);
+            self.ahead_added.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether readahead work was added since the last call.
+    pub(crate) fn take_ahead_added(&self) -> bool {
+        self.ahead_added.swap(false, Ordering::AcqRel)
+    }
+
+    /// One readahead step: claims the next chunk of the stream's window and
+    /// maps it. Returns `None` when there is no readahead to do.
+    pub(crate) fn readahead_step(
+        &self,
+        deferred: &mut Vec<Fault>,
+        events: &mut Vec<Event>,
+    ) -> Option<Served> {
+        if self.is_ended() {
+            return None;
+        }
+        with_claims(|claims| {
+            let layout = self.read_layout();
+            let id = {
+                let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(r) = layout.by_id(stream.region) else {
+                    stream.ahead = stream.ahead_end;
+                    return None;
+                };
+                let chunk = ((self.config.readahead_chunk.max(1) * 4096)
+                    / r.region.page_size.bytes())
+                .max(1);
+                let end = stream.ahead_end.min(r.pages());
+                let mut p = stream.ahead;
+                while p < end && claims.len() < chunk {
+                    if r.transition(p, PageState::Missing, PageState::Claimed) {
+                        claims.push(Claim::new(p, r.known_zero(p)));
+                    } else if !claims.is_empty() {
+                        break;
+                    }
+                    p += 1;
+                }
+                stream.ahead = p;
+                if claims.is_empty() {
+                    return None;
+                }
+                r.id
+            };
+            let ctx = Ctx {
+                origin: Origin::Readahead,
+                read_at: None,
+                fault_alone: false,
+            };
+            Some(self.serve_claims(layout, id, claims, ctx, deferred, events))
+        })
     }
 
     fn cluster_pages(&self, ps: PageSize) -> usize {
@@ -556,7 +673,7 @@ impl Session {
         let origin = ctx.origin;
         let fault_page = match origin {
             Origin::Fault => claims.first().map(|c| c.page),
-            Origin::Background => None,
+            Origin::Readahead | Origin::Background => None,
         };
         // Source bytes for the non-zero claims, read once: (first page, bytes).
         let mut data: Option<usize> = None;
@@ -572,14 +689,42 @@ impl Session {
                     return Served::Done;
                 }
                 if data.is_none() {
-                    data = Some(self.read_source(r, claims, &mut buf));
-                    if claims.is_empty() {
+                    // Read the source without the lock, so that a thread
+                    // reading the userfaultfd never waits for it. The claims
+                    // stay ours; a REMOVE meanwhile is seen by `reconcile`.
+                    let span = Self::source_span(claims);
+                    let ps = r.region.page_size.bytes();
+                    let source_offset = r.region.source_offset;
+                    drop(layout);
+                    let read = match span {
+                        Some((lo, hi)) => self.source.read_at(
+                            source_offset + (lo * ps) as u64,
+                            buf.prepare((hi - lo + 1) * ps),
+                        ),
+                        None => {
+                            buf.prepare(0);
+                            Ok(())
+                        }
+                    };
+                    layout = self.read_layout();
+                    let Some(r) = layout.by_id(id) else {
                         return Served::Done;
+                    };
+                    self.reconcile(r, claims, fault_page);
+                    if let Some(span) = span {
+                        self.after_read(r, claims, &mut buf, span, read);
                     }
+                    data = Some(span.map_or(0, |(lo, _)| lo));
+                    continue;
                 }
                 let first_data = data.unwrap_or(0);
                 match self.map_claims(r, claims, buf.data(), first_data, &ctx, fault_page) {
                     MapResult::Done => return Served::Done,
+                    MapResult::More => {
+                        // Let a thread waiting to read the userfaultfd in.
+                        drop(layout);
+                        layout = self.read_layout();
+                    }
                     MapResult::ProcessGone => return Served::ProcessGone,
                     MapResult::EventsPending => {
                         attempts += 1;
@@ -640,22 +785,29 @@ impl Session {
         });
     }
 
-    /// Reads the source bytes for the non-zero claims into `buf` (one read
-    /// spanning them) and marks all-zero pages as zero claims. On a read
-    /// error the pages are poisoned. Returns the first page `buf` holds.
-    fn read_source(&self, r: &RegionState, claims: &mut Vec<Claim>, buf: &mut PageBuf) -> usize {
+    /// The pages whose source bytes must be read: from the first to the
+    /// last claim not known to be zero.
+    fn source_span(claims: &[Claim]) -> Option<(usize, usize)> {
+        let data = claims.iter().filter(|c| !c.zero).map(|c| c.page);
+        Some((data.clone().min()?, data.max()?))
+    }
+
+    /// After the source bytes of pages `lo..=hi` were read into `buf` (or
+    /// failed to be): marks all-zero pages as zero claims and the claims
+    /// whose bytes the buffer holds; on a read error poisons the pages that
+    /// needed the bytes. Called under the lock, after `reconcile`.
+    fn after_read(
+        &self,
+        r: &RegionState,
+        claims: &mut Vec<Claim>,
+        buf: &mut PageBuf,
+        (lo, hi): (usize, usize),
+        read: Result<(), crate::source::SourceError>,
+    ) {
         let ps = r.region.page_size.bytes();
-        let (Some(lo), Some(hi)) = (
-            claims.iter().filter(|c| !c.zero).map(|c| c.page).min(),
-            claims.iter().filter(|c| !c.zero).map(|c| c.page).max(),
-        ) else {
-            buf.prepare(0);
-            return 0;
-        };
-        let len = (hi - lo + 1) * ps;
-        let offset = r.region.source_offset + (lo * ps) as u64;
-        if let Err(e) = self.source.read_at(offset, buf.prepare(len)) {
-            tracing::error!(session = %self.name, offset, len, "source read failed, poisoning the pages: {e}");
+        if let Err(e) = read {
+            let offset = r.region.source_offset + (lo * ps) as u64;
+            tracing::error!(session = %self.name, offset, len = (hi - lo + 1) * ps, "source read failed, poisoning the pages: {e}");
             Stats::add(&self.stats.errors, 1);
             claims.retain(|c| {
                 if c.zero {
@@ -664,7 +816,7 @@ impl Session {
                 self.fail_pages(r, c.page, 1, "source read failed");
                 false
             });
-            return lo;
+            return;
         }
         let data = buf.data_mut();
         for c in claims.iter_mut().filter(|c| (lo..=hi).contains(&c.page)) {
@@ -678,7 +830,6 @@ impl Session {
             }
             c.in_buf = true;
         }
-        lo
     }
 
     /// Poisons `n` pages from `page` (the guest gets SIGBUS, not garbage)
@@ -729,14 +880,24 @@ impl Session {
         let ps = r.region.page_size.bytes();
         let hugetlb = r.region.page_size == PageSize::Huge2M;
         let merge = self.config.zero_merge_pages;
+        // Map at most a piece per call, so that the lock is released between
+        // pieces and a thread waiting to read the userfaultfd (it needs the
+        // write lock) waits for one piece, not a whole readahead chunk.
+        let piece = (PIECE_BYTES / ps).max(1);
+        let mut mapped = 0;
         while !claims.is_empty() {
+            if mapped >= piece {
+                return MapResult::More;
+            }
             // A run: the faulting page alone when it goes first on its own,
             // otherwise consecutive claims, short zero runs copied along.
             let (k, zero) = if Some(claims[0].page) == alone {
                 (1, claims[0].zero)
             } else {
-                plan_run(claims, merge, hugetlb)
+                let (k, zero) = plan_run(claims, merge, hugetlb);
+                (k.min(piece - mapped).max(1), zero)
             };
+            mapped += k;
             let page = claims[0].page;
             let addr = r.page_addr(page);
             let len = k * ps;
@@ -793,6 +954,7 @@ impl Session {
             let done = done_pages as u64;
             match origin {
                 Origin::Background => Stats::add(&self.stats.pages_background, done),
+                Origin::Readahead => Stats::add(&self.stats.pages_fault_around, done),
                 Origin::Fault => {
                     Stats::add(&self.stats.pages_on_demand, on_demand);
                     Stats::add(&self.stats.pages_fault_around, done - on_demand);
@@ -808,6 +970,9 @@ impl Session {
         MapResult::Done
     }
 }
+
+/// Bytes mapped per hold of the session's read lock (see `map_claims`).
+const PIECE_BYTES: usize = 64 * 1024;
 
 /// Plans the next ioctl over `claims` (sorted by page, not empty): returns
 /// how many claims it maps and whether it is a ZEROPAGE (or, on hugetlbfs, a
@@ -858,6 +1023,8 @@ fn plan_run(claims: &[Claim], merge: usize, hugetlb: bool) -> (usize, bool) {
 
 enum MapResult {
     Done,
+    /// A piece was mapped; more claims remain.
+    More,
     EventsPending,
     ProcessGone,
 }
