@@ -39,7 +39,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub handler_cmd: Vec<String>,
     /// Pages served around each fault by serve and embedded.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = pager::DEFAULT_CLUSTER_PAGES)]
     pub cluster_pages: usize,
     /// Background population in serve and embedded.
     #[arg(long)]

@@ -132,7 +132,7 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<ExitCode> {
         socket: None,
         passes: 2,
         threads: 2,
-        cluster_pages: 16,
+        cluster_pages: pager::DEFAULT_CLUSTER_PAGES,
         background: false,
         timeout_s: 300,
         json: false,

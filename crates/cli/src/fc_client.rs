@@ -101,7 +101,7 @@ pub struct FcClientArgs {
     #[arg(long, value_parser = parse_pattern)]
     pub pattern: Option<Pattern>,
     /// Stride in pages of `--pattern strided`.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = pager::DEFAULT_CLUSTER_PAGES)]
     pub stride: usize,
     /// Passes over the hot set of `--pattern hotset`.
     #[arg(long, default_value_t = 10)]

@@ -33,7 +33,7 @@ pub struct ServeArgs {
     pub mem_file: PathBuf,
     /// 4 KiB pages served around each fault (aligned block; 1 = only the
     /// faulting page).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = pager::DEFAULT_CLUSTER_PAGES)]
     pub cluster_pages: usize,
     /// Populate the rest of guest memory in the background (yields to faults).
     #[arg(long)]

@@ -87,7 +87,7 @@ pub struct RestoreArgs {
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// Embedded pager: 4 KiB pages served around each fault.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = pager::DEFAULT_CLUSTER_PAGES)]
     pub cluster_pages: usize,
     /// Embedded pager: populate the rest of memory in the background.
     #[arg(long)]

@@ -24,6 +24,6 @@ pub use engine::{
 };
 pub use layout::PageState;
 pub use region::{PageSize, Region, RegionError};
-pub use session::{Session, SessionConfig};
+pub use session::{Session, SessionConfig, DEFAULT_CLUSTER_PAGES};
 pub use source::{Bytes, MemFile, PageSource, SourceError};
 pub use stats::{LatencySummary, StatsSnapshot};
