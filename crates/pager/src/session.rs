@@ -900,8 +900,17 @@ impl Session {
             let (k, zero) = if Some(claims[0].page) == alone {
                 (1, claims[0].zero)
             } else {
+                // Zero runs are not cut to the piece: a ZEROPAGE is cheap,
+                // and a cut would leave a short zero run behind.
                 let (k, zero) = plan_run(claims, merge, hugetlb);
-                (k.min(piece - mapped).max(1), zero)
+                (
+                    if zero {
+                        k
+                    } else {
+                        k.min(piece - mapped).max(1)
+                    },
+                    zero,
+                )
             };
             mapped += k;
             let page = claims[0].page;
@@ -1000,15 +1009,15 @@ fn plan_run(claims: &[Claim], merge: usize, hugetlb: bool) -> (usize, bool) {
     let span = &claims[..consecutive];
     // Length of the zero run starting at `k` in `span`.
     let zero_run = |k: usize| span[k..].iter().take_while(|c| c.zero).count();
-    // Whether the zero run at `k` (of length `n`) is copied along.
+    // Whether the zero run at `k` (of length `n`) is copied along: only
+    // between data pages of this span. A leading zero run may be the tail of
+    // a longer one whose start went out in an earlier ioctl.
     let copied_along = |k: usize, n: usize| {
-        n <= merge && k + n < span.len() && span[k..k + n].iter().all(|c| c.in_buf)
+        n <= merge && k > 0 && k + n < span.len() && span[k..k + n].iter().all(|c| c.in_buf)
     };
     if span[0].zero {
         let n = zero_run(0);
-        if !copied_along(0, n) {
-            return (if hugetlb { 1 } else { n }, true);
-        }
+        return (if hugetlb { 1 } else { n }, true);
     }
     let mut k = 0;
     while k < span.len() {
@@ -1229,8 +1238,14 @@ mod tests {
             vec![(2, false), (4, true), (2, false)]
         );
         assert_eq!(runs("dddzz", 8, false), vec![(3, false), (2, true)]);
-        // A leading short zero run followed by data goes with the data.
-        assert_eq!(runs("zzdd", 8, false), vec![(4, false)]);
+        // A leading zero run is never copied: it may be the tail of a long
+        // run split by an earlier ioctl.
+        assert_eq!(runs("zzdd", 8, false), vec![(2, true), (2, false)]);
+        // The sparse guest's layout: nine zero pages between data pages.
+        assert_eq!(
+            runs("dzzzzzzzzzd", 8, false),
+            vec![(1, false), (9, true), (1, false)]
+        );
         // Zeros whose bytes are not in the buffer are never copied.
         assert_eq!(
             runs("ddZdd", 8, false),
