@@ -489,36 +489,6 @@ impl Shared {
         self.adopt_forks(entry);
     }
 
-    /// One readahead step on the next session that has some. Returns
-    /// whether any session did.
-    fn readahead_round(&self, scratch: &mut Scratch) -> bool {
-        let entries: Vec<Arc<Entry>> = match self.sessions.lock() {
-            Ok(m) => m.values().cloned().collect(),
-            Err(_) => return false,
-        };
-        let n = entries.len();
-        let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
-        for k in 0..n {
-            let entry = &entries[(start + k) % n.max(1)];
-            match entry
-                .session
-                .readahead_step(&mut scratch.faults, &mut scratch.events)
-            {
-                None => continue,
-                Some(Served::ProcessGone) => {
-                    scratch.faults.clear();
-                    self.end(entry.id, EndReason::AddressSpaceGone);
-                    return true;
-                }
-                Some(Served::Done) => {
-                    self.serve_faults(entry, scratch);
-                    return true;
-                }
-            }
-        }
-        false
-    }
-
     fn adopt_forks(&self, entry: &Arc<Entry>) {
         for child in entry.session.take_forks() {
             if !entry.session.config().serve_forks {
@@ -556,9 +526,23 @@ impl Shared {
             .is_ok()
     }
 
-    /// One background step on the next session that has work. Returns
-    /// whether any session did some.
+    /// One readahead step on the next session that has some.
+    fn readahead_round(&self, scratch: &mut Scratch) -> bool {
+        self.round(scratch, Session::readahead_step)
+    }
+
+    /// One background step on the next session that has work.
     fn background_round(&self, scratch: &mut Scratch) -> bool {
+        self.round(scratch, Session::background_step)
+    }
+
+    /// One `step` on the next session (round robin) for which it finds
+    /// work. Returns whether any session did some.
+    fn round(
+        &self,
+        scratch: &mut Scratch,
+        step: fn(&Session, &mut Vec<Fault>, &mut Vec<uffd::Event>) -> Option<Served>,
+    ) -> bool {
         let entries: Vec<Arc<Entry>> = match self.sessions.lock() {
             Ok(m) => m.values().cloned().collect(),
             Err(_) => return false,
@@ -567,10 +551,7 @@ impl Shared {
         let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
         for k in 0..n {
             let entry = &entries[(start + k) % n.max(1)];
-            match entry
-                .session
-                .background_step(&mut scratch.faults, &mut scratch.events)
-            {
+            match step(&entry.session, &mut scratch.faults, &mut scratch.events) {
                 None => continue,
                 Some(Served::ProcessGone) => {
                     scratch.faults.clear();

@@ -557,16 +557,7 @@ impl Session {
                     / r.region.page_size.bytes())
                 .max(1);
                 let end = stream.ahead_end.min(r.pages());
-                let mut p = stream.ahead;
-                while p < end && claims.len() < chunk {
-                    if r.transition(p, PageState::Missing, PageState::Claimed) {
-                        claims.push(Claim::new(p, r.known_zero(p)));
-                    } else if !claims.is_empty() {
-                        break;
-                    }
-                    p += 1;
-                }
-                stream.ahead = p;
+                stream.ahead = claim_run(r, stream.ahead, end, chunk, claims);
                 if claims.is_empty() {
                     return None;
                 }
@@ -625,15 +616,7 @@ impl Session {
                 };
                 let chunk = self.cluster_pages_bg(r.region.page_size);
                 claims.clear();
-                let mut p = cur.page;
-                while p < r.pages() && claims.len() < chunk {
-                    if r.transition(p, PageState::Missing, PageState::Claimed) {
-                        claims.push(Claim::new(p, r.known_zero(p)));
-                    } else if !claims.is_empty() {
-                        break;
-                    }
-                    p += 1;
-                }
+                let p = claim_run(r, cur.page, r.pages(), chunk, claims);
                 cur.page = p;
                 if p >= r.pages() {
                     cur.region += 1;
@@ -984,6 +967,28 @@ impl Session {
         }
         MapResult::Done
     }
+}
+
+/// Claims up to `max` missing pages of `r` from `from` (before `end`), one
+/// run: it stops at the first page not missing after the first claim.
+/// Returns the page after the last one looked at.
+fn claim_run(
+    r: &RegionState,
+    from: usize,
+    end: usize,
+    max: usize,
+    claims: &mut Vec<Claim>,
+) -> usize {
+    let mut p = from;
+    while p < end && claims.len() < max {
+        if r.transition(p, PageState::Missing, PageState::Claimed) {
+            claims.push(Claim::new(p, r.known_zero(p)));
+        } else if !claims.is_empty() {
+            break;
+        }
+        p += 1;
+    }
+    p
 }
 
 /// Bytes mapped per hold of the session's read lock (see `map_claims`).
