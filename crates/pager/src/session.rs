@@ -105,6 +105,22 @@ struct Ctx {
     fault_alone: bool,
 }
 
+impl Ctx {
+    /// Work no fault asked for (readahead, background population).
+    fn unprompted(origin: Origin) -> Ctx {
+        Ctx {
+            origin,
+            read_at: None,
+            fault_alone: false,
+        }
+    }
+}
+
+/// A size given in 4 KiB pages, in pages of size `ps` (at least 1).
+fn pages_of(pages_4k: usize, ps: PageSize) -> usize {
+    ((pages_4k.max(1) * 4096) / ps.bytes()).max(1)
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Claim {
     page: usize,
@@ -470,8 +486,7 @@ impl Session {
         if cluster <= 1 {
             return false;
         }
-        let ps = r.region.page_size.bytes();
-        let max = ((self.config.max_readahead_pages * 4096) / ps).max(1);
+        let max = pages_of(self.config.max_readahead_pages, r.region.page_size);
         let addr = r.page_addr(page);
         let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         let active = stream.active(r.id);
@@ -553,9 +568,7 @@ impl Session {
                     stream.ahead = stream.ahead_end;
                     return None;
                 };
-                let chunk = ((self.config.readahead_chunk.max(1) * 4096)
-                    / r.region.page_size.bytes())
-                .max(1);
+                let chunk = pages_of(self.config.readahead_chunk, r.region.page_size);
                 let end = stream.ahead_end.min(r.pages());
                 stream.ahead = claim_run(r, stream.ahead, end, chunk, claims);
                 if claims.is_empty() {
@@ -563,18 +576,13 @@ impl Session {
                 }
                 r.id
             };
-            let ctx = Ctx {
-                origin: Origin::Readahead,
-                read_at: None,
-                fault_alone: false,
-            };
+            let ctx = Ctx::unprompted(Origin::Readahead);
             Some(self.serve_claims(layout, id, claims, ctx, deferred, events))
         })
     }
 
     fn cluster_pages(&self, ps: PageSize) -> usize {
-        let bytes = self.config.cluster_pages.max(1) * 4096;
-        (bytes / ps.bytes()).max(1)
+        pages_of(self.config.cluster_pages, ps)
     }
 
     /// One step of background population: claims the next run of missing
@@ -635,16 +643,12 @@ impl Session {
                 }
             }
         };
-        let ctx = Ctx {
-            origin: Origin::Background,
-            read_at: None,
-            fault_alone: false,
-        };
+        let ctx = Ctx::unprompted(Origin::Background);
         Some(self.serve_claims(layout, id, claims, ctx, deferred, events))
     }
 
     fn cluster_pages_bg(&self, ps: PageSize) -> usize {
-        ((self.config.background_chunk.max(1) * 4096) / ps.bytes()).max(1)
+        pages_of(self.config.background_chunk, ps)
     }
 
     /// Maps the claimed pages of region `id` (the first claim is served
