@@ -101,7 +101,8 @@ enum Origin {
 struct Ctx {
     origin: Origin,
     read_at: Option<Instant>,
-    /// Map the faulting page with an ioctl of its own, before the others.
+    /// Read and map the faulting page on its own, before the rest of its
+    /// cluster is read: its thread waits for one page.
     fault_alone: bool,
 }
 
@@ -670,6 +671,10 @@ impl Session {
         };
         // Source bytes for the non-zero claims, read once: (first page, bytes).
         let mut data: Option<usize> = None;
+        // The faulting page goes first on its own: its bytes are read and
+        // mapped before the rest of the cluster is read, so that its thread
+        // waits for one page, not for the whole cluster's read.
+        let mut alone = ctx.fault_alone && fault_page.is_some();
         let mut attempts = 0u32;
         BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -681,11 +686,21 @@ impl Session {
                 if claims.is_empty() {
                     return Served::Done;
                 }
+                if alone && claims.first().map(|c| c.page) != fault_page {
+                    // The faulting page was settled otherwise (unmapped,
+                    // split away): read the rest of the cluster now.
+                    alone = false;
+                    data = None;
+                }
                 if data.is_none() {
                     // Read the source without the lock, so that a thread
                     // reading the userfaultfd never waits for it. The claims
                     // stay ours; a REMOVE meanwhile is seen by `reconcile`.
-                    let span = Self::source_span(claims);
+                    let span = if alone {
+                        Self::source_span(&claims[..1])
+                    } else {
+                        Self::source_span(claims)
+                    };
                     let ps = r.region.page_size.bytes();
                     let source_offset = r.region.source_offset;
                     drop(layout);
@@ -711,8 +726,15 @@ impl Session {
                     continue;
                 }
                 let first_data = data.unwrap_or(0);
-                match self.map_claims(r, claims, buf.data(), first_data, &ctx, fault_page) {
+                match self.map_claims(r, claims, buf.data(), first_data, &ctx, fault_page, alone) {
                     MapResult::Done => return Served::Done,
+                    MapResult::More if alone => {
+                        // The faulting page is mapped: read the rest.
+                        alone = false;
+                        data = None;
+                        drop(layout);
+                        layout = self.read_layout();
+                    }
                     MapResult::More => {
                         // Let a thread waiting to read the userfaultfd in.
                         drop(layout);
@@ -867,6 +889,7 @@ impl Session {
         first_data: usize,
         ctx: &Ctx,
         fault_page: Option<usize>,
+        first_only: bool,
     ) -> MapResult {
         let (origin, read_at) = (ctx.origin, ctx.read_at);
         let alone = if ctx.fault_alone { fault_page } else { None };
@@ -879,7 +902,7 @@ impl Session {
         let piece = (PIECE_BYTES / ps).max(1);
         let mut mapped = 0;
         while !claims.is_empty() {
-            if mapped >= piece {
+            if mapped >= piece || (first_only && mapped > 0) {
                 return MapResult::More;
             }
             // A run: the faulting page alone when it goes first on its own,
@@ -1103,6 +1126,17 @@ mod tests {
     /// and serve the faulting page with the source bytes.
     #[test]
     fn eagain_while_remove_is_queued_is_drained_and_retried() {
+        // A fault at page 0 starts a sequential stream: one COPY from it on.
+        eagain_with_remove(0, 2);
+        // A fault at page 1 does not: its page goes first on its own (read
+        // and mapped before the rest of the cluster is read).
+        eagain_with_remove(1, 3);
+        eagain_with_remove(2, 0);
+    }
+
+    /// The case above for a 4-page cluster faulted at `fault` while a
+    /// REMOVE of page `removed` is queued.
+    fn eagain_with_remove(fault: usize, removed: usize) {
         let Some(u) = open() else { return };
         u.api(Features::EVENT_REMOVE).expect("api");
         let len = 4 * PAGE;
@@ -1135,9 +1169,11 @@ mod tests {
                 ..SessionConfig::default()
             },
         );
+        let at = |page: usize| base + (page * PAGE) as u64;
+        let fault_addr = at(fault);
         // SAFETY (both threads): reads and madvise inside our live mapping.
         let reader =
-            std::thread::spawn(move || unsafe { std::ptr::read_volatile(base as *const u8) });
+            std::thread::spawn(move || unsafe { std::ptr::read_volatile(fault_addr as *const u8) });
         let mut events = Vec::with_capacity(uffd::MAX_BATCH);
         let deadline = Instant::now() + Duration::from_secs(10);
         while events.is_empty() {
@@ -1147,12 +1183,9 @@ mod tests {
         let Some(Event::PageFault { address, .. }) = events.pop() else {
             panic!("expected the fault first")
         };
+        let removed_addr = at(removed);
         let remover = std::thread::spawn(move || unsafe {
-            libc::madvise(
-                (base + 2 * PAGE as u64) as *mut _,
-                PAGE,
-                libc::MADV_DONTNEED,
-            )
+            libc::madvise(removed_addr as *mut _, PAGE, libc::MADV_DONTNEED)
         });
         // The madvise caller sleeps until its REMOVE is read; wait until it
         // is queued (the fault was read already, so only the REMOVE can make
@@ -1180,7 +1213,11 @@ mod tests {
             &mut events,
         );
         assert_eq!(served, Served::Done);
-        assert_eq!(reader.join().expect("reader"), 1, "the source byte");
+        assert_eq!(
+            reader.join().expect("reader"),
+            fault as u8 + 1,
+            "the source byte"
+        );
         assert_eq!(remover.join().expect("remover"), 0, "madvise returned");
         let st = session.stats.snapshot();
         assert!(
@@ -1188,23 +1225,25 @@ mod tests {
             "the COPY met EAGAIN and was retried: {st:?}"
         );
         assert_eq!(st.events_remove, 1, "{st:?}");
-        assert_eq!(
-            session.page_state(base + 2 * PAGE as u64),
-            Some(PageState::Discarded)
-        );
-        assert_eq!(session.page_state(base), Some(PageState::Present));
-        assert_eq!(
-            session.page_state(base + PAGE as u64),
-            Some(PageState::Present)
-        );
-        assert_eq!(
-            session.page_state(base + 3 * PAGE as u64),
-            Some(PageState::Present)
-        );
+        for page in 0..4 {
+            let want = if page == removed {
+                PageState::Discarded
+            } else {
+                PageState::Present
+            };
+            assert_eq!(session.page_state(at(page)), Some(want), "page {page}");
+        }
         assert_eq!(
             st.pages_copied, 3,
-            "page 2 was discarded, not copied: {st:?}"
+            "the removed page was discarded, not copied: {st:?}"
         );
+        assert_eq!(st.pages_on_demand, 1, "{st:?}");
+        // Every page served holds its source bytes.
+        for page in (0..4).filter(|&p| p != removed) {
+            // SAFETY: reading our own mapping; the page is present.
+            let b = unsafe { std::ptr::read_volatile(at(page) as *const u8) };
+            assert_eq!(b, page as u8 + 1, "page {page}");
+        }
         // SAFETY: unmapping our mapping; both threads are joined.
         unsafe { libc::munmap(base as *mut _, len) };
     }
