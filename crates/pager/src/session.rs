@@ -171,6 +171,9 @@ struct Stream {
     region: u64,
     ahead: usize,
     ahead_end: usize,
+    /// Where the stream began: region id and page. Background population
+    /// keeps out of its way (see `Session::skip_stream`).
+    origin: Option<(u64, usize)>,
 }
 
 impl Stream {
@@ -517,6 +520,7 @@ impl Session {
                 // another thread's random fault must not end it.)
                 stream.window = cluster;
                 stream.next = r.page_addr(end);
+                stream.origin = Some((r.id, start));
             }
             (start, end)
         };
@@ -613,6 +617,7 @@ impl Session {
             }
             // Visit every region once from the cursor, wrapping to the start
             // of the first, so that the starting region is seen whole.
+            self.skip_stream(&layout, &mut cur);
             let mut found = None;
             let n = layout.regions.len();
             for _ in 0..=n {
@@ -646,6 +651,30 @@ impl Session {
         };
         let ctx = Ctx::unprompted(Origin::Background);
         Some(self.serve_claims(layout, id, claims, ctx, deferred, events))
+    }
+
+    /// Moves the background cursor past a sequential stream it is inside
+    /// of, and past the stream's readahead limit: readahead maps that part
+    /// in larger runs, and background steps there only broke them up
+    /// (measured: sequential first touch with background population went
+    /// from 1.37-1.61 GiB/s to 1.96-2.64, as without background population).
+    /// The pages skipped are visited when the cursor wraps around.
+    fn skip_stream(&self, layout: &Layout, cur: &mut Cursor) {
+        let stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((id, origin)) = stream.origin else {
+            return;
+        };
+        let Some(r) = layout.regions.get(cur.region) else {
+            return;
+        };
+        if r.id != id || stream.region != id || stream.ahead_end <= origin {
+            return;
+        }
+        let beyond =
+            stream.ahead_end + pages_of(self.config.max_readahead_pages, r.region.page_size);
+        if (origin..beyond).contains(&cur.page) {
+            cur.page = beyond.min(r.pages());
+        }
     }
 
     fn cluster_pages_bg(&self, ps: PageSize) -> usize {
@@ -1245,6 +1274,97 @@ mod tests {
             assert_eq!(b, page as u8 + 1, "page {page}");
         }
         // SAFETY: unmapping our mapping; both threads are joined.
+        unsafe { libc::munmap(base as *mut _, len) };
+    }
+
+    /// Background population keeps out of a sequential stream's way: after
+    /// two sequential faults from page 0 it starts beyond the stream's
+    /// readahead limit, not at page 0 inside the window readahead maps.
+    #[test]
+    fn background_population_starts_past_a_sequential_stream() {
+        let Some(u) = open() else { return };
+        u.api(Features::empty()).expect("api");
+        let pages = 4096;
+        let len = pages * PAGE;
+        // SAFETY: a fresh anonymous mapping used only by this test.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        } as u64;
+        u.register(base, len, RegisterMode::MISSING)
+            .expect("register");
+        let data: Vec<u8> = (0..len).map(|i| (i / PAGE) as u8 | 1).collect();
+        let config = SessionConfig {
+            background: true,
+            ..SessionConfig::default()
+        };
+        let (cluster, limit) = (config.cluster_pages, config.max_readahead_pages);
+        let session = Session::new(
+            "manual".into(),
+            u,
+            &[Region {
+                host_base: base,
+                len: len as u64,
+                source_offset: 0,
+                page_size: PageSize::Base4K,
+            }],
+            Arc::new(Bytes(data.clone())),
+            config,
+        );
+        let at = |page: usize| base + (page * PAGE) as u64;
+        let (mut deferred, mut events) = (Vec::new(), Vec::with_capacity(uffd::MAX_BATCH));
+        // Resolving ioctls need no faulting thread: serve two "faults" by
+        // hand, the second where the first cluster ended.
+        for page in [0, cluster] {
+            let fault = Fault {
+                addr: at(page),
+                read_at: Instant::now(),
+            };
+            assert_eq!(
+                session.serve_fault(fault, &mut deferred, &mut events),
+                Served::Done
+            );
+        }
+        let ahead_end = session.stream.lock().expect("stream").ahead_end;
+        assert!(ahead_end > 2 * cluster, "a readahead window: {ahead_end}");
+        assert_eq!(
+            session.background_step(&mut deferred, &mut events),
+            Some(Served::Done)
+        );
+        let first = ahead_end + limit;
+        assert_eq!(session.page_state(at(first)), Some(PageState::Present));
+        assert_eq!(
+            session.page_state(at(first - 1)),
+            Some(PageState::Missing),
+            "background starts past the readahead limit"
+        );
+        assert_eq!(
+            session.page_state(at(2 * cluster)),
+            Some(PageState::Missing),
+            "the window is left to readahead"
+        );
+        // Populating to the end, the cursor wraps and fills what it skipped.
+        while session
+            .background_step(&mut deferred, &mut events)
+            .is_some()
+        {}
+        for page in 0..pages {
+            assert_eq!(
+                session.page_state(at(page)),
+                Some(PageState::Present),
+                "page {page}"
+            );
+        }
+        // SAFETY: every page is present; reading our own mapping.
+        let mem = unsafe { std::slice::from_raw_parts(base as *const u8, len) };
+        assert!(mem == &data[..], "every byte matches the source");
+        // SAFETY: unmapping our mapping; nothing else uses it.
         unsafe { libc::munmap(base as *mut _, len) };
     }
 
