@@ -8,12 +8,10 @@ use std::path::{Path, PathBuf};
 /// Why a source could not deliver bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The reason is part of the message (logs print it alone), so it is
+    /// not also given as the error's source: a chain would print it twice.
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error(
         "read of [{offset:#x}, +{len:#x}) lies past the end of the source ({source_len:#x} bytes)"
     )]
@@ -62,9 +60,9 @@ pub struct MemFile {
 
 impl MemFile {
     pub fn open(path: &Path) -> Result<MemFile, SourceError> {
-        let io = |source| SourceError::Io {
+        let io = |error| SourceError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         };
         let file = File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
@@ -131,9 +129,9 @@ impl PageSource for MemFile {
         }
         self.file
             .read_exact_at(buf, offset)
-            .map_err(|source| SourceError::Io {
+            .map_err(|error| SourceError::Io {
                 path: self.path.display().to_string(),
-                source,
+                error,
             })
     }
 

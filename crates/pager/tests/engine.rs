@@ -408,7 +408,7 @@ impl PageSource for Flaky {
         if (first..last).contains(&self.bad_page) {
             return Err(SourceError::Io {
                 path: "flaky".into(),
-                source: std::io::Error::other("injected read error"),
+                error: std::io::Error::other("injected read error"),
             });
         }
         Bytes(self.data.clone()).read_at(offset, buf)
