@@ -44,6 +44,11 @@ pub struct ServeArgs {
     /// Serving threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Nice value of the serving threads, so that busy vCPUs do not keep
+    /// them from the CPU (negative values need CAP_SYS_NICE; without it
+    /// they keep their priority and a warning says so).
+    #[arg(long, default_value_t = pager::DEFAULT_NICE, allow_negative_numbers = true)]
+    pub nice: i32,
     /// Append one JSON line with each VM's statistics when it ends.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -109,7 +114,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             let _ = tx.send(Msg::Ended);
         }
     });
-    let mut config = EngineConfig::default();
+    let mut config = EngineConfig {
+        nice: Some(args.nice),
+        ..EngineConfig::default()
+    };
     if let Some(t) = args.threads {
         config.threads = t;
     }

@@ -21,6 +21,7 @@ pub mod stats;
 
 pub use engine::{
     EndReason, Engine, EngineConfig, EngineError, SessionHandle, SessionReport, SessionSpec,
+    DEFAULT_NICE,
 };
 pub use layout::PageState;
 pub use region::{PageSize, Region, RegionError};

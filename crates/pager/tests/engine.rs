@@ -775,3 +775,44 @@ fn sequential_faults_read_ahead_and_random_ones_do_not() {
     };
     assert_eq!(single.faults, pages as u64, "{single:?}");
 }
+
+/// The serving threads run at the configured nice value. (A positive one:
+/// lowering priority needs no privilege.)
+#[test]
+fn serving_threads_take_the_configured_nice_value() {
+    let engine = Engine::start(
+        EngineConfig {
+            threads: 2,
+            nice: Some(7),
+            ..EngineConfig::default()
+        },
+        None,
+    )
+    .expect("engine");
+    // Nice is field 19 of /proc/self/task/TID/stat, counting after the
+    // command name's closing parenthesis as field 2.
+    let niced = || -> usize {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return 0;
+        };
+        tasks
+            .filter_map(|t| t.ok())
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.starts_with("pagewire-serve-"))
+            })
+            .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+            .filter(|stat| {
+                let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+                after.split_whitespace().nth(16) == Some("7")
+            })
+            .count()
+    };
+    // The threads set it as they start.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while niced() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(niced(), 2, "both serving threads run at nice 7");
+    engine.shutdown();
+}
