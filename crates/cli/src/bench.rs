@@ -53,6 +53,11 @@ pub struct BenchArgs {
     /// In the generated file, every Nth page is zero (0: none).
     #[arg(long, default_value_t = 4)]
     pub zero_every: usize,
+    /// Run every handler this many times, interleaved (round by round),
+    /// and add a summary of medians: on a noisy machine one run's figures
+    /// can be off by 2x, and ratios are only fair within a round.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -79,6 +84,8 @@ struct Baselines {
 #[derive(Debug, Serialize, Default)]
 struct Row {
     handler: String,
+    /// The round this run belongs to (from 1).
+    run: usize,
     ok: bool,
     error: Option<String>,
     wall_ms: f64,
@@ -105,10 +112,87 @@ struct Report {
     cluster_pages: usize,
     background: bool,
     baselines: Baselines,
+    runs: usize,
     results: Vec<Row>,
+    /// With more than one run: each handler's medians.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    summary: Vec<Summary>,
+}
+
+/// A handler's figures over its successful runs: medians, with the range of
+/// throughput; ratios are taken within each round, then their median.
+#[derive(Debug, Serialize)]
+struct Summary {
+    handler: String,
+    runs_ok: usize,
+    gib_s_median: f64,
+    gib_s_min: f64,
+    gib_s_max: f64,
+    p99_us_median: f64,
+    waited_p99_us_median: f64,
+    /// Throughput over the floor's in the same round.
+    x_floor_median: Option<f64>,
+    /// The loads that waited, p99, over the floor's p50 in the same round
+    /// (the background-population target).
+    waited_p99_over_floor_p50_median: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn summarize(rows: &[Row]) -> Vec<Summary> {
+    let mut names: Vec<&str> = Vec::new();
+    for r in rows {
+        if !names.contains(&r.handler.as_str()) {
+            names.push(&r.handler);
+        }
+    }
+    let floor_of = |run: usize| {
+        rows.iter()
+            .find(|f| f.run == run && f.handler == "floor" && f.ok)
+    };
+    names
+        .into_iter()
+        .map(|name| {
+            let ok: Vec<&Row> = rows.iter().filter(|r| r.handler == name && r.ok).collect();
+            let pick = |f: &dyn Fn(&Row) -> f64| median(ok.iter().map(|r| f(r)).collect());
+            let ratio = |f: &dyn Fn(&Row, &Row) -> Option<f64>| {
+                let v: Vec<f64> = ok
+                    .iter()
+                    .filter_map(|r| floor_of(r.run).and_then(|fl| f(r, fl)))
+                    .collect();
+                (!v.is_empty() && name != "floor").then(|| median(v))
+            };
+            let gib: Vec<f64> = ok.iter().map(|r| r.gib_s).collect();
+            Summary {
+                handler: name.to_string(),
+                runs_ok: ok.len(),
+                gib_s_median: median(gib.clone()),
+                gib_s_min: gib.iter().copied().fold(f64::NAN, f64::min),
+                gib_s_max: gib.iter().copied().fold(f64::NAN, f64::max),
+                p99_us_median: pick(&|r| r.p99_us),
+                waited_p99_us_median: pick(&|r| r.waited_p99_us),
+                x_floor_median: ratio(&|r, fl| (fl.gib_s > 0.0).then(|| r.gib_s / fl.gib_s)),
+                waited_p99_over_floor_p50_median: ratio(&|r, fl| {
+                    (fl.p50_us > 0.0 && r.waited > 0).then(|| r.waited_p99_us / fl.p50_us)
+                }),
+            }
+        })
+        .collect()
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
     let exe = std::env::current_exe().context("finding the pagewire binary")?;
     let dir = TempDir::new()?;
     let mem = match &args.mem_file {
@@ -124,22 +208,35 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         zero_fill_gib_s: zero_fill_gib_s(args.size as usize),
     };
     let mut results = Vec::new();
-    for h in &args.handlers {
-        let row = match h.as_str() {
-            "serve" | "floor" => external(&exe, dir.path(), &mem, args, h, None),
-            "embedded" => embedded(&exe, &mem, args),
-            other => Err(anyhow::anyhow!(
-                "unknown handler {other:?} (serve, embedded, floor)"
-            )),
-        };
-        results.push(row.unwrap_or_else(|e| failed(h, e)));
-    }
-    for (i, cmd) in args.handler_cmd.iter().enumerate() {
-        let name = format!("cmd{}", i + 1);
-        let row = external(&exe, dir.path(), &mem, args, &name, Some(cmd));
-        results.push(row.unwrap_or_else(|e| failed(&name, e)));
+    for run in 1..=args.runs {
+        for h in &args.handlers {
+            let row = match h.as_str() {
+                "serve" | "floor" => external(&exe, dir.path(), &mem, args, h, None),
+                "embedded" => embedded(&exe, &mem, args),
+                other => Err(anyhow::anyhow!(
+                    "unknown handler {other:?} (serve, embedded, floor)"
+                )),
+            };
+            results.push(Row {
+                run,
+                ..row.unwrap_or_else(|e| failed(h, e))
+            });
+        }
+        for (i, cmd) in args.handler_cmd.iter().enumerate() {
+            let name = format!("cmd{}", i + 1);
+            let row = external(&exe, dir.path(), &mem, args, &name, Some(cmd));
+            results.push(Row {
+                run,
+                ..row.unwrap_or_else(|e| failed(&name, e))
+            });
+        }
     }
     let all_ok = results.iter().all(|r| r.ok);
+    let summary = if args.runs > 1 {
+        summarize(&results)
+    } else {
+        Vec::new()
+    };
     let report = Report {
         size: args.size,
         pattern: args.pattern.clone(),
@@ -147,7 +244,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         cluster_pages: args.cluster_pages,
         background: args.background,
         baselines,
+        runs: args.runs,
         results,
+        summary,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -182,9 +281,11 @@ fn print_table(r: &Report) {
         "baselines: memcpy {:.2} GiB/s, kernel zero-fill faults {:.2} GiB/s",
         r.baselines.memcpy_gib_s, r.baselines.zero_fill_gib_s
     );
+    let runs = r.runs > 1;
     println!(
-        "{:<10} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9}  verified",
+        "{:<10}{} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9}  verified",
         "handler",
+        if runs { " run" } else { "" },
         "wall ms",
         "GiB/s",
         "p50 us",
@@ -199,12 +300,17 @@ fn print_table(r: &Report) {
     );
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     for row in &r.results {
+        let run = if runs {
+            format!(" {:>3}", row.run)
+        } else {
+            String::new()
+        };
         if let Some(e) = &row.error {
-            println!("{:<10} failed: {e}", row.handler);
+            println!("{:<10}{run} failed: {e}", row.handler);
             continue;
         }
         println!(
-            "{:<10} {:>9.1} {:>7.3} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>10.1} {:>8} {:>8} {:>8} {:>9}  {}",
+            "{:<10}{run} {:>9.1} {:>7.3} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>10.1} {:>8} {:>8} {:>8} {:>9}  {}",
             row.handler,
             row.wall_ms,
             row.gib_s,
@@ -224,6 +330,38 @@ fn print_table(r: &Report) {
                 "NO"
             }
         );
+    }
+    if !r.summary.is_empty() {
+        println!(
+            "\nmedians of {} runs (ratios within each round, then their median)",
+            r.runs
+        );
+        println!(
+            "{:<10} {:>4} {:>7} {:>15} {:>9} {:>10} {:>8} {:>17}",
+            "handler",
+            "ok",
+            "GiB/s",
+            "GiB/s range",
+            "p99 us",
+            "wait p99",
+            "x floor",
+            "wait p99/floor p50"
+        );
+        let x = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        for s in &r.summary {
+            println!(
+                "{:<10} {:>4} {:>7.3} {:>15} {:>9.1} {:>10.1} {:>8} {:>17}",
+                s.handler,
+                s.runs_ok,
+                s.gib_s_median,
+                format!("{:.3}-{:.3}", s.gib_s_min, s.gib_s_max),
+                s.p99_us_median,
+                s.waited_p99_us_median,
+                x(s.x_floor_median),
+                x(s.waited_p99_over_floor_p50_median),
+            );
+        }
+        return;
     }
     if let (Some(f), Some(s)) = (
         r.results.iter().find(|x| x.handler == "floor" && x.ok),

@@ -91,3 +91,57 @@ fn bench_rejects_bad_sizes_and_reports_a_broken_handler() {
         "{r}"
     );
 }
+
+/// `--runs N` runs every handler N times, round by round, and summarizes
+/// each handler's runs (medians; ratios to the floor of the same round).
+#[test]
+fn bench_runs_rounds_and_summarizes_them() {
+    if !have_uffd() {
+        return;
+    }
+    let out = Command::new(BIN)
+        .args(["bench", "--size", "4M", "--json", "--runs", "2"])
+        .args(["--handlers", "floor,serve", "--pattern", "random"])
+        .output()
+        .expect("bench");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(out.status.success(), "{r}");
+    let rows = r["results"].as_array().expect("results");
+    let order: Vec<(u64, &str)> = rows
+        .iter()
+        .map(|x| {
+            (
+                x["run"].as_u64().unwrap_or(0),
+                x["handler"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [(1, "floor"), (1, "serve"), (2, "floor"), (2, "serve")],
+        "{r}"
+    );
+    let summary = r["summary"].as_array().expect("summary");
+    assert_eq!(summary.len(), 2, "{r}");
+    for (s, name) in summary.iter().zip(["floor", "serve"]) {
+        assert_eq!(s["handler"], name, "{s}");
+        assert_eq!(s["runs_ok"], 2, "{s}");
+        let (lo, mid, hi) = (
+            s["gib_s_min"].as_f64().unwrap_or(-1.0),
+            s["gib_s_median"].as_f64().unwrap_or(-1.0),
+            s["gib_s_max"].as_f64().unwrap_or(-1.0),
+        );
+        assert!(0.0 < lo && lo <= mid && mid <= hi, "{s}");
+    }
+    assert!(summary[0]["x_floor_median"].is_null(), "{r}");
+    assert!(
+        summary[1]["x_floor_median"].as_f64().unwrap_or(0.0) > 0.0,
+        "{r}"
+    );
+    let out = Command::new(BIN)
+        .args(["bench", "--size", "2M", "--runs", "0"])
+        .output()
+        .expect("bench");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--runs must be at least 1"));
+}
