@@ -61,9 +61,8 @@ pub struct EngineConfig {
     /// threads on 2 cores, sequential first touch through serve went from
     /// 1.52-1.93 GiB/s to 2.20-2.46 at -10, and the p99 wait of a fault
     /// during background population from 2.2-7.1x the floor's p50 to
-    /// 1.8-2.8x (docs/benchmarks.md). The thread populating in the
-    /// background runs at it too: a nice of 10 there measured no better.
-    /// A negative value needs
+    /// 1.8-2.8x (docs/benchmarks.md). A thread populating in the background
+    /// goes back to the nice it started with meanwhile. A negative value needs
     /// CAP_SYS_NICE; without it the threads keep their priority (a warning
     /// says so). `None`: leave it.
     pub nice: Option<i32>,
@@ -600,7 +599,7 @@ struct Scratch {
 /// (any thread may take a free one: whichever thread drained the kick).
 fn worker(shared: &Shared) {
     let mut holds_token = false;
-    set_nice(shared.nice);
+    let mut nice = Nice::new(shared.nice);
     let mut events: Vec<epoll::Event> = Vec::with_capacity(16);
     let mut scratch = Scratch {
         faults: Vec::with_capacity(4 * uffd::MAX_BATCH),
@@ -656,7 +655,10 @@ fn worker(shared: &Shared) {
                 continue;
             };
             match kind {
-                KIND_UFFD => shared.serve_uffd(&entry, &mut scratch),
+                KIND_UFFD => {
+                    nice.serving();
+                    shared.serve_uffd(&entry, &mut scratch)
+                }
                 KIND_PID => shared.end(id, EndReason::ProcessExited),
                 _ => shared.end(id, EndReason::HungUp),
             }
@@ -665,6 +667,7 @@ fn worker(shared: &Shared) {
             continue;
         }
         if ahead {
+            nice.serving();
             if !shared.readahead_round(&mut scratch) {
                 let _ = shared.readahead.compare_exchange(
                     readahead,
@@ -674,6 +677,9 @@ fn worker(shared: &Shared) {
                 );
             }
             continue;
+        }
+        if populate {
+            nice.populating();
         }
         if populate && !shared.background_round(&mut scratch) {
             let _ = shared.background.compare_exchange(
@@ -688,9 +694,55 @@ fn worker(shared: &Shared) {
     }
 }
 
-/// Sets the calling thread's nice value, if one is given.
-fn set_nice(nice: Option<i32>) {
-    let Some(nice) = nice else { return };
+/// A serving thread's nice value: [`EngineConfig::nice`] while it serves
+/// faults or reads ahead of a stream (a faulting thread waits for that
+/// work), the one it started with while it populates in the background:
+/// work nobody waits for must not take a core from the served process at a
+/// raised priority. (Measured, the fault-wait p99 during population was
+/// within noise either way: 2.46-3.09x the floor's p50 in medians of 4-5
+/// rounds, against 2.84-2.98x.) Readahead at the raised priority is what
+/// keeps 4 client threads on 2 cores at the 1-thread speed: at the base
+/// nice, 4-thread sequential fell from 2.29 to 1.84 GiB/s. Changed only on
+/// a switch, one system call.
+struct Nice {
+    serving: Option<i32>,
+    base: i32,
+    current: i32,
+}
+
+impl Nice {
+    fn new(serving: Option<i32>) -> Nice {
+        let tid = rustix::thread::gettid();
+        let base = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
+        let mut n = Nice {
+            serving,
+            base,
+            current: base,
+        };
+        n.serving();
+        n
+    }
+
+    fn serving(&mut self) {
+        self.set(self.serving.unwrap_or(self.base));
+    }
+
+    fn populating(&mut self) {
+        self.set(self.base);
+    }
+
+    fn set(&mut self, nice: i32) {
+        if nice != self.current {
+            // On failure (no CAP_SYS_NICE) the value stays as it was; a
+            // warning was given, and retrying would only repeat the call.
+            self.current = nice;
+            set_nice(nice);
+        }
+    }
+}
+
+/// Sets the calling thread's nice value.
+fn set_nice(nice: i32) {
     let tid = rustix::thread::gettid();
     if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
         static WARNED: AtomicBool = AtomicBool::new(false);

@@ -776,22 +776,26 @@ fn sequential_faults_read_ahead_and_random_ones_do_not() {
     assert_eq!(single.faults, pages as u64, "{single:?}");
 }
 
-/// The serving threads run at the configured nice value. (A positive one:
-/// lowering priority needs no privilege.)
+/// The serving threads run at the configured nice value, and a thread
+/// populating in the background goes back to the one it started with. (A
+/// positive value: lowering priority needs no privilege.)
 #[test]
 fn serving_threads_take_the_configured_nice_value() {
+    let Some(u) = uffd(Features::empty()) else {
+        return;
+    };
     let engine = Engine::start(
         EngineConfig {
-            threads: 2,
+            threads: 1,
             nice: Some(7),
             ..EngineConfig::default()
         },
         None,
     )
     .expect("engine");
-    // Nice is field 19 of /proc/self/task/TID/stat, counting after the
-    // command name's closing parenthesis as field 2.
-    let niced = || -> usize {
+    // Nice is field 19 of /proc/self/task/TID/stat; after the command
+    // name's closing parenthesis, fields start at 3.
+    let at = |nice: i32| -> usize {
         let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
             return 0;
         };
@@ -804,15 +808,42 @@ fn serving_threads_take_the_configured_nice_value() {
             .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
             .filter(|stat| {
                 let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
-                after.split_whitespace().nth(16) == Some("7")
+                after.split_whitespace().nth(16) == Some(nice.to_string().as_str())
             })
             .count()
     };
-    // The threads set it as they start.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while niced() < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(niced(), 2, "both serving threads run at nice 7");
+    let wait_for = |what: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !what() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    // The thread sets it as it starts. (Other tests' engines run at the
+    // default -10 or at the base nice, which is not 7 here.)
+    wait_for(&|| at(7) == 1);
+    assert_eq!(at(7), 1, "the serving thread runs at nice 7");
+    // Populating in the background, it runs at the base nice.
+    let pages = 256;
+    let mem = Mem::anon(pages * PAGE, false).expect("mmap");
+    u.register(mem.addr, mem.len, RegisterMode::MISSING)
+        .expect("register");
+    let data = content(pages, PAGE);
+    let handle = engine
+        .add(spec(
+            "nice",
+            u,
+            &mem,
+            PageSize::Base4K,
+            Arc::new(Bytes(data.clone())),
+            SessionConfig {
+                background: true,
+                ..SessionConfig::default()
+            },
+        ))
+        .expect("add");
+    let st = settle(&handle, |st| st.pages_background == pages as u64);
+    assert_eq!(st.pages_background, pages as u64, "{st:?}");
+    assert_eq!(at(7), 0, "no longer at nice 7 after populating");
+    assert_same(&mem.read_all(), &data, "populated in the background");
     engine.shutdown();
 }
