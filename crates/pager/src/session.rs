@@ -1149,6 +1149,43 @@ mod tests {
         }
     }
 
+    /// A session over a fresh anonymous mapping of `pages` pages, registered
+    /// for missing faults, served from `data`: the session and the mapping's
+    /// address (unmapped by the caller).
+    fn manual(
+        pages: usize,
+        features: Features,
+        data: Vec<u8>,
+        config: SessionConfig,
+    ) -> Option<(Session, u64)> {
+        let u = open()?;
+        u.api(features).expect("api");
+        let len = pages * PAGE;
+        // SAFETY: a fresh anonymous mapping used only by the calling test.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED, "mmap");
+        let base = base as u64;
+        u.register(base, len, RegisterMode::MISSING)
+            .expect("register");
+        let region = Region {
+            host_base: base,
+            len: len as u64,
+            source_offset: 0,
+            page_size: PageSize::Base4K,
+        };
+        let session = Session::new("manual".into(), u, &[region], Arc::new(Bytes(data)), config);
+        Some((session, base))
+    }
+
     /// A fault is read; then a REMOVE is queued behind it before the fault
     /// is served. The COPY must fail with EAGAIN, the serving thread must
     /// read the REMOVE itself, give up the discarded cluster page, retry,
@@ -1166,38 +1203,15 @@ mod tests {
     /// The case above for a 4-page cluster faulted at `fault` while a
     /// REMOVE of page `removed` is queued.
     fn eagain_with_remove(fault: usize, removed: usize) {
-        let Some(u) = open() else { return };
-        u.api(Features::EVENT_REMOVE).expect("api");
         let len = 4 * PAGE;
-        // SAFETY: a fresh anonymous mapping used only by this test.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        } as u64;
-        u.register(base, len, RegisterMode::MISSING)
-            .expect("register");
         let data: Vec<u8> = (0..len).map(|i| (i / PAGE) as u8 + 1).collect();
-        let session = Session::new(
-            "manual".into(),
-            u,
-            &[Region {
-                host_base: base,
-                len: len as u64,
-                source_offset: 0,
-                page_size: PageSize::Base4K,
-            }],
-            Arc::new(Bytes(data)),
-            SessionConfig {
-                cluster_pages: 4,
-                ..SessionConfig::default()
-            },
-        );
+        let config = SessionConfig {
+            cluster_pages: 4,
+            ..SessionConfig::default()
+        };
+        let Some((session, base)) = manual(4, Features::EVENT_REMOVE, data, config) else {
+            return;
+        };
         let at = |page: usize| base + (page * PAGE) as u64;
         let fault_addr = at(fault);
         // SAFETY (both threads): reads and madvise inside our live mapping.
@@ -1282,41 +1296,17 @@ mod tests {
     /// readahead limit, not at page 0 inside the window readahead maps.
     #[test]
     fn background_population_starts_past_a_sequential_stream() {
-        let Some(u) = open() else { return };
-        u.api(Features::empty()).expect("api");
         let pages = 4096;
         let len = pages * PAGE;
-        // SAFETY: a fresh anonymous mapping used only by this test.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        } as u64;
-        u.register(base, len, RegisterMode::MISSING)
-            .expect("register");
         let data: Vec<u8> = (0..len).map(|i| (i / PAGE) as u8 | 1).collect();
         let config = SessionConfig {
             background: true,
             ..SessionConfig::default()
         };
         let (cluster, limit) = (config.cluster_pages, config.max_readahead_pages);
-        let session = Session::new(
-            "manual".into(),
-            u,
-            &[Region {
-                host_base: base,
-                len: len as u64,
-                source_offset: 0,
-                page_size: PageSize::Base4K,
-            }],
-            Arc::new(Bytes(data.clone())),
-            config,
-        );
+        let Some((session, base)) = manual(pages, Features::empty(), data.clone(), config) else {
+            return;
+        };
         let at = |page: usize| base + (page * PAGE) as u64;
         let (mut deferred, mut events) = (Vec::new(), Vec::with_capacity(uffd::MAX_BATCH));
         // Resolving ioctls need no faulting thread: serve two "faults" by
