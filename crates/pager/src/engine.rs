@@ -59,10 +59,9 @@ pub struct EngineConfig {
     /// Nice value of the serving threads (set per thread), so that a busy
     /// served process does not keep them from the CPU: with 4 client
     /// threads on 2 cores, sequential first touch through serve went from
-    /// 1.52-1.93 GiB/s to 2.20-2.46 at -10, and the p99 wait of a fault
-    /// during background population from 2.2-7.1x the floor's p50 to
-    /// 1.8-2.8x (docs/benchmarks.md). A thread populating in the background
-    /// goes back to the nice it started with meanwhile. A negative value needs
+    /// 1.52-1.93 GiB/s to 2.20-2.46 at -10 (docs/benchmarks.md). A thread
+    /// populating in the background goes back to the nice it started with
+    /// meanwhile (see `Nice`). A negative value needs
     /// CAP_SYS_NICE; without it the threads keep their priority (a warning
     /// says so). `None`: leave it.
     pub nice: Option<i32>,
@@ -733,8 +732,9 @@ impl Nice {
 
     fn set(&mut self, nice: i32) {
         if nice != self.current {
-            // On failure (no CAP_SYS_NICE) the value stays as it was; a
-            // warning was given, and retrying would only repeat the call.
+            // Recorded even if the call fails (no CAP_SYS_NICE: warned
+            // once), so that a failing value is tried again only on the
+            // next switch, not before every fault.
             self.current = nice;
             set_nice(nice);
         }
