@@ -162,14 +162,7 @@ fn setup(pages: usize, config: SessionConfig, features: Features) -> Option<Setu
     u.register(mem.addr, mem.len, RegisterMode::MISSING)
         .expect("register");
     let data = Arc::new(content(pages, PAGE));
-    let engine = Engine::start(
-        EngineConfig {
-            threads: 2,
-            ..EngineConfig::default()
-        },
-        None,
-    )
-    .expect("engine");
+    let engine = engine(2);
     let handle = engine
         .add(spec(
             "test",
@@ -213,6 +206,18 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
         panic!("{what}: first difference at byte {i} (page {})", i / PAGE);
     }
     assert_eq!(got.len(), want.len());
+}
+
+/// An engine with `threads` serving threads and no end hook.
+fn engine(threads: usize) -> Engine {
+    Engine::start(
+        EngineConfig {
+            threads,
+            ..EngineConfig::default()
+        },
+        None,
+    )
+    .expect("engine")
 }
 
 #[test]
@@ -427,14 +432,7 @@ fn unreadable_page_is_poisoned_not_served() {
     u.register(mem.addr, mem.len, RegisterMode::MISSING)
         .expect("register");
     let data = content(8, PAGE);
-    let engine = Engine::start(
-        EngineConfig {
-            threads: 1,
-            ..EngineConfig::default()
-        },
-        None,
-    )
-    .expect("engine");
+    let engine = engine(1);
     let h = engine
         .add(spec(
             "flaky",
@@ -534,14 +532,7 @@ fn pid_that_does_not_exist_is_refused() {
     let Some(u) = uffd(Features::empty()) else {
         return;
     };
-    let engine = Engine::start(
-        EngineConfig {
-            threads: 1,
-            ..EngineConfig::default()
-        },
-        None,
-    )
-    .expect("engine");
+    let engine = engine(1);
     let err = engine
         .add(SessionSpec {
             name: "ghost".into(),
@@ -629,14 +620,7 @@ fn hugetlb_2m_regions() {
     let mut data = content(4 * 512, PAGE);
     data[2 * huge..3 * huge].fill(0); // one all-zero huge page
     let data = Arc::new(data);
-    let engine = Engine::start(
-        EngineConfig {
-            threads: 2,
-            ..EngineConfig::default()
-        },
-        None,
-    )
-    .expect("engine");
+    let engine = engine(2);
     let h = engine
         .add(spec(
             "huge",
