@@ -10,7 +10,8 @@
 //! background-population step and looks again, so background work always
 //! yields to faults.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -107,6 +108,10 @@ pub enum EndReason {
     ParentEnded,
     /// Ended by the caller or by engine shutdown.
     Stopped,
+    /// The peer's userfaultfd or memory cannot be served: the report's
+    /// `detail` says why (its fd keeps failing, a fault could be neither
+    /// served nor poisoned).
+    Failed,
 }
 
 /// The summary of a session, when it ends.
@@ -120,6 +125,9 @@ pub struct SessionReport {
     pub regions: usize,
     pub bytes: u64,
     pub stats: StatsSnapshot,
+    /// Why, when `reason` is `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 type EndHook = Box<dyn Fn(&SessionReport) + Send + Sync>;
@@ -166,6 +174,9 @@ struct Shared {
     nice: Option<i32>,
     round_robin: AtomicUsize,
     on_end: Option<EndHook>,
+    /// When to come back to sessions whose work met lasting EAGAIN and was
+    /// put aside (session id), earliest first.
+    timers: Mutex<BinaryHeap<Reverse<(Instant, u64)>>>,
 }
 
 /// Serving threads and the sessions they serve.
@@ -240,6 +251,7 @@ impl Engine {
             nice: config.nice,
             round_robin: AtomicUsize::new(0),
             on_end,
+            timers: Mutex::new(BinaryHeap::new()),
         });
         let mut workers = Vec::new();
         for n in 0..config.threads.max(1) {
@@ -424,6 +436,11 @@ impl Shared {
 
     /// Ends session `id` (once) and the sessions forked from it.
     fn end(&self, id: u64, reason: EndReason) {
+        self.end_with(id, reason, None);
+    }
+
+    /// Ends session `id` as `end` does, with a reason for the report.
+    fn end_with(&self, id: u64, reason: EndReason, detail: Option<String>) {
         let (entry, children) = {
             let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
             let Some(entry) = map.remove(&id) else { return };
@@ -451,17 +468,27 @@ impl Shared {
             regions: entry.regions,
             bytes: entry.bytes,
             stats: entry.session.stats.snapshot(),
+            detail,
         };
-        tracing::info!(
-            id,
-            name = %report.name,
-            ?reason,
-            faults = report.stats.faults,
-            copied = report.stats.pages_copied,
-            zeroed = report.stats.pages_zeroed,
-            errors = report.stats.errors,
-            "session ended"
-        );
+        match &report.detail {
+            Some(why) => crate::limited!(
+                error,
+                id,
+                name = %report.name,
+                faults = report.stats.faults,
+                "session ended: {why}"
+            ),
+            None => tracing::info!(
+                id,
+                name = %report.name,
+                ?reason,
+                faults = report.stats.faults,
+                copied = report.stats.pages_copied,
+                zeroed = report.stats.pages_zeroed,
+                errors = report.stats.errors,
+                "session ended"
+            ),
+        }
         if let Some(hook) = &self.on_end {
             hook(&report);
         }
@@ -483,17 +510,24 @@ impl Shared {
         while i < scratch.faults.len() {
             let f = scratch.faults[i];
             i += 1;
-            if entry
+            match entry
                 .session
                 .serve_fault(f, &mut scratch.faults, &mut scratch.events)
-                == Served::ProcessGone
             {
-                scratch.faults.clear();
-                self.end(entry.id, EndReason::AddressSpaceGone);
-                return;
+                Served::Done => {}
+                Served::ProcessGone => {
+                    scratch.faults.clear();
+                    self.end(entry.id, EndReason::AddressSpaceGone);
+                    return;
+                }
+                Served::Unservable => break,
             }
         }
         scratch.faults.clear();
+        if self.end_if_failed(entry) {
+            return;
+        }
+        self.schedule(entry);
         if entry.session.take_ahead_added() {
             let _ = self
                 .readahead
@@ -528,6 +562,66 @@ impl Shared {
                     session = entry.session.name(),
                     "fork: cannot serve the child: {e}"
                 );
+            }
+        }
+    }
+
+    /// Ends the session if it cannot go on (its failure says why). The
+    /// threads of a VM whose session fails this way keep waiting on the
+    /// VMM's own copy of the userfaultfd; the log and the report say why.
+    fn end_if_failed(&self, entry: &Arc<Entry>) -> bool {
+        match entry.session.take_failure() {
+            Some(why) => {
+                self.end_with(entry.id, EndReason::Failed, Some(why));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Asks for a timer if the session put work aside.
+    fn schedule(&self, entry: &Arc<Entry>) {
+        if let Some(at) = entry.session.take_retry_at() {
+            self.timers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Reverse((at, entry.id)));
+            // A worker asleep in epoll_wait must see the new deadline.
+            let _ = rustix::io::write(&self.control, &1u64.to_ne_bytes());
+        }
+    }
+
+    /// The earliest timer, if any.
+    fn next_timer(&self) -> Option<Instant> {
+        self.timers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .peek()
+            .map(|Reverse((at, _))| *at)
+    }
+
+    /// Serves the work put aside by sessions whose timers are due, and lets
+    /// readahead and background population look again.
+    fn run_timers(&self, scratch: &mut Scratch) {
+        let now = Instant::now();
+        loop {
+            let id = {
+                let mut timers = self.timers.lock().unwrap_or_else(|e| e.into_inner());
+                match timers.peek() {
+                    Some(Reverse((at, id))) if *at <= now => {
+                        let id = *id;
+                        timers.pop();
+                        id
+                    }
+                    _ => return,
+                }
+            };
+            let Some(entry) = self.get(id) else { continue };
+            entry.session.take_put_aside(&mut scratch.faults);
+            self.serve_faults(&entry, scratch);
+            for flag in [&self.background, &self.readahead] {
+                let _ =
+                    flag.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some((v + 2) | 1));
             }
         }
     }
@@ -573,7 +667,7 @@ impl Shared {
                     self.end(entry.id, EndReason::AddressSpaceGone);
                     return true;
                 }
-                Some(Served::Done) => {
+                Some(Served::Done) | Some(Served::Unservable) => {
                     // Faults read while retrying belong to this session.
                     self.serve_faults(entry, scratch);
                     return true;
@@ -625,7 +719,18 @@ fn worker(shared: &Shared) {
         let readahead = shared.readahead.load(Ordering::Acquire);
         let ahead = readahead & 1 == 1;
         events.clear();
-        let timeout = if populate || ahead { Some(&zero) } else { None };
+        let until_timer = shared.next_timer().map(|at| {
+            let d = at.saturating_duration_since(Instant::now());
+            rustix::event::Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as i64,
+            }
+        });
+        let timeout = if populate || ahead {
+            Some(&zero)
+        } else {
+            until_timer.as_ref()
+        };
         match epoll::wait(
             &shared.epoll,
             rustix::buffer::spare_capacity(&mut events),
@@ -655,6 +760,14 @@ fn worker(shared: &Shared) {
             };
             match kind {
                 KIND_UFFD => {
+                    // An error on a userfaultfd that passed `Uffd::adopt`:
+                    // the peer cleared O_NONBLOCK on the file it shares
+                    // with us (epoll then reports an error on every wait).
+                    let flags = ev.flags;
+                    if flags.contains(epoll::EventFlags::ERR) && !entry.session.repair_fd() {
+                        shared.end_if_failed(&entry);
+                        continue;
+                    }
                     nice.serving();
                     shared.serve_uffd(&entry, &mut scratch)
                 }
@@ -662,6 +775,7 @@ fn worker(shared: &Shared) {
                 _ => shared.end(id, EndReason::HungUp),
             }
         }
+        shared.run_timers(&mut scratch);
         if !events.is_empty() {
             continue;
         }

@@ -14,6 +14,7 @@
 
 mod engine;
 mod layout;
+pub mod ratelimit;
 pub mod region;
 mod session;
 pub mod source;

@@ -11,11 +11,12 @@
 //! queued lands before the zap; one issued while it is queued fails with
 //! EAGAIN; one issued after it was read sees the page discarded.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use uffd::{CopyMode, Error as UffdError, Event, Uffd};
+use rustix::io::Errno;
+use uffd::{CopyMode, Error as UffdError, Event, FaultFlags, Uffd};
 
 use crate::layout::{Layout, PageState, RegionState};
 use crate::region::{PageSize, Region};
@@ -42,9 +43,10 @@ pub struct SessionConfig {
     /// Serve the children of a fork (EVENT_FORK); otherwise their
     /// userfaultfd is closed and they see zero pages where they had none.
     pub serve_forks: bool,
-    /// How often a resolving ioctl is retried after EAGAIN (queued events)
-    /// before the pages are released and the failure reported.
-    pub max_retries: u32,
+    /// How often work that meets EAGAIN (events queued) is retried at once,
+    /// after reading the events, before it is put aside and retried later
+    /// (see `Session::put_aside`).
+    pub quick_retries: u32,
     /// Sequential readahead: a fault where the previous cluster or window
     /// ended maps a cluster from it onwards at once, and idle serving threads
     /// map the window after it, doubling on each sequential fault up to this
@@ -67,7 +69,7 @@ impl Default for SessionConfig {
             background: false,
             background_chunk: 8,
             serve_forks: false,
-            max_retries: 1000,
+            quick_retries: 8,
             max_readahead_pages: 1024,
             readahead_chunk: 64,
             zero_merge_pages: 8,
@@ -79,6 +81,7 @@ impl Default for SessionConfig {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Fault {
     pub addr: u64,
+    pub flags: FaultFlags,
     pub read_at: Instant,
 }
 
@@ -87,7 +90,20 @@ pub(crate) struct Fault {
 pub(crate) enum Served {
     Done,
     ProcessGone,
+    /// The session cannot go on (`Session::take_failure` says why): a fault
+    /// could be neither served nor poisoned, or its userfaultfd fails.
+    Unservable,
 }
+
+/// Faults put aside (EAGAIN that lasted) wait at most this long before they
+/// are tried again, 20 µs doubling per consecutive deferral up to it.
+const MAX_DEFER: Duration = Duration::from_millis(2);
+/// Faults put aside per session at most; past it a fault's page is woken
+/// instead, and its thread faults again.
+const MAX_DEFERRED: usize = 4096;
+/// Times a peer may clear O_NONBLOCK on its userfaultfd before its session
+/// ends (each one costs the server an epoll error wake-up and a fcntl).
+const MAX_NONBLOCK_RESETS: u32 = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
@@ -129,6 +145,10 @@ struct Claim {
     /// The read buffer holds this page's bytes (set by `read_source`;
     /// cleared when the page is discarded meanwhile and becomes zero).
     in_buf: bool,
+    /// The page reads as zero because the guest released it (or it was
+    /// mapped once and is gone): given back, it is Discarded, not Missing,
+    /// so that the source's bytes never reach it again.
+    discarded: bool,
 }
 
 impl Claim {
@@ -137,6 +157,23 @@ impl Claim {
             page,
             zero,
             in_buf: false,
+            discarded: false,
+        }
+    }
+
+    fn discarded(page: usize) -> Claim {
+        Claim {
+            discarded: true,
+            ..Claim::new(page, true)
+        }
+    }
+
+    /// The state the page goes back to if this claim is given up.
+    fn unclaimed(&self) -> PageState {
+        if self.discarded {
+            PageState::Discarded
+        } else {
+            PageState::Missing
         }
     }
 }
@@ -158,6 +195,24 @@ pub struct Session {
     /// Set when readahead work was added; the engine then wakes idle
     /// serving threads to do it.
     ahead_added: AtomicBool,
+    /// Work put aside after lasting EAGAIN (see `put_aside`).
+    aside: Mutex<Aside>,
+    /// Why the session cannot go on; the engine ends it with this.
+    failure: Mutex<Option<String>>,
+    /// Times the peer cleared O_NONBLOCK on the userfaultfd.
+    nonblock_resets: AtomicU32,
+}
+
+/// Work put aside because the kernel kept failing it with EAGAIN.
+#[derive(Debug, Default)]
+struct Aside {
+    faults: Vec<Fault>,
+    /// Readahead and background population wait until then.
+    unprompted_after: Option<Instant>,
+    /// When the engine should come back (taken by `take_retry_at`).
+    retry_at: Option<Instant>,
+    /// Consecutive deferrals, for the delay.
+    streak: u32,
 }
 
 #[derive(Debug, Default)]
@@ -273,6 +328,9 @@ impl Session {
             forks: Mutex::new(Vec::new()),
             stream: Mutex::new(Stream::default()),
             ahead_added: AtomicBool::new(false),
+            aside: Mutex::new(Aside::default()),
+            failure: Mutex::new(None),
+            nonblock_resets: AtomicU32::new(0),
         }
     }
 
@@ -294,6 +352,9 @@ impl Session {
             forks: Mutex::new(Vec::new()),
             stream: Mutex::new(Stream::default()),
             ahead_added: AtomicBool::new(false),
+            aside: Mutex::new(Aside::default()),
+            failure: Mutex::new(None),
+            nonblock_resets: AtomicU32::new(0),
         }
     }
 
@@ -329,33 +390,42 @@ impl Session {
         l.find(addr).map(|(i, p)| l.regions[i].state(p))
     }
 
-    /// Reads every queued message under the write lock, applies REMOVE,
+    /// Reads the queued messages under the write lock, applies REMOVE,
     /// UNMAP and REMAP to page state before releasing it, and appends the
     /// faults to `faults` (served afterwards, by page state, whatever the
-    /// order they were read in).
+    /// order they were read in). It reads while `faults` has room for a
+    /// whole batch without growing: one session's flood of faults does not
+    /// keep a serving thread from the others (epoll is level-triggered, so
+    /// the rest is read on a later round).
     ///
     /// `events` must have room for [`uffd::MAX_BATCH`] messages already:
-    /// nothing here allocates before the read (see `engine::Scratch`).
+    /// nothing here allocates before the read (see `engine::Scratch`). The
+    /// read never blocks, whatever the peer did to the fd's flags; when it
+    /// fails the session is marked failed (see `take_failure`).
     pub(crate) fn pump(&self, faults: &mut Vec<Fault>, events: &mut Vec<Event>) -> usize {
         let mut wake = Vec::new();
         let mut total = 0;
+        if faults.is_empty() && faults.capacity() < uffd::MAX_BATCH {
+            faults.reserve(uffd::MAX_BATCH); // only callers without scratch
+        }
         {
             let mut layout = self.layout.write().unwrap_or_else(|e| e.into_inner());
-            loop {
+            while faults.capacity() - faults.len() >= uffd::MAX_BATCH {
                 events.clear();
                 let n = match self.uffd.read_events(events, uffd::MAX_BATCH) {
                     Ok(n) => n,
                     Err(e) => {
-                        tracing::error!(session = %self.name, "reading the userfaultfd: {e}");
                         Stats::add(&self.stats.errors, 1);
-                        0
+                        self.fail(format!("reading its userfaultfd failed: {e}"));
+                        break;
                     }
                 };
                 let now = Instant::now();
                 for ev in events.drain(..) {
                     match ev {
-                        Event::PageFault { address, .. } => faults.push(Fault {
+                        Event::PageFault { address, flags, .. } => faults.push(Fault {
                             addr: address,
+                            flags,
                             read_at: now,
                         }),
                         Event::Remove { start, end } => {
@@ -382,7 +452,7 @@ impl Session {
                                 .push(uffd);
                         }
                         Event::Unknown { kind } => {
-                            tracing::warn!(session = %self.name, kind, "unknown userfaultfd message ignored");
+                            crate::limited!(warn, session = %self.name, kind, "unknown userfaultfd message ignored");
                         }
                     }
                 }
@@ -403,9 +473,136 @@ impl Session {
         std::mem::take(&mut *self.forks.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Marks the session as unable to go on, with the reason (the first one
+    /// is kept); the engine ends it and logs the reason once.
+    fn fail(&self, why: String) -> Served {
+        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(why);
+        }
+        Served::Unservable
+    }
+
+    /// Why the session cannot go on, if it cannot.
+    pub(crate) fn take_failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Sets O_NONBLOCK on the userfaultfd again after epoll reported an
+    /// error on it. The peer shares the open file and can clear the flag
+    /// (epoll then reports an error on every wait); reads never depend on
+    /// it, but a peer that keeps clearing it is ending its own service.
+    /// Returns false when the session must end (its failure says why).
+    pub(crate) fn repair_fd(&self) -> bool {
+        match self.uffd.ensure_nonblocking() {
+            Ok(true) => {
+                let n = self.nonblock_resets.fetch_add(1, Ordering::AcqRel) + 1;
+                crate::limited!(warn, session = %self.name, times = n, "the VMM cleared O_NONBLOCK on its userfaultfd; set again");
+                if n > MAX_NONBLOCK_RESETS {
+                    self.fail(format!(
+                        "the VMM cleared O_NONBLOCK on its userfaultfd {n} times: a userfaultfd \
+                         must stay non-blocking while it is served"
+                    ));
+                    return false;
+                }
+                true
+            }
+            // Non-blocking, yet epoll reports an error: the fd is unusable.
+            Ok(false) => {
+                self.fail("epoll reports an error on its userfaultfd".to_string());
+                false
+            }
+            Err(e) => {
+                self.fail(format!("its userfaultfd cannot be made non-blocking: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Puts a fault aside to be tried again after a short delay (the
+    /// kernel fails resolving ioctls with EAGAIN until the thread that
+    /// raised a queued event runs again). Past `MAX_DEFERRED` faults the
+    /// page is woken instead: its thread faults again, a new message.
+    fn defer(&self, fault: Fault) {
+        Stats::add(&self.stats.deferrals, 1);
+        let mut aside = self.aside.lock().unwrap_or_else(|e| e.into_inner());
+        if aside.faults.len() >= MAX_DEFERRED {
+            drop(aside);
+            let _ = self.uffd.wake(fault.addr & !0xfff, 4096);
+            return;
+        }
+        aside.faults.push(fault);
+        Self::schedule(&mut aside);
+    }
+
+    /// Pauses readahead and background population after lasting EAGAIN.
+    fn pause_unprompted(&self) {
+        Stats::add(&self.stats.deferrals, 1);
+        let mut aside = self.aside.lock().unwrap_or_else(|e| e.into_inner());
+        let at = Self::schedule(&mut aside);
+        aside.unprompted_after = Some(at);
+    }
+
+    /// Asks the engine to come back after the next delay; returns when.
+    fn schedule(aside: &mut Aside) -> Instant {
+        let delay = Duration::from_micros(20 << aside.streak.min(7)).min(MAX_DEFER);
+        aside.streak = aside.streak.saturating_add(1);
+        let at = Instant::now() + delay;
+        aside.retry_at = Some(aside.retry_at.map_or(at, |t| t.min(at)));
+        at
+    }
+
+    /// When the engine should come back to this session's work put aside
+    /// (taken: asked once per deferral).
+    pub(crate) fn take_retry_at(&self) -> Option<Instant> {
+        self.aside
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retry_at
+            .take()
+    }
+
+    /// Moves the faults put aside to `faults` (as many as fit without
+    /// growing it, see `pump`).
+    pub(crate) fn take_put_aside(&self, faults: &mut Vec<Fault>) {
+        let mut aside = self.aside.lock().unwrap_or_else(|e| e.into_inner());
+        let room = faults.capacity().saturating_sub(faults.len()).max(1);
+        let n = aside.faults.len().min(room);
+        faults.extend(aside.faults.drain(..n));
+        if !aside.faults.is_empty() {
+            Self::schedule(&mut aside);
+        }
+    }
+
+    /// Whether readahead and background population wait (EAGAIN lasted).
+    fn unprompted_paused(&self) -> bool {
+        let mut aside = self.aside.lock().unwrap_or_else(|e| e.into_inner());
+        match aside.unprompted_after {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                aside.unprompted_after = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Work went through without EAGAIN: the next deferral waits briefly.
+    fn progressed(&self) {
+        if let Ok(mut aside) = self.aside.try_lock() {
+            aside.streak = 0;
+        }
+    }
+
     /// Serves one fault: the faulting page first, then the missing pages of
-    /// its cluster. Faults on pages already served or in flight are dropped
-    /// (a present page gets a WAKE in case its thread missed the first one).
+    /// its cluster. A fault on a page in flight is dropped (its owner wakes
+    /// the thread). A fault is the kernel saying the page is missing now, so
+    /// one on a page the engine mapped is answered by asking the kernel (see
+    /// `claim_and_serve`), never by a bare WAKE; one outside every declared
+    /// region is poisoned.
     pub(crate) fn serve_fault(
         &self,
         fault: Fault,
@@ -413,14 +610,132 @@ impl Session {
         events: &mut Vec<Event>,
     ) -> Served {
         Stats::add(&self.stats.faults, 1);
+        if fault.flags.intersects(FaultFlags::WP | FaultFlags::MINOR) {
+            return self.serve_other_mode(fault);
+        }
         let layout = self.read_layout();
         let Some((i, page)) = layout.find(fault.addr) else {
-            Stats::add(&self.stats.errors, 1);
-            tracing::warn!(session = %self.name, addr = fault.addr, "fault outside every known region: woken unserved");
-            let _ = self.uffd.wake(fault.addr & !0xfff, 4096);
-            return Served::Done;
+            let served = self.poison_undeclared(fault);
+            drop(layout);
+            return served;
         };
         with_claims(|claims| self.claim_and_serve(layout, i, page, fault, claims, deferred, events))
+    }
+
+    /// A fault outside every region the VMM declared: it registered memory
+    /// it did not declare (or declared less than it registered). There are
+    /// no bytes to serve there, and a WAKE only brings the fault straight
+    /// back: the page is poisoned, so the thread gets SIGBUS instead of
+    /// waiting for ever (`docs/protocol.md`). Called under the read lock,
+    /// like every resolving ioctl.
+    fn poison_undeclared(&self, fault: Fault) -> Served {
+        Stats::add(&self.stats.faults_undeclared, 1);
+        // The page size of undeclared memory is unknown: 4 KiB, else 2 MiB
+        // (hugetlbfs refuses a range that is not whole huge pages).
+        for ps in [4096u64, PageSize::Huge2M.bytes() as u64] {
+            let page = fault.addr & !(ps - 1);
+            match self.uffd.poison(page, ps as usize, false) {
+                Ok(_) => {
+                    Stats::add(&self.stats.pages_poisoned, 1);
+                    crate::limited!(warn, session = %self.name, addr = page, "fault outside every region the VMM declared: page poisoned (the VMM registered memory it did not declare)");
+                    return Served::Done;
+                }
+                Err(UffdError::Os {
+                    errno: Errno::INVAL,
+                    ..
+                }) if ps == 4096 => continue,
+                Err(e) => return self.after_failed_resolve(fault, page, ps, e),
+            }
+        }
+        self.fail(format!(
+            "a fault at {:#x}, outside every declared region, could not be poisoned",
+            fault.addr
+        ))
+    }
+
+    /// What to do when an ioctl resolving `fault` (at `page`, `ps` bytes)
+    /// failed with `e` other than by success.
+    fn after_failed_resolve(&self, fault: Fault, page: u64, ps: u64, e: UffdError) -> Served {
+        match e {
+            // Resolved meanwhile, or the message was read before the page
+            // was mapped: wake its thread.
+            UffdError::Exists { .. } => {
+                let _ = self.uffd.wake(page, ps as usize);
+                Served::Done
+            }
+            UffdError::EventsPending { .. }
+            | UffdError::Os {
+                errno: Errno::NOMEM,
+                ..
+            } => {
+                self.defer(fault);
+                Served::Done
+            }
+            UffdError::ProcessGone { .. } => {
+                self.mark_ended();
+                Served::ProcessGone
+            }
+            // Unmapped or unregistered meanwhile: its thread faults again
+            // and finds that out.
+            UffdError::NotFound { .. } => {
+                let _ = self.uffd.wake(page, ps as usize);
+                Served::Done
+            }
+            e => self.fail(format!(
+                "a fault at {:#x} could be neither served nor poisoned: {e}",
+                fault.addr
+            )),
+        }
+    }
+
+    /// A write-protect or minor fault: the VMM registered memory in a mode
+    /// the Firecracker protocol does not use (it registers MISSING only).
+    /// The page is present, so the fault is resolved as the kernel would
+    /// without a handler: write protection is lifted (the write goes
+    /// through) or the page-cache page is mapped (CONTINUE).
+    fn serve_other_mode(&self, fault: Fault) -> Served {
+        Stats::add(&self.stats.faults_other_mode, 1);
+        let wp = fault.flags.contains(FaultFlags::WP);
+        crate::limited!(warn, session = %self.name, addr = fault.addr, write_protect = wp, "a write-protect or minor fault: the VMM registered memory in a mode the protocol does not use; resolved without serving bytes");
+        let _layout = self.read_layout();
+        for ps in [4096u64, PageSize::Huge2M.bytes() as u64] {
+            let page = fault.addr & !(ps - 1);
+            let done = if wp {
+                self.uffd.write_protect(page, ps as usize, false, false)
+            } else {
+                self.uffd
+                    .continue_range(page, ps as usize, false, false)
+                    .map(drop)
+            };
+            match done {
+                Ok(()) => return Served::Done,
+                Err(UffdError::Os {
+                    errno: Errno::INVAL,
+                    ..
+                }) if ps == 4096 => continue,
+                Err(e) => return self.after_failed_resolve(fault, page, ps, e),
+            }
+        }
+        self.fail(format!(
+            "a write-protect or minor fault at {:#x} could not be resolved",
+            fault.addr
+        ))
+    }
+
+    /// A fault on a page whose bytes could not be trusted (poisoned): the
+    /// poison is gone (a discard the engine was not told of zapped it), or
+    /// the message was read before the poison landed. Poison it again;
+    /// never serve it.
+    fn repoison(&self, r: &RegionState, page: usize, fault: Fault) -> Served {
+        let ps = r.region.page_bytes();
+        let addr = r.page_addr(page);
+        match self.uffd.poison(addr, ps as usize, false) {
+            Ok(_) => {
+                Stats::add(&self.stats.pages_poisoned, 1);
+                Served::Done
+            }
+            Err(e) => self.after_failed_resolve(fault, addr, ps, e),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -435,6 +750,7 @@ impl Session {
         events: &mut Vec<Event>,
     ) -> Served {
         let r = &layout.regions[i];
+        let mut mapped_before = false;
         loop {
             match r.state(page) {
                 PageState::Missing => {
@@ -445,16 +761,33 @@ impl Session {
                 }
                 PageState::Discarded => {
                     if r.transition(page, PageState::Discarded, PageState::Claimed) {
-                        claims.push(Claim::new(page, true));
+                        claims.push(Claim::discarded(page));
                         break;
                     }
                 }
-                PageState::Present | PageState::Failed => {
+                PageState::Present => {
+                    // The engine mapped this page, yet the kernel reports it
+                    // missing: the message was read before that mapping woke
+                    // its thread, or the page was zapped since. A REMOVE's
+                    // caller zaps only after its event is read, so a page
+                    // mapped in between (a zero page for a fault that raced
+                    // the discard) is zapped again behind the engine's back;
+                    // a VMM that did not ask for REMOVE events discards
+                    // unseen. Either way a zapped anonymous page must read
+                    // as zero. Ask the kernel: map zeros (on its own, no
+                    // cluster); EEXIST says the page is there, and its
+                    // thread gets a WAKE. A bare WAKE here livelocked a
+                    // guest thread for ever (issue 11, class 7).
+                    if r.transition(page, PageState::Present, PageState::Claimed) {
+                        Stats::add(&self.stats.faults_already_served, 1);
+                        claims.push(Claim::discarded(page));
+                        mapped_before = true;
+                        break;
+                    }
+                }
+                PageState::Failed => {
                     Stats::add(&self.stats.faults_already_served, 1);
-                    let _ = self
-                        .uffd
-                        .wake(r.page_addr(page), r.region.page_size.bytes());
-                    return Served::Done;
+                    return self.repoison(r, page, fault);
                 }
                 PageState::Claimed | PageState::ClaimedDiscarded => {
                     // Its owner maps it and wakes the waiters. If that is
@@ -465,7 +798,7 @@ impl Session {
                 }
             }
         }
-        let sequential = self.extend_claims(r, page, claims);
+        let sequential = !mapped_before && self.extend_claims(r, page, claims);
         let id = r.id;
         let ctx = Ctx {
             origin: Origin::Fault,
@@ -562,7 +895,7 @@ impl Session {
         deferred: &mut Vec<Fault>,
         events: &mut Vec<Event>,
     ) -> Option<Served> {
-        if self.is_ended() {
+        if self.is_ended() || self.unprompted_paused() {
             return None;
         }
         with_claims(|claims| {
@@ -597,7 +930,7 @@ impl Session {
         deferred: &mut Vec<Fault>,
         events: &mut Vec<Event>,
     ) -> Option<Served> {
-        if self.is_ended() {
+        if self.is_ended() || self.unprompted_paused() {
             return None;
         }
         with_claims(|claims| self.background_claims(claims, deferred, events))
@@ -756,7 +1089,10 @@ impl Session {
                 }
                 let first_data = data.unwrap_or(0);
                 match self.map_claims(r, claims, buf.data(), first_data, &ctx, fault_page, alone) {
-                    MapResult::Done => return Served::Done,
+                    MapResult::Done => {
+                        self.progressed();
+                        return Served::Done;
+                    }
                     MapResult::More if alone => {
                         // The faulting page is mapped: read the rest.
                         alone = false;
@@ -770,31 +1106,39 @@ impl Session {
                         layout = self.read_layout();
                     }
                     MapResult::ProcessGone => return Served::ProcessGone,
-                    MapResult::EventsPending => {
+                    MapResult::EventsPending { read_more } => {
                         attempts += 1;
                         Stats::add(&self.stats.retries, 1);
-                        if attempts > self.config.max_retries {
-                            Stats::add(&self.stats.errors, 1);
-                            tracing::error!(
-                                session = %self.name,
-                                pages = claims.len(),
-                                "pages still failing with EAGAIN after {} retries: released \
-                                 (their threads will fault again)",
-                                self.config.max_retries
-                            );
-                            self.release(r, claims);
-                            return Served::Done;
-                        }
                         drop(layout);
                         // Read the queued events; the faults found are served
-                        // after this run. The kernel keeps failing copies
-                        // until the thread that raised the event runs again
-                        // (not merely until the event is read), so when there
-                        // is nothing left to read, back off instead of spinning.
-                        if self.pump(deferred, events) == 0 {
-                            backoff(attempts);
-                        }
+                        // after this run.
+                        let read = if read_more {
+                            self.pump(deferred, events)
+                        } else {
+                            0
+                        };
                         layout = self.read_layout();
+                        if read > 0 {
+                            continue;
+                        }
+                        if attempts <= self.config.quick_retries {
+                            drop(layout);
+                            std::thread::yield_now();
+                            layout = self.read_layout();
+                            continue;
+                        }
+                        // The kernel keeps failing copies until the thread
+                        // that raised the event runs again, not merely until
+                        // the event is read: on a busy or CPU-throttled VM
+                        // that takes milliseconds. Waiting for it here kept
+                        // a serving thread from every other VM (and after a
+                        // second of it, gave the pages back as never
+                        // discarded: stale bytes). Put the work aside.
+                        if let Some(r) = layout.by_id(id) {
+                            self.reconcile(r, claims, fault_page);
+                            self.put_aside(r, claims, fault_page, ctx.read_at);
+                        }
+                        return Served::Done;
                     }
                 }
             }
@@ -815,6 +1159,7 @@ impl Session {
                     r.set(c.page, PageState::Claimed);
                     c.zero = true;
                     c.in_buf = false;
+                    c.discarded = true;
                     true
                 }
                 PageState::ClaimedDiscarded => {
@@ -898,14 +1243,36 @@ impl Session {
         let _ = self.uffd.wake(addr, n * ps);
     }
 
-    /// Releases claims after giving up on them; their threads fault again.
-    fn release(&self, r: &RegionState, claims: &[Claim]) {
-        for c in claims {
-            if r.transition(c.page, PageState::Claimed, PageState::Missing) {
-                let _ = self
-                    .uffd
-                    .wake(r.page_addr(c.page), r.region.page_size.bytes());
+    /// Gives the claims back, each to the state it was claimed from (a
+    /// discarded page stays discarded), after EAGAIN lasted. The faulting
+    /// page's fault is put aside and served again after a short delay
+    /// (`defer`); the other pages are woken, in case a thread faulted on
+    /// them meanwhile and was left to this claim's owner; readahead or
+    /// background work pauses for a while (`pause_unprompted`).
+    fn put_aside(
+        &self,
+        r: &RegionState,
+        claims: &mut Vec<Claim>,
+        fault_page: Option<usize>,
+        read_at: Option<Instant>,
+    ) {
+        let ps = r.region.page_size.bytes();
+        for c in claims.drain(..) {
+            if !r.transition(c.page, PageState::Claimed, c.unclaimed()) {
+                continue;
             }
+            if Some(c.page) == fault_page {
+                self.defer(Fault {
+                    addr: r.page_addr(c.page),
+                    flags: FaultFlags::empty(),
+                    read_at: read_at.unwrap_or_else(Instant::now),
+                });
+            } else {
+                let _ = self.uffd.wake(r.page_addr(c.page), ps);
+            }
+        }
+        if fault_page.is_none() {
+            self.pause_unprompted();
         }
     }
 
@@ -930,6 +1297,11 @@ impl Session {
         // write lock) waits for one piece, not a whole readahead chunk.
         let piece = (PIECE_BYTES / ps).max(1);
         let mut mapped = 0;
+        // Pages per ioctl at most: halved when a run met ENOENT, which a
+        // run across a VMA boundary gets although every page of it is
+        // registered (the VMM split the region with madvise, mprotect or
+        // mlock).
+        let mut max_run = usize::MAX;
         while !claims.is_empty() {
             if mapped >= piece || (first_only && mapped > 0) {
                 return MapResult::More;
@@ -942,14 +1314,8 @@ impl Session {
                 // Zero runs are not cut to the piece: a ZEROPAGE is cheap,
                 // and a cut would leave a short zero run behind.
                 let (k, zero) = plan_run(claims, merge, hugetlb);
-                (
-                    if zero {
-                        k
-                    } else {
-                        k.min(piece - mapped).max(1)
-                    },
-                    zero,
-                )
+                let k = if zero { k } else { k.min(piece - mapped) };
+                (k.min(max_run).max(1), zero)
             };
             mapped += k;
             let page = claims[0].page;
@@ -973,19 +1339,40 @@ impl Session {
                     claims.remove(0);
                     continue;
                 }
-                Err(UffdError::EventsPending { .. }) => return MapResult::EventsPending,
+                Err(UffdError::EventsPending { .. }) => {
+                    return MapResult::EventsPending { read_more: true };
+                }
+                // The VM's memory cgroup is full: not the page's fault, and
+                // not for ever. Try again later, as after EAGAIN.
+                Err(UffdError::Os {
+                    errno: Errno::NOMEM,
+                    ..
+                }) => {
+                    return MapResult::EventsPending { read_more: false };
+                }
                 Err(UffdError::ProcessGone { .. }) => {
                     self.mark_ended();
                     return MapResult::ProcessGone;
                 }
+                Err(UffdError::NotFound { .. }) if k > 1 => {
+                    // Not proof that every page of the run is gone: the run
+                    // may cross a VMA boundary. Try again in halves.
+                    mapped -= k;
+                    max_run = k / 2;
+                    continue;
+                }
                 Err(UffdError::NotFound { .. }) => {
-                    // Not mapped or registered any more, without an event
-                    // telling us (no EVENT_UNMAP): nothing to serve there.
+                    // This page is not mapped or not registered any more,
+                    // without an event saying so (the VMM did not ask for
+                    // UNMAP events, or unregistered it). Nothing to serve:
+                    // if it comes back and faults, it is fresh memory and
+                    // reads as zero. Wake whoever waits there: its thread
+                    // faults again and meets what the VMM did.
                     Stats::add(&self.stats.errors, 1);
-                    tracing::warn!(session = %self.name, addr, pages = k, "range no longer registered: pages dropped");
-                    for c in claims.drain(..k) {
-                        r.set(c.page, PageState::Failed);
-                    }
+                    crate::limited!(warn, session = %self.name, addr, "page no longer mapped or registered: not served");
+                    r.set(page, PageState::Discarded);
+                    let _ = self.uffd.wake(addr, ps);
+                    claims.remove(0);
                     continue;
                 }
                 Err(e) => {
@@ -1101,20 +1488,12 @@ enum MapResult {
     Done,
     /// A piece was mapped; more claims remain.
     More,
-    EventsPending,
+    /// The kernel refused for now: events are queued (read them, then
+    /// retry), or (`read_more: false`) memory is short.
+    EventsPending {
+        read_more: bool,
+    },
     ProcessGone,
-}
-
-/// Waits before retry `attempt` of an ioctl that met EAGAIN with no event
-/// left to read: a yield for the first few, then 20 µs doubling to 1 ms (the
-/// default bound of 1000 retries is then about a second).
-fn backoff(attempt: u32) {
-    if attempt <= 8 {
-        std::thread::yield_now();
-    } else {
-        let us = 20u64 << (attempt - 9).min(6);
-        std::thread::sleep(std::time::Duration::from_micros(us.min(1000)));
-    }
 }
 
 /// Whether a page is all zero (16 bytes at a time; pages are multiples of 16).
@@ -1250,6 +1629,7 @@ mod tests {
         let served = session.serve_fault(
             Fault {
                 addr: address,
+                flags: FaultFlags::empty(),
                 read_at: Instant::now(),
             },
             &mut deferred,
@@ -1314,6 +1694,7 @@ mod tests {
         for page in [0, cluster] {
             let fault = Fault {
                 addr: at(page),
+                flags: FaultFlags::empty(),
                 read_at: Instant::now(),
             };
             assert_eq!(
@@ -1370,6 +1751,7 @@ mod tests {
                 page,
                 zero: ch != 'd',
                 in_buf: ch != 'Z',
+                discarded: false,
             })
             .collect()
     }

@@ -26,6 +26,9 @@ pub struct Stats {
     pub events_unmap: AtomicU64,
     pub events_remap: AtomicU64,
     pub events_fork: AtomicU64,
+    pub faults_undeclared: AtomicU64,
+    pub faults_other_mode: AtomicU64,
+    pub deferrals: AtomicU64,
     latency: Mutex<hdrhistogram::Histogram<u64>>,
 }
 
@@ -48,6 +51,9 @@ impl Default for Stats {
             events_unmap: AtomicU64::new(0),
             events_remap: AtomicU64::new(0),
             events_fork: AtomicU64::new(0),
+            faults_undeclared: AtomicU64::new(0),
+            faults_other_mode: AtomicU64::new(0),
+            deferrals: AtomicU64::new(0),
             latency: Mutex::new(latency_histogram()),
         }
     }
@@ -99,6 +105,9 @@ impl Stats {
             events_unmap: g(&self.events_unmap),
             events_remap: g(&self.events_remap),
             events_fork: g(&self.events_fork),
+            faults_undeclared: g(&self.faults_undeclared),
+            faults_other_mode: g(&self.faults_other_mode),
+            deferrals: g(&self.deferrals),
             first_touch_latency: latency,
         }
     }
@@ -106,10 +115,14 @@ impl Stats {
 
 /// A copy of the counters at one moment.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct StatsSnapshot {
     /// Page-fault messages read.
     pub faults: u64,
-    /// Fault messages for pages already served or being served (deduplicated).
+    /// Fault messages for pages already mapped or being mapped: dropped when
+    /// in flight (the owner wakes the thread), mapped again as zero when the
+    /// kernel says the page is gone (a discard raced the mapping), woken
+    /// when it is there.
     pub faults_already_served: u64,
     /// Pages mapped with UFFDIO_COPY.
     pub pages_copied: u64,
@@ -117,7 +130,8 @@ pub struct StatsSnapshot {
     pub pages_zeroed: u64,
     /// Pages discarded by REMOVE events (balloon, MADV_DONTNEED).
     pub pages_discarded: u64,
-    /// Pages poisoned because their data could not be read or mapped.
+    /// Pages poisoned because their data could not be read or mapped, or
+    /// because they lie outside every declared region.
     pub pages_poisoned: u64,
     pub bytes_copied: u64,
     /// Pages served because a thread faulted on them.
@@ -133,6 +147,14 @@ pub struct StatsSnapshot {
     pub events_unmap: u64,
     pub events_remap: u64,
     pub events_fork: u64,
+    /// Faults on memory outside every declared region (poisoned).
+    pub faults_undeclared: u64,
+    /// Faults of a kind the protocol does not use (write-protect, minor):
+    /// the peer registered its memory in another mode.
+    pub faults_other_mode: u64,
+    /// Times work met EAGAIN for longer than a few retries and was put
+    /// aside for later instead of keeping a serving thread waiting.
+    pub deferrals: u64,
     /// From reading a fault message to the faulting page being mapped.
     pub first_touch_latency: LatencySummary,
 }

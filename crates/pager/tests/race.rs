@@ -332,7 +332,7 @@ impl Peer {
 
     /// A faulting thread: random reads anywhere, writes to its own pages.
     fn run_thread(&self, slot: usize) -> Result<u64, String> {
-        let mut rng = Rng(self.spec.seed ^ (slot as u64 + 1) * 0x1234_5678);
+        let mut rng = Rng(self.spec.seed ^ ((slot as u64 + 1) * 0x1234_5678));
         let mut buf = vec![0u8; PAGE];
         let threads = self.spec.threads;
         let mut ops = 0;
@@ -354,7 +354,7 @@ impl Peer {
     }
 
     fn run_balloon(&self, slot: usize) -> u64 {
-        let mut rng = Rng(self.spec.seed ^ 0xba11_00);
+        let mut rng = Rng(self.spec.seed ^ 0x00ba_1100);
         let mut n = 0;
         while !self.stop.load(Ordering::Relaxed) {
             let hot_base =
@@ -600,8 +600,9 @@ fn start_peer(engine: &Engine, spec: PeerSpec, config: SessionConfig) -> Running
     }
 }
 
-/// Waits for a peer and says what went wrong, if anything.
-fn finish(mut r: Running) -> Result<String, String> {
+/// Waits for a peer and says what went wrong, if anything; adds the
+/// session's counters to `totals`.
+fn finish(mut r: Running, totals: &mut pager::StatsSnapshot) -> Result<String, String> {
     let status = loop {
         if let Some(s) = r.child.try_wait().expect("wait") {
             break s;
@@ -616,6 +617,14 @@ fn finish(mut r: Running) -> Result<String, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    let st = r.handle.stats();
+    totals.faults += st.faults;
+    totals.faults_already_served += st.faults_already_served;
+    totals.pages_discarded += st.pages_discarded;
+    totals.pages_zeroed += st.pages_zeroed;
+    totals.pages_copied += st.pages_copied;
+    totals.retries += st.retries;
+    totals.deferrals += st.deferrals;
     let mut out = String::new();
     if let Some(mut o) = r.child.stdout.take() {
         use std::io::Read;
@@ -661,6 +670,7 @@ fn engine_races() {
     let mut rng = Rng(seed);
     let start = Instant::now();
     let (mut rounds, mut peers, mut failures) = (0, 0, Vec::new());
+    let mut totals = pager::StatsSnapshot::default();
     while start.elapsed() < Duration::from_secs(secs) && failures.is_empty() {
         rounds += 1;
         let engine = Engine::start(
@@ -707,7 +717,7 @@ fn engine_races() {
             .collect();
         for r in running {
             peers += 1;
-            match finish(r) {
+            match finish(r, &mut totals) {
                 Ok(_) => {}
                 Err(e) => failures.push(e),
             }
@@ -720,5 +730,16 @@ fn engine_races() {
         failures.len(),
         failures.join("\n")
     );
-    eprintln!("engine_races: seed {seed}: {rounds} rounds, {peers} peers, all correct");
+    eprintln!(
+        "engine_races: seed {seed}: {rounds} rounds, {peers} peers, all correct; faults {}, \
+         on pages mapped or in flight {}, pages discarded {}, zeroed {}, copied {}, EAGAIN \
+         retries {}, put aside {}",
+        totals.faults,
+        totals.faults_already_served,
+        totals.pages_discarded,
+        totals.pages_zeroed,
+        totals.pages_copied,
+        totals.retries,
+        totals.deferrals
+    );
 }

@@ -119,3 +119,21 @@ pub enum ApiError {
     #[error("UFFDIO_API: {0}")]
     Os(Errno),
 }
+
+/// Why a userfaultfd received from a peer cannot be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AdoptError {
+    /// The fd is something else.
+    #[error("the received fd is not a userfaultfd")]
+    NotUserfaultfd,
+    /// `UFFDIO_API` was never called on it: it cannot report faults, and
+    /// epoll reports an error on it for ever.
+    #[error(
+        "the received userfaultfd never had its UFFDIO_API handshake: the VMM must call \
+         UFFDIO_API (and register its memory) before sending it"
+    )]
+    NoApi,
+    /// fcntl or poll on it failed.
+    #[error("preparing the received userfaultfd: {0}")]
+    Os(Errno),
+}

@@ -1,9 +1,10 @@
 //! Messages read from a userfaultfd.
 
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
 
 use linux_raw_sys::general as g;
-use rustix::io::Errno;
+use rustix::io::{Errno, ReadWriteFlags};
 
 use crate::{Error, Uffd};
 
@@ -49,23 +50,133 @@ pub enum Event {
 /// How many messages one `read` fetches at most.
 pub const MAX_BATCH: usize = 64;
 
+/// The size of one message (`struct uffd_msg`).
+pub const MESSAGE_BYTES: usize = core::mem::size_of::<g::uffd_msg>();
+
+/// One message as the kernel lays it out, decoded without side effects: a
+/// FORK message names the new descriptor's number but takes no ownership of
+/// it (see [`Event::Fork`] for the owned form that
+/// [`Uffd::read_events`] returns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    PageFault {
+        address: u64,
+        flags: FaultFlags,
+        thread_id: Option<u32>,
+    },
+    Fork {
+        fd: i32,
+    },
+    Remap {
+        from: u64,
+        to: u64,
+        len: u64,
+    },
+    Remove {
+        start: u64,
+        end: u64,
+    },
+    Unmap {
+        start: u64,
+        end: u64,
+    },
+    Unknown {
+        kind: u8,
+    },
+}
+
+/// A message that is not [`MESSAGE_BYTES`] long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a userfaultfd message is {MESSAGE_BYTES} bytes, not {0}")]
+pub struct DecodeError(pub usize);
+
+impl Message {
+    /// Decodes one message. Any 32 bytes decode to some message (an unknown
+    /// type to [`Message::Unknown`]); only a wrong length is an error.
+    pub fn decode(msg: &[u8]) -> Result<Message, DecodeError> {
+        if msg.len() != MESSAGE_BYTES {
+            return Err(DecodeError(msg.len()));
+        }
+        Ok(decode(msg))
+    }
+}
+
 impl Uffd {
-    /// Reads up to `max` (at most [`MAX_BATCH`]) messages in one `read(2)`
+    /// Reads up to `max` (at most [`MAX_BATCH`]) messages in one system call
     /// and appends them to `out`. Returns how many were read: 0 when none is
-    /// queued on a non-blocking userfaultfd (and also when the process has
-    /// exited: nothing signals that; watch the process with a pidfd).
-    /// On a blocking userfaultfd the call waits for at least one message.
+    /// queued (and also when the process has exited: nothing signals that;
+    /// watch the process with a pidfd).
+    ///
+    /// It never blocks, whatever the fd's O_NONBLOCK flag says: that flag
+    /// belongs to the open file, which a peer that sent its userfaultfd
+    /// shares and can change at any time. The read asks for no waiting per
+    /// call (`preadv2` with `RWF_NOWAIT`, which userfaultfd honours on this
+    /// project's kernels). Where the kernel refuses that for a fd (an older
+    /// kernel; on 6.18 the userfaultfds that FORK events create), that fd is
+    /// read with plain `read` from then on, after setting O_NONBLOCK again
+    /// if it was cleared: only there can a peer that clears the flag at the
+    /// wrong moment still make a read wait.
     pub fn read_events(&self, out: &mut Vec<Event>, max: usize) -> Result<usize, Error> {
-        const MSG: usize = core::mem::size_of::<g::uffd_msg>();
         let max = max.clamp(1, MAX_BATCH);
-        let mut buf = [0u8; MSG * MAX_BATCH];
-        let n = match rustix::io::read(self, &mut buf[..MSG * max]) {
+        let mut buf = [0u8; MESSAGE_BYTES * MAX_BATCH];
+        let want = &mut buf[..MESSAGE_BYTES * max];
+        let plain = |buf: &mut [u8]| {
+            self.ensure_nonblocking()?;
+            rustix::io::read(self, buf)
+        };
+        let read = if self.plain_read.load(Ordering::Relaxed) {
+            plain(want)
+        } else {
+            let mut iov = [std::io::IoSliceMut::new(want)];
+            // u64::MAX: the file's own position (a userfaultfd has none to
+            // seek); the flag is the point.
+            match rustix::io::preadv2(self, &mut iov, u64::MAX, ReadWriteFlags::NOWAIT) {
+                Err(Errno::OPNOTSUPP) => {
+                    self.plain_read.store(true, Ordering::Relaxed);
+                    plain(&mut buf[..MESSAGE_BYTES * max])
+                }
+                r => r,
+            }
+        };
+        let n = match read {
             Ok(n) => n,
-            Err(Errno::AGAIN) => return Ok(0),
+            Err(Errno::AGAIN) | Err(Errno::INTR) => return Ok(0),
             Err(errno) => return Err(Error::Os { op: "read", errno }),
         };
-        let count = n / MSG;
-        out.extend(buf[..count * MSG].chunks_exact(MSG).map(decode));
+        let count = n / MESSAGE_BYTES;
+        out.extend(
+            buf[..count * MESSAGE_BYTES]
+                .chunks_exact(MESSAGE_BYTES)
+                .map(|m| {
+                    match decode(m) {
+                        Message::PageFault {
+                            address,
+                            flags,
+                            thread_id,
+                        } => Event::PageFault {
+                            address,
+                            flags,
+                            thread_id,
+                        },
+                        Message::Fork { fd } if fd >= 0 => {
+                            // SAFETY: for a FORK message the kernel installed this
+                            // descriptor in our table as it was read; nothing else
+                            // owns it.
+                            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                            Event::Fork {
+                                uffd: Uffd::from_fd(fd),
+                            }
+                        }
+                        Message::Fork { .. } => Event::Unknown {
+                            kind: g::UFFD_EVENT_FORK as u8,
+                        },
+                        Message::Remap { from, to, len } => Event::Remap { from, to, len },
+                        Message::Remove { start, end } => Event::Remove { start, end },
+                        Message::Unmap { start, end } => Event::Unmap { start, end },
+                        Message::Unknown { kind } => Event::Unknown { kind },
+                    }
+                }),
+        );
         Ok(count)
     }
 }
@@ -98,37 +209,91 @@ fn half(msg: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes(b)
 }
 
-fn decode(msg: &[u8]) -> Event {
+/// Decodes a message of exactly [`MESSAGE_BYTES`] bytes.
+fn decode(msg: &[u8]) -> Message {
     match msg[0] as u32 {
         g::UFFD_EVENT_PAGEFAULT => {
             let tid = half(msg, 16);
-            Event::PageFault {
+            Message::PageFault {
                 address: word(msg, 8),
                 flags: FaultFlags::from_bits_retain(word(msg, 0)),
                 thread_id: (tid != 0).then_some(tid),
             }
         }
-        g::UFFD_EVENT_FORK => {
-            // SAFETY: for a FORK message the kernel installed this descriptor
-            // in our table as it was read; nothing else owns it.
-            let fd = unsafe { OwnedFd::from_raw_fd(half(msg, 0) as i32) };
-            Event::Fork {
-                uffd: Uffd::from_fd(fd),
-            }
-        }
-        g::UFFD_EVENT_REMAP => Event::Remap {
+        g::UFFD_EVENT_FORK => Message::Fork {
+            fd: half(msg, 0) as i32,
+        },
+        g::UFFD_EVENT_REMAP => Message::Remap {
             from: word(msg, 0),
             to: word(msg, 8),
             len: word(msg, 16),
         },
-        g::UFFD_EVENT_REMOVE => Event::Remove {
+        g::UFFD_EVENT_REMOVE => Message::Remove {
             start: word(msg, 0),
             end: word(msg, 8),
         },
-        g::UFFD_EVENT_UNMAP => Event::Unmap {
+        g::UFFD_EVENT_UNMAP => Message::Unmap {
             start: word(msg, 0),
             end: word(msg, 8),
         },
-        kind => Event::Unknown { kind: kind as u8 },
+        kind => Message::Unknown { kind: kind as u8 },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(kind: u32, words: [u64; 3]) -> [u8; MESSAGE_BYTES] {
+        let mut m = [0u8; MESSAGE_BYTES];
+        m[0] = kind as u8;
+        for (i, w) in words.iter().enumerate() {
+            m[ARG + 8 * i..ARG + 8 * i + 8].copy_from_slice(&w.to_ne_bytes());
+        }
+        m
+    }
+
+    #[test]
+    fn decodes_every_kind_and_rejects_wrong_lengths() {
+        let flags = g::UFFD_PAGEFAULT_FLAG_WRITE as u64;
+        let mut fault = msg(g::UFFD_EVENT_PAGEFAULT, [flags, 0x7000_1000, 0]);
+        fault[ARG + 16..ARG + 20].copy_from_slice(&42u32.to_ne_bytes());
+        assert_eq!(
+            Message::decode(&fault),
+            Ok(Message::PageFault {
+                address: 0x7000_1000,
+                flags: FaultFlags::WRITE,
+                thread_id: Some(42),
+            })
+        );
+        assert_eq!(
+            Message::decode(&msg(g::UFFD_EVENT_REMOVE, [0x1000, 0x3000, 0])),
+            Ok(Message::Remove {
+                start: 0x1000,
+                end: 0x3000
+            })
+        );
+        assert_eq!(
+            Message::decode(&msg(g::UFFD_EVENT_REMAP, [1, 2, 3])),
+            Ok(Message::Remap {
+                from: 1,
+                to: 2,
+                len: 3
+            })
+        );
+        assert_eq!(
+            Message::decode(&msg(g::UFFD_EVENT_UNMAP, [4, 5, 0])),
+            Ok(Message::Unmap { start: 4, end: 5 })
+        );
+        assert_eq!(
+            Message::decode(&msg(g::UFFD_EVENT_FORK, [7, 0, 0])),
+            Ok(Message::Fork { fd: 7 })
+        );
+        assert_eq!(
+            Message::decode(&msg(0xee, [0, 0, 0])),
+            Ok(Message::Unknown { kind: 0xee })
+        );
+        assert_eq!(Message::decode(&[0u8; 31]), Err(DecodeError(31)));
+        assert_eq!(Message::decode(&[0u8; 33]), Err(DecodeError(33)));
     }
 }

@@ -27,8 +27,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use linux_raw_sys::general as g;
 use rustix::io::Errno;
 
-pub use error::{ApiError, Error, OpenError};
-pub use event::{Event, FaultFlags, MAX_BATCH};
+pub use error::{AdoptError, ApiError, Error, OpenError};
+pub use event::{DecodeError, Event, FaultFlags, Message, MAX_BATCH, MESSAGE_BYTES};
 pub use pagemap::{Categories, PageMap, PageRegion, ScanArgs, ScanFlags, ScanResult};
 pub use rustix::io::Errno as RawErrno;
 
@@ -167,6 +167,8 @@ pub struct ApiInfo {
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
+    /// The kernel refused `RWF_NOWAIT` on this fd (see `read_events`).
+    plain_read: std::sync::atomic::AtomicBool,
 }
 
 impl AsFd for Uffd {
@@ -206,7 +208,7 @@ impl Uffd {
     pub fn open_with(options: OpenOptions) -> Result<Uffd, OpenError> {
         let flags = options.flags();
         let device = match Self::open_device(flags) {
-            Ok(fd) => return Ok(Uffd { fd }),
+            Ok(fd) => return Ok(Uffd::from_fd(fd)),
             Err(e) => e,
         };
         let bits = rustix::mm::UserfaultfdFlags::from_bits_retain(flags);
@@ -215,7 +217,7 @@ impl Uffd {
         // this process's memory, which this crate only does through ioctls
         // that the kernel validates.
         match unsafe { rustix::mm::userfaultfd(bits) } {
-            Ok(fd) => Ok(Uffd { fd }),
+            Ok(fd) => Ok(Uffd::from_fd(fd)),
             Err(Errno::NOSYS) => Err(OpenError::Unsupported),
             Err(syscall) => Err(OpenError::Denied {
                 device,
@@ -244,9 +246,58 @@ impl Uffd {
 
     /// Wraps a userfaultfd received from elsewhere (over SCM_RIGHTS, or from
     /// a FORK event). Nothing is checked here: an fd that is not a
-    /// userfaultfd makes every call fail with ENOTTY. See [`is_userfaultfd`].
+    /// userfaultfd makes every call fail with ENOTTY. A fd from a peer that
+    /// is not trusted goes through [`Uffd::adopt`] instead.
     pub fn from_fd(fd: OwnedFd) -> Uffd {
-        Uffd { fd }
+        Uffd {
+            fd,
+            plain_read: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Takes a userfaultfd from a peer that is not trusted, and makes it fit
+    /// to serve: it must be a userfaultfd ([`AdoptError::NotUserfaultfd`])
+    /// whose `UFFDIO_API` handshake was done ([`AdoptError::NoApi`]: such a
+    /// fd can report no fault, and epoll reports an error on it forever), and
+    /// it is set O_NONBLOCK, which epoll needs to report it readable (the
+    /// kernel answers poll on a blocking userfaultfd with an error). The
+    /// flag belongs to the open file the peer shares, so the peer can clear
+    /// it again: reads never depend on it ([`Uffd::read_events`]), and
+    /// [`Uffd::ensure_nonblocking`] sets it again.
+    pub fn adopt(fd: OwnedFd) -> Result<Uffd, AdoptError> {
+        if !is_userfaultfd(fd.as_fd()) {
+            return Err(AdoptError::NotUserfaultfd);
+        }
+        let uffd = Uffd::from_fd(fd);
+        uffd.ensure_nonblocking().map_err(AdoptError::Os)?;
+        // With O_NONBLOCK set, poll reports POLLERR only for a userfaultfd
+        // whose API handshake was never done.
+        let mut fds = [rustix::event::PollFd::new(
+            &uffd,
+            rustix::event::PollFlags::IN,
+        )];
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut fds, Some(&zero)) {
+            Ok(_) if fds[0].revents().contains(rustix::event::PollFlags::ERR) => {
+                Err(AdoptError::NoApi)
+            }
+            Ok(_) => Ok(uffd),
+            Err(e) => Err(AdoptError::Os(e)),
+        }
+    }
+
+    /// Sets O_NONBLOCK on the userfaultfd's open file if it is not set.
+    /// Returns whether it had to (someone sharing the file cleared it).
+    pub fn ensure_nonblocking(&self) -> Result<bool, Errno> {
+        let flags = rustix::fs::fcntl_getfl(self)?;
+        if flags.contains(rustix::fs::OFlags::NONBLOCK) {
+            return Ok(false);
+        }
+        rustix::fs::fcntl_setfl(self, flags | rustix::fs::OFlags::NONBLOCK)?;
+        Ok(true)
     }
 
     /// Every feature the running kernel offers, found with a throwaway

@@ -196,6 +196,75 @@ fn is_userfaultfd_tells_fds_apart() {
     assert!(!is_userfaultfd(f.as_fd()));
 }
 
+/// A userfaultfd as a peer may send it: blocking, and with or without its
+/// API handshake.
+fn blocking_uffd(api: bool) -> Option<Uffd> {
+    let u = match Uffd::open_with(OpenOptions {
+        non_blocking: false,
+        ..OpenOptions::default()
+    }) {
+        Ok(u) => u,
+        Err(e) => {
+            if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("userfaultfd required but unavailable: {e}");
+            }
+            eprintln!("SKIPPED: cannot create a userfaultfd here: {e}");
+            return None;
+        }
+    };
+    if api {
+        u.api(Features::EVENT_REMOVE).expect("api");
+    }
+    Some(u)
+}
+
+#[test]
+fn read_events_never_blocks_even_on_a_blocking_fd() {
+    let Some(u) = blocking_uffd(true) else {
+        return;
+    };
+    // Nothing is queued: a blocking read(2) would wait for ever here.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = tx.send(u.read_events(&mut out, MAX_BATCH).map(|n| (n, u)));
+    });
+    let (n, _u) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("read_events returned")
+        .expect("read");
+    assert_eq!(n, 0);
+}
+
+#[test]
+fn adopt_sets_nonblocking_and_refuses_what_cannot_serve() {
+    let Some(u) = blocking_uffd(true) else {
+        return;
+    };
+    let fd: std::os::fd::OwnedFd = u.into();
+    let peer = fd.try_clone().expect("dup");
+    let u = Uffd::adopt(fd).expect("a userfaultfd after UFFDIO_API");
+    let fl = rustix::fs::fcntl_getfl(&peer).expect("getfl");
+    assert!(
+        fl.contains(rustix::fs::OFlags::NONBLOCK),
+        "set on the shared file"
+    );
+    // The peer clears it again (it shares the open file): set it back once.
+    rustix::fs::fcntl_setfl(&peer, fl - rustix::fs::OFlags::NONBLOCK).expect("setfl");
+    assert_eq!(u.ensure_nonblocking(), Ok(true));
+    assert_eq!(u.ensure_nonblocking(), Ok(false));
+
+    let Some(no_api) = blocking_uffd(false) else {
+        return;
+    };
+    assert_eq!(Uffd::adopt(no_api.into()).err(), Some(AdoptError::NoApi));
+    let f = std::fs::File::open("/proc/self/stat").expect("file");
+    assert_eq!(
+        Uffd::adopt(f.into()).err(),
+        Some(AdoptError::NotUserfaultfd)
+    );
+}
+
 #[test]
 fn register_copy_serves_fault_with_thread_id() {
     let Some(u) = open(Features::THREAD_ID) else {
