@@ -656,7 +656,7 @@ pub fn floor(args: &FloorArgs) -> anyhow::Result<ExitCode> {
     let (stream, _) = listener.accept().context("accept")?;
     let (fc, uffd) = wire::firecracker::read_handshake(&stream, Duration::from_secs(5), 1 << 20)
         .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
-    let regions = crate::serve::to_regions(&fc, data.len() as u64)
+    let regions = wire::firecracker::to_regions(&fc, data.len() as u64, usize::MAX)
         .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
     let _ = std::fs::remove_file(&args.socket);
     let mut faults = 0u64;

@@ -6,7 +6,17 @@
 //! validated completely before the VM is served; a bad one is rejected with a
 //! log line and disturbs nobody else. A VM ends when its socket hangs up or
 //! its process exits (pidfd), whichever comes first.
+//!
+//! # File descriptors
+//! Each VM holds three for as long as it is served (its socket, its
+//! userfaultfd, a pidfd). The soft `RLIMIT_NOFILE` is raised to the hard
+//! limit at start, and the log says how many VMs that allows. A connection
+//! is accepted only while there are descriptors for one more VM: beyond
+//! that, VMs wait in the listen backlog until one ends, instead of being
+//! accepted and then losing their userfaultfd to EMFILE (the kernel drops
+//! an fd it cannot install, and such a VM waits for ever).
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::OwnedFd;
@@ -14,14 +24,19 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use pager::{
-    Engine, EngineConfig, MemFile, PageSize, PageSource, Region, SessionConfig, SessionSpec,
-};
-use wire::firecracker::{read_handshake, HandshakeError, Mapping};
+use pager::{limited, Engine, EngineConfig, MemFile, PageSource, SessionConfig, SessionSpec};
+use wire::firecracker::{read_handshake, to_regions};
+
+/// Descriptors a served VM holds: its socket, its userfaultfd, a pidfd.
+const FDS_PER_VM: u64 = 3;
+/// Descriptors kept free for everything else (the stats file, /proc reads,
+/// a handshake's transient fds).
+const FD_RESERVE: u64 = 16;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -61,18 +76,25 @@ pub struct ServeArgs {
     /// Largest handshake accepted, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_handshake_bytes: usize,
-}
-
-/// Why a handshake was refused.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum Reject {
-    #[error("{0}")]
-    Handshake(#[from] HandshakeError),
-    #[error("{0}")]
-    Regions(#[from] pager::RegionError),
+    /// Most regions one VM may declare (the state a VM costs the server is
+    /// bounded by the memory file: regions may not share its bytes).
+    #[arg(long, default_value_t = pager::region::MAX_REGIONS)]
+    pub max_regions: usize,
+    /// Handshakes read at once at most; further connections wait in the
+    /// listen backlog (a peer that connects and stalls holds one for up to
+    /// --handshake-timeout-s).
+    #[arg(long, default_value_t = 64)]
+    pub max_pending_handshakes: usize,
+    /// Handshakes read at once from one user id at most; a connection past
+    /// it is closed at once. A VMM sends one handshake per VM, and a
+    /// jailed Firecracker runs as a user of its own, so a peer that opens
+    /// connections and stalls can only delay its own user's VMs.
+    #[arg(long, default_value_t = 8)]
+    pub max_handshakes_per_uid: usize,
 }
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let fd_limit = raise_fd_limit();
     let source: Arc<dyn PageSource> = Arc::new(
         MemFile::open(&args.mem_file)
             .with_context(|| format!("opening the memory file {}", args.mem_file.display()))?,
@@ -128,7 +150,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let accept_args = args.clone();
     std::thread::Builder::new()
         .name("pagewire-accept".into())
-        .spawn(move || accept_loop(&listener, &accept_engine, &source, &accept_args))
+        .spawn(move || accept_loop(&listener, &accept_engine, &source, &accept_args, fd_limit))
         .context("spawning the accept thread")?;
 
     let mut ended = 0usize;
@@ -179,6 +201,74 @@ fn watch_signals(tx: mpsc::Sender<Msg>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (systemd starts
+/// services with a soft limit of 1024: about 330 VMs), says how many VMs
+/// the limit allows, and returns it.
+fn raise_fd_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let before = getrlimit(Resource::Nofile);
+    let soft = before.current.unwrap_or(u64::MAX);
+    let mut limit = soft;
+    if before.current != before.maximum {
+        let raised = rustix::process::Rlimit {
+            current: before.maximum,
+            maximum: before.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => limit = before.maximum.unwrap_or(u64::MAX),
+            Err(e) => tracing::warn!("cannot raise the file descriptor limit from {soft}: {e}"),
+        }
+    }
+    let vms = limit.saturating_sub(FD_RESERVE) / FDS_PER_VM;
+    tracing::info!(
+        limit,
+        raised_from = soft,
+        "file descriptors: each VM holds {FDS_PER_VM}, so about {vms} VMs can be served at once; \
+         raise the hard limit (LimitNOFILE=, ulimit -Hn) for more"
+    );
+    limit
+}
+
+/// Descriptors this process has open now.
+fn open_fds() -> Option<u64> {
+    // One of them is the directory being read.
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64 - 1)
+}
+
+/// Waits until one more handshake may start: fewer than the bound are in
+/// flight, and there are descriptors for one more VM beside those that
+/// are being received.
+fn wait_for_room(pending: &AtomicUsize, args: &ServeArgs, engine: &Engine, fd_limit: u64) {
+    loop {
+        let in_flight = pending.load(Ordering::Acquire);
+        let open = open_fds();
+        let need = FD_RESERVE + FDS_PER_VM * (in_flight as u64 + 1);
+        let fds_ok = open.is_some_and(|open| open.saturating_add(need) <= fd_limit);
+        if in_flight < args.max_pending_handshakes.max(1) && fds_ok {
+            return;
+        }
+        if !fds_ok {
+            limited!(
+                warn,
+                open_fds = open,
+                limit = fd_limit,
+                vms = engine.session_count(),
+                "at the file descriptor limit: new VMs wait in the listen backlog until one \
+                 ends (each VM holds {FDS_PER_VM}); raise LimitNOFILE= / ulimit -n to serve \
+                 more at once"
+            );
+        } else {
+            limited!(
+                warn,
+                in_flight,
+                "{in_flight} handshakes are being read: new connections wait in the listen \
+                 backlog (--max-pending-handshakes)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Binds the socket, replacing a stale socket file but nothing else.
 pub(crate) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
@@ -200,22 +290,72 @@ fn accept_loop(
     engine: &Arc<Engine>,
     source: &Arc<dyn PageSource>,
     args: &ServeArgs,
+    fd_limit: u64,
 ) {
-    for conn in listener.incoming() {
-        let stream = match conn {
-            Ok(s) => s,
+    let pending = Arc::new(AtomicUsize::new(0));
+    let per_uid: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
+    loop {
+        wait_for_room(&pending, args, engine, fd_limit);
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
             Err(e) => {
-                tracing::error!("accept: {e}");
+                let emfile = matches!(e.raw_os_error(), Some(c) if c == rustix::io::Errno::MFILE.raw_os_error() || c == rustix::io::Errno::NFILE.raw_os_error());
+                if emfile {
+                    limited!(
+                        error,
+                        "accept: out of file descriptors ({e}); raise LimitNOFILE= / ulimit -n"
+                    );
+                } else {
+                    limited!(error, "accept: {e}");
+                }
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
+        let uid = rustix::net::sockopt::socket_peercred(&stream)
+            .map(|c| c.uid.as_raw())
+            .unwrap_or(u32::MAX);
+        {
+            let mut counts = per_uid.lock().unwrap_or_else(|e| e.into_inner());
+            let n = counts.entry(uid).or_insert(0);
+            if *n >= args.max_handshakes_per_uid.max(1) {
+                limited!(
+                    warn,
+                    uid,
+                    "user {uid} has {n} handshakes in flight: connection closed \
+                     (--max-handshakes-per-uid)"
+                );
+                continue;
+            }
+            *n += 1;
+        }
         let (engine, source, args) = (engine.clone(), source.clone(), args.clone());
+        pending.fetch_add(1, Ordering::AcqRel);
+        let (done, per_uid_done) = (pending.clone(), per_uid.clone());
+        let finished = move || {
+            done.fetch_sub(1, Ordering::AcqRel);
+            let mut counts = per_uid_done.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = counts.get_mut(&uid) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&uid);
+                }
+            }
+        };
         let spawned = std::thread::Builder::new()
             .name("pagewire-handshake".into())
-            .spawn(move || handle_connection(stream, &engine, source, &args));
+            // A handshake needs little stack; many may be read at once.
+            .stack_size(256 << 10)
+            .spawn({
+                let finished = finished.clone();
+                move || {
+                    handle_connection(stream, &engine, source, &args);
+                    finished();
+                }
+            });
         if let Err(e) = spawned {
-            tracing::error!("cannot start a handshake thread: {e}");
+            finished();
+            limited!(error, "cannot start a handshake thread: {e}");
         }
     }
 }
@@ -232,12 +372,12 @@ fn handle_connection(
     let who = pid.map_or_else(|| "unknown pid".to_string(), |p| format!("pid {p}"));
     let timeout = Duration::from_secs_f64(args.handshake_timeout_s.max(0.001));
     let (regions, uffd) = match read_handshake(&stream, timeout, args.max_handshake_bytes)
-        .map_err(Reject::from)
-        .and_then(|(fc, fd)| Ok((to_regions(&fc, source.len())?, fd)))
+        .and_then(|(fc, fd)| Ok((to_regions(&fc, source.len(), args.max_regions)?, fd)))
     {
         Ok(v) => v,
         Err(e) => {
-            tracing::error!(
+            limited!(
+                error,
                 peer = %who,
                 uid,
                 "handshake rejected: {e}. The connection is closed; a VMM that registered \
@@ -270,82 +410,6 @@ fn handle_connection(
         },
     };
     if let Err(e) = engine.add(spec) {
-        tracing::error!(peer = %who, "VM not served: {e}");
-    }
-}
-
-/// Turns Firecracker's regions into the engine's, checking everything.
-pub(crate) fn to_regions(fc: &[Mapping], file_len: u64) -> Result<Vec<Region>, Reject> {
-    if fc.is_empty() {
-        return Err(HandshakeError::NoRegions.into());
-    }
-    let mut out = Vec::with_capacity(fc.len());
-    for (index, r) in fc.iter().enumerate() {
-        let page_size = r.page_size(index)?;
-        let ps =
-            PageSize::from_bytes(page_size).ok_or(HandshakeError::PageSize { index, page_size })?;
-        out.push(Region {
-            host_base: r.base_host_virt_addr,
-            len: r.size,
-            source_offset: r.offset,
-            page_size: ps,
-        });
-    }
-    pager::region::validate(&out, file_len)?;
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(json: &str) -> Result<Vec<Region>, Reject> {
-        let fc: Vec<Mapping> = serde_json::from_str(json)
-            .map_err(|e| Reject::Handshake(HandshakeError::Json(e.to_string())))?;
-        to_regions(&fc, 1 << 30)
-    }
-
-    #[test]
-    fn accepts_firecracker_json() {
-        let r = parse(r#"[{"base_host_virt_addr":139918424670208,"size":268435456,"offset":0,"page_size":4096,"page_size_kib":4096}]"#)
-            .expect("valid");
-        assert_eq!(r[0].len, 256 << 20);
-        // Older versions: page_size_kib only; newer: page_size only; extra fields ignored.
-        assert!(parse(
-            r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size_kib":4096}]"#
-        )
-        .is_ok());
-        assert!(parse(
-            r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":4096,"new":1}]"#
-        )
-        .is_ok());
-    }
-
-    #[test]
-    fn rejects_bad_regions() {
-        assert!(matches!(
-            parse("[]"),
-            Err(Reject::Handshake(HandshakeError::NoRegions))
-        ));
-        assert!(matches!(
-            parse(r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":8192}]"#),
-            Err(Reject::Handshake(HandshakeError::PageSize { .. }))
-        ));
-        assert!(matches!(
-            parse(
-                r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":4096,"page_size_kib":4}]"#
-            ),
-            Err(Reject::Handshake(HandshakeError::PageSizeConflict { .. }))
-        ));
-        assert!(matches!(
-            parse(r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0}]"#),
-            Err(Reject::Handshake(HandshakeError::NoPageSize { .. }))
-        ));
-        assert!(matches!(
-            parse(
-                r#"[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size":4096},{"base_host_virt_addr":8192,"size":4096,"offset":8192,"page_size":4096}]"#
-            ),
-            Err(Reject::Regions(pager::RegionError::Overlap { .. }))
-        ));
+        limited!(error, peer = %who, "VM not served: {e}");
     }
 }

@@ -3,173 +3,14 @@
 //! peers speaking raw sockets. Needs userfaultfd (root here): skips with a
 //! message otherwise, unless PAGEWIRE_REQUIRE_KVM=1 (CI), where a skip fails.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_pagewire");
-const MIB: usize = 1 << 20;
+use std::process::Command;
 
 mod common;
 use common::have_uffd;
-
-/// A memory file: pseudo-random pages, every 7th page zero, and a hole.
-fn mem_file(dir: &Path, bytes: usize) -> PathBuf {
-    let path = dir.join("mem");
-    let mut data = vec![0u8; bytes];
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    for (i, page) in data.chunks_mut(4096).enumerate() {
-        if i % 7 == 2 {
-            continue;
-        }
-        for b in page.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-    }
-    // A hole in the middle (sparse file): reads as zero.
-    let hole = bytes / 2..bytes / 2 + bytes / 8;
-    let mut f = std::fs::File::create(&path).expect("create mem file");
-    f.write_all(&data[..hole.start]).expect("write");
-    f.set_len(hole.end as u64).expect("hole");
-    use std::io::Seek;
-    f.seek(std::io::SeekFrom::Start(hole.end as u64))
-        .expect("seek");
-    f.write_all(&data[hole.end..]).expect("write");
-    path
-}
-
-struct Server {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-    stats: PathBuf,
-}
-
-impl Server {
-    fn start(dir: &Path, mem: &Path, extra: &[&str]) -> Server {
-        let socket = dir.join("uffd.sock");
-        let log = dir.join("serve.log");
-        let stats = dir.join("stats.jsonl");
-        let child = Command::new(BIN)
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--mem-file")
-            .arg(mem)
-            .arg("--stats-json")
-            .arg(&stats)
-            .args(extra)
-            .env("PAGEWIRE_LOG", "info")
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("spawn serve");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "server did not listen");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Server {
-            child,
-            socket,
-            log,
-            stats,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "server log never said {needle:?}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn stats_lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.stats)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("stats line is JSON"))
-            .collect()
-    }
-
-    fn wait_stats(&self, n: usize) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let lines = self.stats_lines();
-            if lines.len() >= n {
-                return lines;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {} stats lines; log:\n{}",
-                lines.len(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn client(server: &Server, mem: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.arg("fc-client")
-        .arg("--socket")
-        .arg(&server.socket)
-        .arg("--mem-file")
-        .arg(mem)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c
-}
-
-fn report(out: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "client report is not JSON ({e}): stdout {stdout}\nstderr {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn run_ok(server: &Server, mem: &Path, args: &[&str]) -> serde_json::Value {
-    let out = client(server, mem, args).output().expect("run client");
-    let r = report(&out);
-    assert!(
-        out.status.success(),
-        "client failed: {r}\nstderr {}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
-    );
-    assert_eq!(r["mismatched_pages"], 0, "{r}");
-    r
-}
+use common::server::*;
 
 #[test]
 fn serves_every_byte_one_and_three_regions() {
@@ -306,40 +147,6 @@ fn hugetlb_2m_regions() {
         4,
         "{s}"
     );
-}
-
-/// 10 MiB that never becomes a complete JSON value (an unterminated string).
-fn junk() -> Vec<u8> {
-    let mut v = b"[{\"base_host_virt_addr\":\"".to_vec();
-    v.resize(10 * MIB, b'a');
-    v
-}
-
-/// Sends `data` with an optional fd, then waits for the server to close.
-fn send_raw(socket: &Path, data: &[u8], fd: Option<std::os::fd::BorrowedFd<'_>>) {
-    let stream = UnixStream::connect(socket).expect("connect");
-    let fds = fd.map(|f| [f]);
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
-    if let Some(fds) = &fds {
-        assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(fds)));
-    }
-    let first = data.len().min(64 * 1024);
-    let _ = rustix::net::sendmsg(
-        &stream,
-        &[std::io::IoSlice::new(&data[..first])],
-        &mut control,
-        rustix::net::SendFlags::NOSIGNAL,
-    );
-    let mut s = &stream;
-    let _ = s.write_all(&data[first..]);
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    // The server closes a rejected connection: read sees EOF (or a reset).
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut b = [0u8; 1];
-    let _ = (&stream).read(&mut b);
 }
 
 #[test]

@@ -34,12 +34,23 @@ use crate::stats::StatsSnapshot;
 pub enum EngineError {
     #[error("invalid regions: {0}")]
     Region(#[from] RegionError),
-    #[error("process {pid} cannot be watched (pidfd_open: {errno}); has it exited already?")]
+    #[error("process {pid} cannot be watched (pidfd_open: {errno}){}", pidfd_hint(*.errno))]
     Pidfd { pid: u32, errno: Errno },
     #[error("{what}: {errno}")]
     Os { what: &'static str, errno: Errno },
     #[error("the engine is shutting down")]
     Stopping,
+}
+
+/// What a failed `pidfd_open` most likely means.
+fn pidfd_hint(errno: Errno) -> &'static str {
+    match errno {
+        Errno::SRCH => "; it has exited already",
+        Errno::MFILE | Errno::NFILE => {
+            "; this process is out of file descriptors: raise its limit (ulimit -n, LimitNOFILE=)"
+        }
+        _ => "",
+    }
 }
 
 /// The serving threads' default nice value (see [`EngineConfig::nice`]).

@@ -2,6 +2,15 @@
 
 use serde::Serialize;
 
+/// Regions one session may have at most. What a session costs the server
+/// is bounded by the source: regions may not share source bytes and must
+/// lie inside it, so the per-page state (2 bytes per page) is at most
+/// 2 bytes per 4 KiB of the source, about 128 KiB per GiB. This bounds the
+/// rest: about 100 bytes per region, and a check that sorts them. (A
+/// Firecracker VM has 1 region, 2 above 3 GiB on x86, plus one per
+/// hot-plugged memory slot.)
+pub const MAX_REGIONS: usize = 4096;
+
 /// Page sizes a region can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum PageSize {
@@ -56,6 +65,13 @@ pub enum RegionError {
     #[error("regions {a} and {b} overlap in host memory")]
     Overlap { a: usize, b: usize },
     #[error(
+        "regions {a} and {b} take their bytes from the same part of the source (from offset \
+         {offset:#x}): each byte of the memory file belongs to one region"
+    )]
+    SourceOverlap { a: usize, b: usize, offset: u64 },
+    #[error("{count} regions: at most {max} are served per VM")]
+    TooMany { count: usize, max: usize },
+    #[error(
         "region {index}: source bytes [{offset:#x}, {end:#x}) lie past the end of the source \
          ({source_len:#x} bytes)"
     )]
@@ -85,10 +101,18 @@ impl Region {
     }
 }
 
-/// Checks a layout: every region non-empty, page aligned (host address and
-/// size to its page size, source offset to 4 KiB), inside the address space
-/// and inside the source, and no two regions overlapping in host memory.
+/// Checks a layout: at most [`MAX_REGIONS`] regions, every one non-empty,
+/// page aligned (host address and size to its page size, source offset to
+/// 4 KiB), inside the address space and inside the source, no two
+/// overlapping in host memory, and no two sharing bytes of the source. So
+/// the pages a layout declares are at most the source's.
 pub fn validate(regions: &[Region], source_len: u64) -> Result<(), RegionError> {
+    if regions.len() > MAX_REGIONS {
+        return Err(RegionError::TooMany {
+            count: regions.len(),
+            max: MAX_REGIONS,
+        });
+    }
     for (index, r) in regions.iter().enumerate() {
         let ps = r.page_bytes();
         if r.len == 0 {
@@ -135,6 +159,18 @@ pub fn validate(regions: &[Region], source_len: u64) -> Result<(), RegionError> 
             return Err(RegionError::Overlap {
                 a: w[0].min(w[1]),
                 b: w[0].max(w[1]),
+            });
+        }
+    }
+    // Inside the source (checked above), so these ends do not overflow.
+    order.sort_by_key(|&i| regions[i].source_offset);
+    for w in order.windows(2) {
+        let (a, b) = (&regions[w[0]], &regions[w[1]]);
+        if a.source_offset + a.len > b.source_offset {
+            return Err(RegionError::SourceOverlap {
+                a: w[0].min(w[1]),
+                b: w[0].max(w[1]),
+                offset: b.source_offset,
             });
         }
     }
@@ -196,6 +232,30 @@ mod tests {
             validate(&[r(u64::MAX - 0xfff, 0x2000, 0)], u64::MAX),
             Err(RegionError::Overflow { .. })
         ));
+        // Two regions over the same bytes of the file: a handshake that
+        // claims more memory than the file holds.
+        assert!(matches!(
+            validate(
+                &[r(0x10000, 0x2000, 0), r(0x40000, 0x2000, 0x1000)],
+                1 << 20
+            ),
+            Err(RegionError::SourceOverlap {
+                a: 0,
+                b: 1,
+                offset: 0x1000
+            })
+        ));
+        let many: Vec<Region> = (0..=MAX_REGIONS as u64)
+            .map(|i| r(0x10_0000 + i * 0x2000, 0x1000, i * 0x1000))
+            .collect();
+        assert!(matches!(
+            validate(&many, 1 << 30),
+            Err(RegionError::TooMany {
+                max: MAX_REGIONS,
+                ..
+            })
+        ));
+        assert_eq!(validate(&many[..MAX_REGIONS], 1 << 30), Ok(()));
         let huge = Region {
             host_base: 0x20_0000 + 0x1000,
             len: 0x20_0000,

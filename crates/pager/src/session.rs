@@ -510,11 +510,11 @@ impl Session {
                 }
                 true
             }
-            // Non-blocking, yet epoll reports an error: the fd is unusable.
-            Ok(false) => {
-                self.fail("epoll reports an error on its userfaultfd".to_string());
-                false
-            }
+            // Set already: another serving thread woke for the same error
+            // and repaired it first. (The kernel reports an error on a
+            // userfaultfd only while it is blocking or has no API, and the
+            // API cannot be undone; a read that fails ends the session.)
+            Ok(false) => true,
             Err(e) => {
                 self.fail(format!("its userfaultfd cannot be made non-blocking: {e}"));
                 false

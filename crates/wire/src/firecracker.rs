@@ -82,8 +82,13 @@ pub enum HandshakeError {
     TooManyFds(usize),
     #[error("control data was truncated (too many or unexpected ancillary messages)")]
     Truncated,
-    #[error("the received fd is not a userfaultfd")]
-    NotUffd,
+    #[error(
+        "the server has no file descriptor left to receive the userfaultfd (EMFILE): raise its \
+         limit (LimitNOFILE= in the unit, ulimit -n)"
+    )]
+    OutOfFds,
+    #[error("{0}")]
+    Uffd(#[from] uffd::AdoptError),
     #[error("no regions in the handshake")]
     NoRegions,
     #[error("region {index}: page_size {page_size} and page_size_kib {kib} disagree")]
@@ -96,6 +101,8 @@ pub enum HandshakeError {
     PageSize { index: usize, page_size: u64 },
     #[error("region {index}: no page_size")]
     NoPageSize { index: usize },
+    #[error("{0}")]
+    Regions(#[from] pager::RegionError),
     #[error("cannot connect to the page server at {path}: {source}. Is `pagewire serve --socket {path}` running?")]
     Connect {
         path: String,
@@ -139,9 +146,73 @@ pub fn send_handshake(
     Ok(stream)
 }
 
+/// Parses what a peer has sent so far: `Ok(None)` while the bytes are not
+/// one complete JSON value yet (a `sendmsg` may arrive in pieces), the
+/// mappings once they are. Anything after the value is ignored. Pure:
+/// fuzzed by `fuzz/fuzz_targets/handshake.rs`.
+pub fn parse_handshake(data: &[u8]) -> Result<Option<Vec<Mapping>>, HandshakeError> {
+    let mut values = serde_json::Deserializer::from_slice(data).into_iter::<Vec<Mapping>>();
+    match values.next() {
+        Some(Ok(mappings)) => Ok(Some(mappings)),
+        Some(Err(e)) if e.is_eof() => Ok(None),
+        Some(Err(e)) => Err(HandshakeError::Json(e.to_string())),
+        None => Ok(None), // only whitespace so far
+    }
+}
+
+/// Turns Firecracker's mappings into the engine's regions, checking
+/// everything a peer could get wrong: at least one region, at most
+/// `max_regions` (and never more than [`pager::region::MAX_REGIONS`]), page
+/// sizes, alignment, overlap in host memory or in the memory file, and
+/// every region inside the file (`source_len` bytes). Pure: fuzzed with
+/// `parse_handshake`.
+pub fn to_regions(
+    mappings: &[Mapping],
+    source_len: u64,
+    max_regions: usize,
+) -> Result<Vec<pager::Region>, HandshakeError> {
+    if mappings.is_empty() {
+        return Err(HandshakeError::NoRegions);
+    }
+    let max = max_regions.min(pager::region::MAX_REGIONS);
+    if mappings.len() > max {
+        return Err(pager::RegionError::TooMany {
+            count: mappings.len(),
+            max,
+        }
+        .into());
+    }
+    let mut out = Vec::with_capacity(mappings.len());
+    for (index, r) in mappings.iter().enumerate() {
+        let page_size = r.page_size(index)?;
+        let ps = pager::PageSize::from_bytes(page_size)
+            .ok_or(HandshakeError::PageSize { index, page_size })?;
+        out.push(pager::Region {
+            host_base: r.base_host_virt_addr,
+            len: r.size,
+            source_offset: r.offset,
+            page_size: ps,
+        });
+    }
+    pager::region::validate(&out, source_len)?;
+    Ok(out)
+}
+
+/// Whether this process has run out of file descriptors (EMFILE), which
+/// the kernel reports on a `recvmsg` as truncated control data: the fd
+/// it could not install is dropped.
+fn out_of_fds() -> bool {
+    let exhausted = [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE].map(|e| e.raw_os_error());
+    matches!(
+        std::fs::File::open("/dev/null"),
+        Err(e) if e.raw_os_error().is_some_and(|code| exhausted.contains(&code))
+    )
+}
+
 /// Handler side: reads one handshake, that is bytes until they form one
-/// complete JSON value, and exactly one fd, which must be a userfaultfd,
-/// within `timeout` and `max` bytes.
+/// complete JSON value, and exactly one fd, which must be a userfaultfd
+/// ready to serve (see [`uffd::Uffd::adopt`]), within `timeout` and `max`
+/// bytes.
 pub fn read_handshake(
     stream: &UnixStream,
     timeout: Duration,
@@ -173,7 +244,11 @@ pub fn read_handshake(
             }
         }
         if msg.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
-            return Err(HandshakeError::Truncated);
+            return Err(if out_of_fds() {
+                HandshakeError::OutOfFds
+            } else {
+                HandshakeError::Truncated
+            });
         }
         if msg.bytes == 0 {
             return Err(HandshakeError::Eof(data.len()));
@@ -182,21 +257,12 @@ pub fn read_handshake(
         if data.len() > max {
             return Err(HandshakeError::TooLarge(max));
         }
-        let mut values = serde_json::Deserializer::from_slice(&data).into_iter::<Vec<Mapping>>();
-        match values.next() {
-            Some(Ok(regions)) => {
-                if fds.len() > 1 {
-                    return Err(HandshakeError::TooManyFds(fds.len()));
-                }
-                let fd = fds.pop().ok_or(HandshakeError::NoFd)?;
-                if !uffd::is_userfaultfd(fd.as_fd()) {
-                    return Err(HandshakeError::NotUffd);
-                }
-                return Ok((regions, uffd::Uffd::from_fd(fd)));
+        if let Some(regions) = parse_handshake(&data)? {
+            if fds.len() > 1 {
+                return Err(HandshakeError::TooManyFds(fds.len()));
             }
-            Some(Err(e)) if e.is_eof() => continue,
-            Some(Err(e)) => return Err(HandshakeError::Json(e.to_string())),
-            None => continue, // only whitespace so far
+            let fd = fds.pop().ok_or(HandshakeError::NoFd)?;
+            return Ok((regions, uffd::Uffd::adopt(fd)?));
         }
     }
 }
@@ -204,6 +270,95 @@ pub fn read_handshake(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_in_pieces_and_checks_regions() {
+        let json = br#"[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size":4096}]"#;
+        for cut in 0..json.len() {
+            assert!(
+                parse_handshake(&json[..cut]).expect("a prefix").is_none(),
+                "{cut}"
+            );
+        }
+        let m = parse_handshake(json).expect("valid").expect("complete");
+        assert_eq!(to_regions(&m, 8192, 16).expect("regions")[0].len, 8192);
+        assert!(matches!(
+            to_regions(&m, 4096, 16),
+            Err(HandshakeError::Regions(
+                pager::RegionError::PastSource { .. }
+            ))
+        ));
+        assert!(matches!(
+            to_regions(&[], 4096, 16),
+            Err(HandshakeError::NoRegions)
+        ));
+        let two = [m[0].clone(), Mapping::new(1 << 30, 4096, 4096, 4096)];
+        // The second maps file bytes the first already has.
+        assert!(matches!(
+            to_regions(&two, 1 << 20, 16),
+            Err(HandshakeError::Regions(
+                pager::RegionError::SourceOverlap { .. }
+            ))
+        ));
+        assert!(matches!(
+            to_regions(&two, 1 << 20, 1),
+            Err(HandshakeError::Regions(pager::RegionError::TooMany {
+                max: 1,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            parse_handshake(b"[{\"base_host_virt_addr\": nope}]"),
+            Err(HandshakeError::Json(_))
+        ));
+    }
+
+    fn regions(json: &str) -> Result<Vec<pager::Region>, HandshakeError> {
+        let m = parse_handshake(json.as_bytes())?.expect("a complete value");
+        to_regions(&m, 1 << 30, pager::region::MAX_REGIONS)
+    }
+
+    #[test]
+    fn accepts_firecracker_json() {
+        // Captured from a real Firecracker load.
+        let r = regions(r#"[{"base_host_virt_addr":139918424670208,"size":268435456,"offset":0,"page_size":4096,"page_size_kib":4096}]"#)
+            .expect("valid");
+        assert_eq!(r[0].len, 256 << 20);
+        // Older versions: page_size_kib only; newer: page_size only; extra fields ignored.
+        assert!(regions(
+            r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size_kib":4096}]"#
+        )
+        .is_ok());
+        assert!(regions(
+            r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":4096,"new":1}]"#
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_regions() {
+        assert!(matches!(regions("[]"), Err(HandshakeError::NoRegions)));
+        assert!(matches!(
+            regions(r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":8192}]"#),
+            Err(HandshakeError::PageSize { .. })
+        ));
+        assert!(matches!(
+            regions(
+                r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":4096,"page_size_kib":4}]"#
+            ),
+            Err(HandshakeError::PageSizeConflict { .. })
+        ));
+        assert!(matches!(
+            regions(r#"[{"base_host_virt_addr":4096,"size":4096,"offset":0}]"#),
+            Err(HandshakeError::NoPageSize { .. })
+        ));
+        assert!(matches!(
+            regions(
+                r#"[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size":4096},{"base_host_virt_addr":8192,"size":4096,"offset":8192,"page_size":4096}]"#
+            ),
+            Err(HandshakeError::Regions(pager::RegionError::Overlap { .. }))
+        ));
+    }
 
     #[test]
     fn reads_both_page_size_fields() {

@@ -1,5 +1,7 @@
 //! Helpers shared by the CLI's integration tests.
 
+pub mod server;
+
 /// Whether a userfaultfd can be created here. Without one the test skips
 /// with a visible message, unless PAGEWIRE_REQUIRE_KVM=1 (CI): then it fails.
 pub fn have_uffd() -> bool {

@@ -46,6 +46,8 @@ use tracing::debug;
 use uffd::{Features, RegisterMode, Uffd};
 use wire::firecracker::Mapping;
 
+mod hostile;
+
 /// Page size of `--huge` (MAP_HUGE_2MB).
 const HUGE_PAGE_SIZE: usize = 2 << 20;
 /// How many mismatching pages the report lists.
@@ -153,6 +155,22 @@ pub struct FcClientArgs {
     /// Pages per background step of the embedded engine [default: 64].
     #[arg(long)]
     pub background_chunk: Option<usize>,
+    /// Misbehave as a broken or hostile VMM would (tests of `serve`):
+    /// `blocking-uffd` (no O_NONBLOCK), `no-api` (no UFFDIO_API; waits for
+    /// the server to close the connection), `clear-nonblock` (a thread
+    /// clears O_NONBLOCK on the shared file every millisecond),
+    /// `declare-less:BYTES` (the last region declared shorter than
+    /// registered), `split-vmas` (regions split into VMAs after
+    /// registering).
+    #[arg(long, value_parser = hostile::parse_misbehave)]
+    pub misbehave: Option<hostile::Misbehave>,
+    /// Before the touch phase, for this many milliseconds: threads read
+    /// random pages while another discards random runs of them
+    /// (MADV_DONTNEED), mostly in a small shared window. Every byte read
+    /// must be the file's or zero, and every discarded page zero from then
+    /// on (checked in the verify phase).
+    #[arg(long)]
+    pub balloon_race: Option<u64>,
 }
 
 impl FcClientArgs {
@@ -784,19 +802,21 @@ fn page_order(n: usize, order: Order, seed: u64) -> Vec<usize> {
     if order == Order::Random {
         // Fisher-Yates with splitmix64: the same permutation on every run.
         let mut state = seed;
-        let mut next = move || {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        };
         for i in (1..n).rev() {
-            let j = (next() % (i as u64 + 1)) as usize;
+            let j = (splitmix64(&mut state) % (i as u64 + 1)) as usize;
             pages.swap(i, j);
         }
     }
     pages
+}
+
+/// splitmix64: the next pseudo-random number of `state`.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Pages 0, S, 2S, ..., then 1, S+1, ...: every page once.
@@ -1007,6 +1027,9 @@ struct Report {
     balloon_pages: usize,
     balloon_pages_zero: usize,
     balloon_pages_nonzero: usize,
+    /// With --balloon-race: reads, discards, and the first wrong byte.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    balloon_race: Option<serde_json::Value>,
     /// The access pattern (seq, random, strided, hotset, trace).
     pattern: &'static str,
     /// Threads touching pages.
@@ -1129,23 +1152,48 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
     }
 
     // Firecracker's order: userfaultfd, API handshake, register, connect, send.
-    let uffd = Uffd::open().context("creating the userfaultfd")?;
-    uffd.api(Features::EVENT_REMOVE)
-        .context("UFFDIO_API handshake with features = EVENT_REMOVE")?;
-    for (i, r) in layout.regions.iter().enumerate() {
-        uffd.register(r.host as u64, r.size, RegisterMode::MISSING)
-            .with_context(|| {
-                format!(
-                    "registering region {i} ({:#x}+{:#x}) in MISSING mode",
-                    r.host, r.size
-                )
-            })?;
+    let misbehave = args.misbehave;
+    let uffd = Uffd::open_with(uffd::OpenOptions {
+        non_blocking: misbehave != Some(hostile::Misbehave::BlockingUffd),
+        ..uffd::OpenOptions::default()
+    })
+    .context("creating the userfaultfd")?;
+    if misbehave != Some(hostile::Misbehave::NoApi) {
+        uffd.api(Features::EVENT_REMOVE)
+            .context("UFFDIO_API handshake with features = EVENT_REMOVE")?;
+        for (i, r) in layout.regions.iter().enumerate() {
+            uffd.register(r.host as u64, r.size, RegisterMode::MISSING)
+                .with_context(|| {
+                    format!(
+                        "registering region {i} ({:#x}+{:#x}) in MISSING mode",
+                        r.host, r.size
+                    )
+                })?;
+        }
     }
-    let messages = layout.messages();
+    hostile::after_register(misbehave, &layout)?;
+    let mut messages = layout.messages();
+    hostile::declare(misbehave, &mut messages, page_size)?;
     let embedded = match &args.socket {
         Some(socket) if !args.embedded => {
             let stream = wire::firecracker::send_handshake(socket, &messages, &uffd)?;
             debug!(regions = messages.len(), "handshake sent");
+            if misbehave == Some(hostile::Misbehave::NoApi) {
+                let closed =
+                    hostile::closed_by_server(&stream, Duration::from_secs_f64(args.timeout_s));
+                println!("{}", serde_json::json!({ "closed_by_server": closed }));
+                return Ok(if closed {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                });
+            }
+            if misbehave == Some(hostile::Misbehave::ClearNonblock) {
+                let fd = std::os::fd::AsFd::as_fd(&uffd)
+                    .try_clone_to_owned()
+                    .context("duplicating the userfaultfd")?;
+                hostile::start_clearing_nonblock(fd)?;
+            }
             // Like the VMM, keep the socket and our copy of the userfaultfd
             // open until the process exits: the handler takes EOF as the end
             // of the VM.
@@ -1156,7 +1204,8 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
         _ => Some(Embedded::start(args, &layout, uffd)?),
     };
 
-    let slots = args.threads.max(1);
+    // One more slot for the balloon thread of --balloon-race.
+    let slots = args.threads.max(1) + usize::from(args.balloon_race.is_some());
     let watch = Arc::new(Watch {
         start: Instant::now(),
         timeout: Duration::from_secs_f64(args.timeout_s),
@@ -1178,6 +1227,16 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
             .context("starting the watchdog thread")?;
     }
 
+    let race = match args.balloon_race {
+        Some(ms) => {
+            let race = hostile::balloon_race(&layout, &file, &watch, args.threads, ms, args.seed)?;
+            for (b, raced) in ballooned.iter_mut().zip(&race.ballooned) {
+                *b |= *raced;
+            }
+            Some(race)
+        }
+        None => None,
+    };
     let checker = Checker {
         layout: &layout,
         file: &file,
@@ -1223,13 +1282,19 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
         write_trace(path, order, layout.pages_total, page_size, plan.name)?;
     }
 
-    // Every byte of every touched page against the file.
-    let verify = checker.pass(&checker.touched(), args.threads, Phase::Verify, false)?;
+    // Every byte of every touched page against the file (or zero, for the
+    // pages a balloon race discarded).
+    let verify = checker.pass(
+        &checker.touched(),
+        args.threads,
+        Phase::Verify,
+        race.is_some(),
+    )?;
     let mut verify_ms = verify.elapsed.as_secs_f64() * 1000.0;
 
     // Balloon, then verify every page again.
-    let mut balloon_zero = 0;
-    let mut balloon_nonzero = 0;
+    let mut balloon_zero = verify.balloon_zero;
+    let mut balloon_nonzero = verify.balloon_nonzero;
     if !args.balloon.is_empty() {
         for (i, b) in args.balloon.iter().enumerate() {
             for (host, len) in layout.host_pieces(*b) {
@@ -1287,7 +1352,8 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
 
     let mismatched_pages = checker.count(MISMATCH);
     let write_failed = write_check.as_ref().is_some_and(|w| w.failed > 0);
-    let ok = mismatched_pages == 0 && balloon_nonzero == 0 && !write_failed;
+    let race_wrong = race.as_ref().is_some_and(|r| r.wrong.is_some());
+    let ok = mismatched_pages == 0 && balloon_nonzero == 0 && !write_failed && !race_wrong;
     let first_mismatches = checker
         .first
         .lock()
@@ -1305,6 +1371,9 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
         balloon_pages: checker.ballooned.iter().filter(|b| **b).count(),
         balloon_pages_zero: balloon_zero,
         balloon_pages_nonzero: balloon_nonzero,
+        balloon_race: race.map(
+            |r| serde_json::json!({ "reads": r.reads, "discards": r.discards, "wrong": r.wrong }),
+        ),
         pattern: plan.name,
         threads: args.threads,
         passes: plan.passes,
