@@ -101,6 +101,11 @@ struct Row {
     pages_copied: Option<u64>,
     pages_zeroed: Option<u64>,
     handler_cpu_ms: Option<f64>,
+    /// The client's memory made resident by the touch phase, MiB (the
+    /// engine's own buffers too, when embedded).
+    resident_mib: Option<f64>,
+    /// Bytes touched, MiB.
+    touched_mib: f64,
     mismatched_pages: u64,
 }
 
@@ -130,6 +135,8 @@ struct Summary {
     gib_s_max: f64,
     p99_us_median: f64,
     waited_p99_us_median: f64,
+    /// Resident memory after the touch, MiB (median).
+    resident_mib_median: Option<f64>,
     /// Throughput over the floor's in the same round.
     x_floor_median: Option<f64>,
     /// The loads that waited, p99, over the floor's p50 in the same round
@@ -182,6 +189,10 @@ fn summarize(rows: &[Row]) -> Vec<Summary> {
                 gib_s_max: gib.iter().copied().fold(f64::NAN, f64::max),
                 p99_us_median: pick(&|r| r.p99_us),
                 waited_p99_us_median: pick(&|r| r.waited_p99_us),
+                resident_mib_median: {
+                    let v: Vec<f64> = ok.iter().filter_map(|r| r.resident_mib).collect();
+                    (!v.is_empty()).then(|| median(v))
+                },
                 x_floor_median: ratio(&|r, fl| (fl.gib_s > 0.0).then(|| r.gib_s / fl.gib_s)),
                 waited_p99_over_floor_p50_median: ratio(&|r, fl| {
                     (fl.p50_us > 0.0 && r.waited > 0).then(|| r.waited_p99_us / fl.p50_us)
@@ -283,7 +294,7 @@ fn print_table(r: &Report) {
     );
     let runs = r.runs > 1;
     println!(
-        "{:<10}{} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9}  verified",
+        "{:<10}{} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>13}  verified",
         "handler",
         if runs { " run" } else { "" },
         "wall ms",
@@ -296,7 +307,8 @@ fn print_table(r: &Report) {
         "faults",
         "copied",
         "zeroed",
-        "cpu ms"
+        "cpu ms",
+        "rss/touched"
     );
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     for row in &r.results {
@@ -310,7 +322,7 @@ fn print_table(r: &Report) {
             continue;
         }
         println!(
-            "{:<10}{run} {:>9.1} {:>7.3} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>10.1} {:>8} {:>8} {:>8} {:>9}  {}",
+            "{:<10}{run} {:>9.1} {:>7.3} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>10.1} {:>8} {:>8} {:>8} {:>9} {:>13}  {}",
             row.handler,
             row.wall_ms,
             row.gib_s,
@@ -324,6 +336,10 @@ fn print_table(r: &Report) {
             opt(row.pages_zeroed),
             row.handler_cpu_ms
                 .map_or("-".to_string(), |v| format!("{v:.0}")),
+            row.resident_mib.map_or("-".to_string(), |v| format!(
+                "{v:.0}/{:.0} MiB",
+                row.touched_mib
+            )),
             if row.mismatched_pages == 0 {
                 "yes"
             } else {
@@ -337,7 +353,7 @@ fn print_table(r: &Report) {
             r.runs
         );
         println!(
-            "{:<10} {:>4} {:>7} {:>15} {:>9} {:>10} {:>8} {:>17}",
+            "{:<10} {:>4} {:>7} {:>15} {:>9} {:>10} {:>8} {:>17} {:>8}",
             "handler",
             "ok",
             "GiB/s",
@@ -345,12 +361,13 @@ fn print_table(r: &Report) {
             "p99 us",
             "wait p99",
             "x floor",
-            "wait p99/floor p50"
+            "wait p99/floor p50",
+            "rss MiB"
         );
         let x = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
         for s in &r.summary {
             println!(
-                "{:<10} {:>4} {:>7.3} {:>15} {:>9.1} {:>10.1} {:>8} {:>17}",
+                "{:<10} {:>4} {:>7.3} {:>15} {:>9.1} {:>10.1} {:>8} {:>17} {:>8}",
                 s.handler,
                 s.runs_ok,
                 s.gib_s_median,
@@ -359,6 +376,8 @@ fn print_table(r: &Report) {
                 s.waited_p99_us_median,
                 x(s.x_floor_median),
                 x(s.waited_p99_over_floor_p50_median),
+                s.resident_mib_median
+                    .map_or("-".to_string(), |v| format!("{v:.0}")),
             );
         }
         return;
@@ -573,6 +592,10 @@ fn row_from_client(name: &str, out: &std::process::Output) -> anyhow::Result<Row
         max_us: lat["max_us"].as_f64().unwrap_or(0.0),
         waited: r["waited_latency"]["samples"].as_u64().unwrap_or(0),
         waited_p99_us: r["waited_latency"]["p99_us"].as_f64().unwrap_or(0.0),
+        resident_mib: r["resident_mib"].as_f64(),
+        touched_mib: (r["pages_touched"].as_u64().unwrap_or(0)
+            * r["page_size"].as_u64().unwrap_or(0)) as f64
+            / (1u64 << 20) as f64,
         mismatched_pages: mismatched,
         ..Row::default()
     })

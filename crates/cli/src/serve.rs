@@ -125,11 +125,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
                 Ok(line) => {
                     if let Ok(mut f) = f.lock() {
                         if let Err(e) = writeln!(f, "{line}") {
-                            tracing::error!("writing the stats file: {e}");
+                            limited!(error, "writing the stats file: {e}");
                         }
                     }
                 }
-                Err(e) => tracing::error!("encoding stats: {e}"),
+                Err(e) => limited!(error, "encoding stats: {e}"),
             }
         }
         if let Ok(tx) = ended_tx.lock() {
@@ -377,6 +377,7 @@ fn handle_connection(
         Ok(v) => v,
         Err(e) => {
             limited!(
+                key = e.kind(),
                 error,
                 peer = %who,
                 uid,
@@ -387,7 +388,9 @@ fn handle_connection(
         }
     };
     let total: u64 = regions.iter().map(|r| r.len).sum();
-    tracing::info!(
+    limited!(
+        burst = 1000,
+        info,
         peer = %who,
         uid,
         regions = regions.len(),

@@ -203,6 +203,34 @@ fn hostile_handshakes_are_rejected_and_disturb_nobody() {
     let f = std::fs::File::open(&mem).expect("file");
     send_raw(&server.socket, good.as_bytes(), Some(f.as_fd()));
     server.wait_log("not a userfaultfd");
+    // A fd with every piece: refused at the second, before the JSON is
+    // complete (a peer could otherwise fill the server's fd table).
+    let many = UnixStream::connect(&server.socket).expect("connect");
+    for piece in [&b"[{"[..], b" ", b" "] {
+        let fds = [u.as_fd()];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
+        let _ = rustix::net::sendmsg(
+            &many,
+            &[std::io::IoSlice::new(piece)],
+            &mut control,
+            rustix::net::SendFlags::NOSIGNAL,
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server.wait_log("2 file descriptors received");
+    drop(many);
+    // A handshake a byte at a time: refused after 64 pieces.
+    let drip = UnixStream::connect(&server.socket).expect("connect");
+    for b in good.as_bytes().iter().take(100) {
+        if (&drip).write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    server.wait_log("more than 64 pieces");
+    drop(drip);
     // A peer that sends half a handshake and stalls.
     let stalled = UnixStream::connect(&server.socket).expect("connect");
     (&stalled).write_all(b"[{\"base_host").expect("write");

@@ -8,7 +8,9 @@
 //! same readiness; they read under the session's write lock, so the second
 //! finds nothing, off the faulting thread's path. With nothing ready, a worker takes one
 //! background-population step and looks again, so background work always
-//! yields to faults.
+//! yields to faults. Work a session put aside (EAGAIN that lasted, see
+//! `session.rs`) comes back through a timer heap: a worker's epoll wait ends
+//! at the earliest deadline, and no worker waits on one session meanwhile.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -25,7 +27,7 @@ use uffd::Uffd;
 
 use crate::layout::PageState;
 use crate::region::{validate, Region, RegionError};
-use crate::session::{Fault, Served, Session, SessionConfig};
+use crate::session::{Faults, Served, Session, SessionConfig};
 use crate::source::PageSource;
 use crate::stats::StatsSnapshot;
 
@@ -262,7 +264,9 @@ impl Engine {
             nice: config.nice,
             round_robin: AtomicUsize::new(0),
             on_end,
-            timers: Mutex::new(BinaryHeap::new()),
+            // Room for the timers of many sessions at once, so that putting
+            // work aside does not allocate (see `Scratch`).
+            timers: Mutex::new(BinaryHeap::with_capacity(1024)),
         });
         let mut workers = Vec::new();
         for n in 0..config.threads.max(1) {
@@ -430,7 +434,9 @@ impl Shared {
             // Wake a worker that may be asleep with nothing to wait for.
             let _ = rustix::io::write(&self.control, &1u64.to_ne_bytes());
         }
-        tracing::info!(
+        crate::limited!(
+            burst = 1000,
+            info,
             id,
             name = entry.session.name(),
             pid,
@@ -489,7 +495,9 @@ impl Shared {
                 faults = report.stats.faults,
                 "session ended: {why}"
             ),
-            None => tracing::info!(
+            None => crate::limited!(
+                burst = 1000,
+                info,
                 id,
                 name = %report.name,
                 ?reason,
@@ -512,15 +520,14 @@ impl Shared {
 
     fn serve_uffd(&self, entry: &Arc<Entry>, scratch: &mut Scratch) {
         let session = &entry.session;
-        session.pump(&mut scratch.faults, &mut scratch.events);
+        // Leave room for a batch: a fault that meets EAGAIN reads the
+        // queued events itself into the same buffer.
+        session.pump(&mut scratch.faults, &mut scratch.events, uffd::MAX_BATCH);
         self.serve_faults(entry, scratch);
     }
 
     fn serve_faults(&self, entry: &Arc<Entry>, scratch: &mut Scratch) {
-        let mut i = 0;
-        while i < scratch.faults.len() {
-            let f = scratch.faults[i];
-            i += 1;
+        while let Some(f) = scratch.faults.pop_front() {
             match entry
                 .session
                 .serve_fault(f, &mut scratch.faults, &mut scratch.events)
@@ -550,16 +557,17 @@ impl Shared {
     }
 
     fn adopt_forks(&self, entry: &Arc<Entry>) {
-        for child in entry.session.take_forks() {
-            if !entry.session.config().serve_forks {
-                tracing::info!(
+        for (child, layout) in entry.session.take_forks() {
+            let Some(layout) = layout else {
+                crate::limited!(
+                    info,
                     session = entry.session.name(),
                     "fork: child not served (its userfaultfd is closed)"
                 );
                 continue;
-            }
+            };
             let name = format!("{} (fork)", entry.session.name());
-            let session = Arc::new(entry.session.forked(name, child));
+            let session = Arc::new(entry.session.forked(name, child, layout));
             if let Err(e) = self.insert(
                 session,
                 None,
@@ -569,7 +577,8 @@ impl Shared {
                 entry.regions,
                 entry.bytes,
             ) {
-                tracing::error!(
+                crate::limited!(
+                    error,
                     session = entry.session.name(),
                     "fork: cannot serve the child: {e}"
                 );
@@ -661,7 +670,7 @@ impl Shared {
     fn round(
         &self,
         scratch: &mut Scratch,
-        step: fn(&Session, &mut Vec<Fault>, &mut Vec<uffd::Event>) -> Option<Served>,
+        step: fn(&Session, &mut Faults, &mut Vec<uffd::Event>) -> Option<Served>,
     ) -> bool {
         let entries: Vec<Arc<Entry>> = match self.sessions.lock() {
             Ok(m) => m.values().cloned().collect(),
@@ -694,7 +703,7 @@ impl Shared {
 /// of the served process may be inside `fork()` holding the allocator's
 /// locks while it waits for that very read (EVENT_FORK, in-process use).
 struct Scratch {
-    faults: Vec<Fault>,
+    faults: Faults,
     events: Vec<uffd::Event>,
 }
 
@@ -706,7 +715,7 @@ fn worker(shared: &Shared) {
     let mut nice = Nice::new(shared.nice);
     let mut events: Vec<epoll::Event> = Vec::with_capacity(16);
     let mut scratch = Scratch {
-        faults: Vec::with_capacity(4 * uffd::MAX_BATCH),
+        faults: Faults::with_capacity(4 * uffd::MAX_BATCH),
         events: Vec::with_capacity(uffd::MAX_BATCH),
     };
     let zero = rustix::event::Timespec {
@@ -749,7 +758,7 @@ fn worker(shared: &Shared) {
         ) {
             Ok(_) | Err(Errno::INTR) => {}
             Err(e) => {
-                tracing::error!("epoll_wait: {e}");
+                crate::limited!(error, "epoll_wait: {e}");
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
@@ -786,7 +795,10 @@ fn worker(shared: &Shared) {
                 _ => shared.end(id, EndReason::HungUp),
             }
         }
-        shared.run_timers(&mut scratch);
+        if shared.next_timer().is_some_and(|at| at <= Instant::now()) {
+            nice.serving();
+            shared.run_timers(&mut scratch);
+        }
         if !events.is_empty() {
             continue;
         }

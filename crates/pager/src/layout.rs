@@ -266,23 +266,64 @@ impl Layout {
 
     /// UNMAP: the range is gone from the target; forget its pages.
     pub fn unmap(&mut self, start: u64, end: u64, wake: &mut Vec<(u64, usize)>) {
+        if start >= end {
+            return;
+        }
         self.split_at(start, wake);
         self.split_at(end, wake);
-        self.regions
-            .retain(|r| r.region.end() <= start || r.region.host_base >= end);
+        let gone = |r: &RegionState| r.region.end() > start && r.region.host_base < end;
+        // A thread may wait on a page a serving thread claimed there: its
+        // owner no longer finds the region, so wake it here (it faults
+        // again and meets the unmapping).
+        for r in self.regions.iter().filter(|r| gone(r)) {
+            for p in 0..r.pages() {
+                if matches!(r.state(p), PageState::Claimed | PageState::ClaimedDiscarded) {
+                    wake.push((r.page_addr(p), r.region.page_size.bytes()));
+                }
+            }
+        }
+        self.regions.retain(|r| !gone(r));
     }
 
-    /// REMAP: `[from, from+len)` now lives at `to`.
+    /// REMAP: `[from, from+len)` now lives at `to`. What was registered at
+    /// the destination is gone (`mremap` with MREMAP_FIXED unmaps it first).
+    /// A move the kernel cannot report (overlapping ranges, past the end of
+    /// the address space) changes nothing.
     pub fn remap(&mut self, from: u64, to: u64, len: u64, wake: &mut Vec<(u64, usize)>) {
-        let end = from.saturating_add(len);
+        let (Some(end), Some(to_end)) = (from.checked_add(len), to.checked_add(len)) else {
+            return;
+        };
+        if len == 0 || (from < to_end && to < end) {
+            return;
+        }
+        self.unmap(to, to_end, wake);
         self.split_at(from, wake);
         self.split_at(end, wake);
         for r in &mut self.regions {
             if r.region.host_base >= from && r.region.end() <= end {
+                // host_base - from < len, so this stays below to_end.
                 r.region.host_base = r.region.host_base - from + to;
             }
         }
         self.regions.sort_by_key(|r| r.region.host_base);
+    }
+
+    /// Checks what the engine relies on: regions sorted by address and
+    /// disjoint, one state per page (fuzzing and tests).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn check(&self) {
+        for w in self.regions.windows(2) {
+            assert!(
+                w[0].region.end() <= w[1].region.host_base,
+                "regions out of order or overlapping: {:?} {:?}",
+                w[0].region,
+                w[1].region
+            );
+        }
+        for r in &self.regions {
+            assert_eq!(r.pages(), r.region.pages());
+            assert_eq!(r.known_zero.len(), r.pages());
+        }
     }
 }
 
@@ -364,8 +405,36 @@ mod tests {
         assert_eq!(l.regions[i].region.source_offset, 0x4000);
         assert_eq!((p, l.regions[i].state(1)), (1, PageState::Missing));
         assert_eq!(l.find(0x15000), None);
+        let (i, p) = l.find(0x10000).expect("page 0");
+        assert!(l.regions[i].transition(p, PageState::Missing, PageState::Claimed));
+        wake.clear();
         l.unmap(0x10000, 0x12000, &mut wake);
         assert_eq!(l.find(0x10000), None);
         assert!(l.find(0x12000).is_some());
+        assert_eq!(wake, vec![(0x10000, 0x1000)], "its waiter is woken");
+        l.check();
+    }
+
+    #[test]
+    fn remap_over_registered_memory_replaces_it_and_bad_moves_change_nothing() {
+        let mut l = layout();
+        let mut wake = Vec::new();
+        // Pages 0-1 move onto pages 4-5: what was at 4-5 is gone.
+        l.regions[0].set(4, PageState::Present);
+        l.remap(0x10000, 0x14000, 0x2000, &mut wake);
+        l.check();
+        let (i, p) = l.find(0x14000).expect("moved");
+        assert_eq!((l.regions[i].region.source_offset, p), (0, 0));
+        assert_eq!(l.regions[i].state(0), PageState::Missing);
+        assert_eq!(l.find(0x10000), None);
+        // Overlapping, overflowing, empty or inverted: ignored.
+        let before: Vec<Region> = l.regions.iter().map(|r| r.region).collect();
+        l.remap(0x12000, 0x13000, 0x2000, &mut wake);
+        l.remap(0x12000, u64::MAX - 0x1000, 0x2000, &mut wake);
+        l.remap(0x12000, 0x40000, 0, &mut wake);
+        l.unmap(0x17000, 0x11000, &mut wake);
+        let after: Vec<Region> = l.regions.iter().map(|r| r.region).collect();
+        assert_eq!(before, after);
+        l.check();
     }
 }

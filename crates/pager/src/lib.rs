@@ -29,3 +29,41 @@ pub use region::{PageSize, Region, RegionError};
 pub use session::{Session, SessionConfig, DEFAULT_CLUSTER_PAGES};
 pub use source::{Bytes, MemFile, PageSource, SourceError};
 pub use stats::{LatencySummary, StatsSnapshot};
+
+/// Entry points for `cargo fuzz` (`fuzz/`): the engine's handling of
+/// userfaultfd messages on a layout of regions, without a kernel.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use crate::layout::Layout;
+    use crate::region::Region;
+
+    /// Applies `messages` to a layout of `regions` as the engine does
+    /// (REMOVE discards, UNMAP forgets, REMAP moves, a fault looks its page
+    /// up), checking after each that the regions stay sorted and disjoint
+    /// and that a fault finds the page that holds its address. Panics when
+    /// something breaks. `regions` must have passed `region::validate`.
+    pub fn apply_messages(regions: &[Region], messages: &[uffd::Message]) {
+        let mut layout = Layout::new(regions, &[]);
+        let mut wake = Vec::new();
+        for m in messages {
+            match *m {
+                uffd::Message::Remove { start, end } => {
+                    layout.discard(start, end);
+                }
+                uffd::Message::Unmap { start, end } => layout.unmap(start, end, &mut wake),
+                uffd::Message::Remap { from, to, len } => layout.remap(from, to, len, &mut wake),
+                uffd::Message::PageFault { address, .. } => {
+                    if let Some((i, page)) = layout.find(address) {
+                        let r = &layout.regions[i];
+                        assert!(r.region.contains(address));
+                        assert!(page < r.pages());
+                        assert!(r.page_addr(page) <= address);
+                        let _ = r.state(page);
+                    }
+                }
+                uffd::Message::Fork { .. } | uffd::Message::Unknown { .. } => {}
+            }
+            layout.check();
+        }
+    }
+}

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-/// Lines one call site may write per window.
+/// Lines one call site may write per window, unless it says otherwise.
 pub const BURST: u64 = 10;
 /// The window, in milliseconds.
 pub const WINDOW_MS: u64 = 10_000;
@@ -25,6 +25,7 @@ pub struct RateLimit {
     /// time since the process's first limited line, in windows).
     state: AtomicU64,
     suppressed: AtomicU64,
+    burst: u64,
 }
 
 impl Default for RateLimit {
@@ -40,9 +41,15 @@ fn now_ms() -> u64 {
 
 impl RateLimit {
     pub const fn new() -> RateLimit {
+        Self::with_burst(BURST)
+    }
+
+    /// A budget of `burst` lines per window (below 2^20).
+    pub const fn with_burst(burst: u64) -> RateLimit {
         RateLimit {
             state: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
+            burst,
         }
     }
 
@@ -60,7 +67,7 @@ impl RateLimit {
                 let (w, n) = (s >> 20, s & 0xf_ffff);
                 if w != window {
                     Some(window << 20 | 1)
-                } else if n < BURST {
+                } else if n < self.burst {
                     Some(s + 1)
                 } else {
                     None
@@ -79,9 +86,36 @@ impl RateLimit {
 /// A `tracing` event at `$level` (`error`, `warn`, `info`, `debug`), limited
 /// per call site (see [`crate::ratelimit`]). The arguments are those of the
 /// `tracing` macros; a line that follows suppressed ones gets a
-/// `suppressed` field.
+/// `suppressed` field. `limited!(burst = N, info, ...)` allows N lines per
+/// window instead of [`BURST`] (for lines each VM writes once, such as its
+/// start and end: a peer can connect in a loop).
+///
+/// `limited!(key = K, warn, ...)` keeps a budget per value of `K % 32` at
+/// that call site, so that a flood of one kind (one error variant, say)
+/// does not hide lines of another kind.
 #[macro_export]
 macro_rules! limited {
+    (key = $key:expr, $level:ident, $($arg:tt)+) => {{
+        static LIMITS: [$crate::ratelimit::RateLimit; 32] =
+            [const { $crate::ratelimit::RateLimit::new() }; 32];
+        if let Some(suppressed) = LIMITS[($key) % 32].check() {
+            if suppressed > 0 {
+                ::tracing::$level!(suppressed, $($arg)+);
+            } else {
+                ::tracing::$level!($($arg)+);
+            }
+        }
+    }};
+    (burst = $burst:expr, $level:ident, $($arg:tt)+) => {{
+        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::with_burst($burst);
+        if let Some(suppressed) = LIMIT.check() {
+            if suppressed > 0 {
+                ::tracing::$level!(suppressed, $($arg)+);
+            } else {
+                ::tracing::$level!($($arg)+);
+            }
+        }
+    }};
     ($level:ident, $($arg:tt)+) => {{
         static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
         if let Some(suppressed) = LIMIT.check() {
@@ -109,5 +143,8 @@ mod tests {
         }
         assert_eq!(l.check_at(WINDOW_MS + 1), Some(1000));
         assert_eq!(l.check_at(WINDOW_MS + 2), Some(0));
+        let wide = RateLimit::with_burst(100);
+        assert!((0..100).all(|_| wide.check_at(1) == Some(0)));
+        assert_eq!(wide.check_at(1), None);
     }
 }

@@ -10,6 +10,21 @@
 //! in it are applied to page state. A COPY that started before the event was
 //! queued lands before the zap; one issued while it is queued fails with
 //! EAGAIN; one issued after it was read sees the page discarded.
+//!
+//! # Why a fault on a present page is not simply woken
+//! The zap follows the read, so a page mapped between the two (a zero page
+//! for a fault that raced the discard) is zapped while page state says
+//! Present. A fault message is the kernel saying the page is missing *now*:
+//! it is answered by mapping what the page must hold (zeros, for a page
+//! that was mapped and is gone) and woken only on EEXIST. Page state is
+//! what the engine did, never proof of what is mapped.
+//!
+//! # Why no serving thread waits for EAGAIN to pass
+//! The kernel fails resolving ioctls until the thread that raised a queued
+//! event runs again, which a busy or throttled VM may not do for
+//! milliseconds. Serving threads are shared by every VM, so after a few
+//! immediate retries the work is put aside (`put_aside`) and a timer of the
+//! engine brings it back; the claims go back to the state they came from.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -83,7 +98,26 @@ pub(crate) struct Fault {
     pub addr: u64,
     pub flags: FaultFlags,
     pub read_at: Instant,
+    /// Put aside before (`put_aside`): not counted again, and tried once
+    /// per timer rather than with quick retries.
+    pub again: bool,
 }
+
+impl Fault {
+    pub fn new(addr: u64, flags: FaultFlags, read_at: Instant) -> Fault {
+        Fault {
+            addr,
+            flags,
+            read_at,
+            again: false,
+        }
+    }
+}
+
+/// Faults waiting to be served: a serving thread's buffer, allocated once
+/// (see `engine::Scratch`), consumed from the front so that serving frees
+/// room for the events a retry must read.
+pub(crate) type Faults = std::collections::VecDeque<Fault>;
 
 /// Why a serving step stopped early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,12 +129,16 @@ pub(crate) enum Served {
     Unservable,
 }
 
-/// Faults put aside (EAGAIN that lasted) wait at most this long before they
-/// are tried again, 20 µs doubling per consecutive deferral up to it.
-const MAX_DEFER: Duration = Duration::from_millis(2);
-/// Faults put aside per session at most; past it a fault's page is woken
-/// instead, and its thread faults again.
-const MAX_DEFERRED: usize = 4096;
+/// Work put aside (EAGAIN that lasted) is tried again after 1 ms (the
+/// engine's timers have the millisecond resolution of epoll_wait), doubling
+/// while nothing goes through, up to this: a VMM stopped while it raised an
+/// event (SIGSTOP, a frozen cgroup) costs the server a retry per VM every
+/// 64 ms, not a core.
+const MAX_DEFER: Duration = Duration::from_millis(64);
+/// Faults put aside per session at most (their room is allocated with the
+/// session: no allocation on this path, see `engine::Scratch`); past it a
+/// fault's page is woken instead, and its thread faults again.
+const MAX_DEFERRED: usize = 256;
 /// Times a peer may clear O_NONBLOCK on its userfaultfd before its session
 /// ends (each one costs the server an epoll error wake-up and a fcntl).
 const MAX_NONBLOCK_RESETS: u32 = 16;
@@ -120,15 +158,19 @@ struct Ctx {
     /// Read and map the faulting page on its own, before the rest of its
     /// cluster is read: its thread waits for one page.
     fault_alone: bool,
+    /// Immediate retries after EAGAIN before the work is put aside (none
+    /// for a fault that was put aside before: its timer is the retry).
+    quick_retries: u32,
 }
 
 impl Ctx {
     /// Work no fault asked for (readahead, background population).
-    fn unprompted(origin: Origin) -> Ctx {
+    fn unprompted(origin: Origin, quick_retries: u32) -> Ctx {
         Ctx {
             origin,
             read_at: None,
             fault_alone: false,
+            quick_retries,
         }
     }
 }
@@ -145,10 +187,6 @@ struct Claim {
     /// The read buffer holds this page's bytes (set by `read_source`;
     /// cleared when the page is discarded meanwhile and becomes zero).
     in_buf: bool,
-    /// The page reads as zero because the guest released it (or it was
-    /// mapped once and is gone): given back, it is Discarded, not Missing,
-    /// so that the source's bytes never reach it again.
-    discarded: bool,
 }
 
 impl Claim {
@@ -157,23 +195,6 @@ impl Claim {
             page,
             zero,
             in_buf: false,
-            discarded: false,
-        }
-    }
-
-    fn discarded(page: usize) -> Claim {
-        Claim {
-            discarded: true,
-            ..Claim::new(page, true)
-        }
-    }
-
-    /// The state the page goes back to if this claim is given up.
-    fn unclaimed(&self) -> PageState {
-        if self.discarded {
-            PageState::Discarded
-        } else {
-            PageState::Missing
         }
     }
 }
@@ -189,7 +210,11 @@ pub struct Session {
     background: Mutex<Cursor>,
     ended: AtomicBool,
     /// Userfaultfds of forked children, read but not yet taken by the engine.
-    forks: Mutex<Vec<Uffd>>,
+    /// With each, when forks are served, the page state the child starts
+    /// from: taken as the FORK event is read, under the write lock, when
+    /// the parent's page tables are what the child got (while a fork is in
+    /// progress the kernel fails every COPY into the parent with EAGAIN).
+    forks: Mutex<Vec<(Uffd, Option<Layout>)>>,
     /// Readahead: the sequential stream being followed.
     stream: Mutex<Stream>,
     /// Set when readahead work was added; the engine then wakes idle
@@ -204,7 +229,7 @@ pub struct Session {
 }
 
 /// Work put aside because the kernel kept failing it with EAGAIN.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Aside {
     faults: Vec<Fault>,
     /// Readahead and background population wait until then.
@@ -213,6 +238,17 @@ struct Aside {
     retry_at: Option<Instant>,
     /// Consecutive deferrals, for the delay.
     streak: u32,
+}
+
+impl Aside {
+    fn new() -> Aside {
+        Aside {
+            faults: Vec::with_capacity(MAX_DEFERRED),
+            unprompted_after: None,
+            retry_at: None,
+            streak: 0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -328,15 +364,14 @@ impl Session {
             forks: Mutex::new(Vec::new()),
             stream: Mutex::new(Stream::default()),
             ahead_added: AtomicBool::new(false),
-            aside: Mutex::new(Aside::default()),
+            aside: Mutex::new(Aside::new()),
             failure: Mutex::new(None),
             nonblock_resets: AtomicU32::new(0),
         }
     }
 
     /// A session for the child of a fork of this one.
-    pub(crate) fn forked(&self, name: String, uffd: Uffd) -> Session {
-        let layout = self.read_layout().fork_copy();
+    pub(crate) fn forked(&self, name: String, uffd: Uffd, layout: Layout) -> Session {
         Session {
             name,
             uffd,
@@ -352,7 +387,7 @@ impl Session {
             forks: Mutex::new(Vec::new()),
             stream: Mutex::new(Stream::default()),
             ahead_added: AtomicBool::new(false),
-            aside: Mutex::new(Aside::default()),
+            aside: Mutex::new(Aside::new()),
             failure: Mutex::new(None),
             nonblock_resets: AtomicU32::new(0),
         }
@@ -402,15 +437,18 @@ impl Session {
     /// nothing here allocates before the read (see `engine::Scratch`). The
     /// read never blocks, whatever the peer did to the fd's flags; when it
     /// fails the session is marked failed (see `take_failure`).
-    pub(crate) fn pump(&self, faults: &mut Vec<Fault>, events: &mut Vec<Event>) -> usize {
+    ///
+    /// `leave` is room to keep free in `faults` for the reads of a retry
+    /// (`serve_claims` drains the events itself after EAGAIN).
+    pub(crate) fn pump(&self, faults: &mut Faults, events: &mut Vec<Event>, leave: usize) -> usize {
         let mut wake = Vec::new();
         let mut total = 0;
-        if faults.is_empty() && faults.capacity() < uffd::MAX_BATCH {
-            faults.reserve(uffd::MAX_BATCH); // only callers without scratch
+        if faults.is_empty() && faults.capacity() < uffd::MAX_BATCH + leave {
+            faults.reserve(uffd::MAX_BATCH + leave); // only callers without scratch
         }
         {
             let mut layout = self.layout.write().unwrap_or_else(|e| e.into_inner());
-            while faults.capacity() - faults.len() >= uffd::MAX_BATCH {
+            while faults.capacity() - faults.len() >= uffd::MAX_BATCH + leave {
                 events.clear();
                 let n = match self.uffd.read_events(events, uffd::MAX_BATCH) {
                     Ok(n) => n,
@@ -423,11 +461,9 @@ impl Session {
                 let now = Instant::now();
                 for ev in events.drain(..) {
                     match ev {
-                        Event::PageFault { address, flags, .. } => faults.push(Fault {
-                            addr: address,
-                            flags,
-                            read_at: now,
-                        }),
+                        Event::PageFault { address, flags, .. } => {
+                            faults.push_back(Fault::new(address, flags, now))
+                        }
                         Event::Remove { start, end } => {
                             Stats::add(&self.stats.events_remove, 1);
                             let n = layout.discard(start, end);
@@ -446,10 +482,14 @@ impl Session {
                         }
                         Event::Fork { uffd } => {
                             Stats::add(&self.stats.events_fork, 1);
+                            // The forking thread was released by the read:
+                            // allocating here no longer risks its malloc
+                            // locks (see `engine::Scratch`).
+                            let child = self.config.serve_forks.then(|| layout.fork_copy());
                             self.forks
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
-                                .push(uffd);
+                                .push((uffd, child));
                         }
                         Event::Unknown { kind } => {
                             crate::limited!(warn, session = %self.name, kind, "unknown userfaultfd message ignored");
@@ -469,7 +509,7 @@ impl Session {
     }
 
     /// Userfaultfds of forked children read since the last call.
-    pub(crate) fn take_forks(&self) -> Vec<Uffd> {
+    pub(crate) fn take_forks(&self) -> Vec<(Uffd, Option<Layout>)> {
         std::mem::take(&mut *self.forks.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
@@ -534,7 +574,10 @@ impl Session {
             let _ = self.uffd.wake(fault.addr & !0xfff, 4096);
             return;
         }
-        aside.faults.push(fault);
+        aside.faults.push(Fault {
+            again: true,
+            ..fault
+        });
         Self::schedule(&mut aside);
     }
 
@@ -548,7 +591,7 @@ impl Session {
 
     /// Asks the engine to come back after the next delay; returns when.
     fn schedule(aside: &mut Aside) -> Instant {
-        let delay = Duration::from_micros(20 << aside.streak.min(7)).min(MAX_DEFER);
+        let delay = Duration::from_millis(1 << aside.streak.min(6)).min(MAX_DEFER);
         aside.streak = aside.streak.saturating_add(1);
         let at = Instant::now() + delay;
         aside.retry_at = Some(aside.retry_at.map_or(at, |t| t.min(at)));
@@ -565,15 +608,24 @@ impl Session {
             .take()
     }
 
-    /// Moves the faults put aside to `faults` (as many as fit without
-    /// growing it, see `pump`).
-    pub(crate) fn take_put_aside(&self, faults: &mut Vec<Fault>) {
+    /// Moves the faults put aside to `faults`, as many as fit without
+    /// growing it and leaving room for a batch of events (see `pump`); asks
+    /// for another timer for the rest, and for when readahead and
+    /// background population may go on.
+    pub(crate) fn take_put_aside(&self, faults: &mut Faults) {
         let mut aside = self.aside.lock().unwrap_or_else(|e| e.into_inner());
-        let room = faults.capacity().saturating_sub(faults.len()).max(1);
+        let room = faults
+            .capacity()
+            .saturating_sub(faults.len() + uffd::MAX_BATCH);
         let n = aside.faults.len().min(room);
         faults.extend(aside.faults.drain(..n));
         if !aside.faults.is_empty() {
             Self::schedule(&mut aside);
+        }
+        if let Some(t) = aside.unprompted_after {
+            if t > Instant::now() {
+                aside.retry_at = Some(aside.retry_at.map_or(t, |r| r.min(t)));
+            }
         }
     }
 
@@ -606,10 +658,12 @@ impl Session {
     pub(crate) fn serve_fault(
         &self,
         fault: Fault,
-        deferred: &mut Vec<Fault>,
+        deferred: &mut Faults,
         events: &mut Vec<Event>,
     ) -> Served {
-        Stats::add(&self.stats.faults, 1);
+        if !fault.again {
+            Stats::add(&self.stats.faults, 1);
+        }
         if fault.flags.intersects(FaultFlags::WP | FaultFlags::MINOR) {
             return self.serve_other_mode(fault);
         }
@@ -746,7 +800,7 @@ impl Session {
         page: usize,
         fault: Fault,
         claims: &mut Vec<Claim>,
-        deferred: &mut Vec<Fault>,
+        deferred: &mut Faults,
         events: &mut Vec<Event>,
     ) -> Served {
         let r = &layout.regions[i];
@@ -759,9 +813,15 @@ impl Session {
                         break;
                     }
                 }
+                // A page that must read as zero is claimed as
+                // ClaimedDiscarded, not Claimed: whatever happens to the
+                // claim (given back, split off by UNMAP or REMAP, copied
+                // for a fork), the page goes back to Discarded, never to
+                // Missing, so the source's bytes never reach a page the
+                // guest released.
                 PageState::Discarded => {
-                    if r.transition(page, PageState::Discarded, PageState::Claimed) {
-                        claims.push(Claim::discarded(page));
+                    if r.transition(page, PageState::Discarded, PageState::ClaimedDiscarded) {
+                        claims.push(Claim::new(page, true));
                         break;
                     }
                 }
@@ -778,9 +838,9 @@ impl Session {
                     // cluster); EEXIST says the page is there, and its
                     // thread gets a WAKE. A bare WAKE here livelocked a
                     // guest thread for ever (issue 11, class 7).
-                    if r.transition(page, PageState::Present, PageState::Claimed) {
+                    if r.transition(page, PageState::Present, PageState::ClaimedDiscarded) {
                         Stats::add(&self.stats.faults_already_served, 1);
-                        claims.push(Claim::discarded(page));
+                        claims.push(Claim::new(page, true));
                         mapped_before = true;
                         break;
                     }
@@ -804,6 +864,11 @@ impl Session {
             origin: Origin::Fault,
             read_at: Some(fault.read_at),
             fault_alone: !sequential,
+            quick_retries: if fault.again {
+                0
+            } else {
+                self.config.quick_retries
+            },
         };
         self.serve_claims(layout, id, claims, ctx, deferred, events)
     }
@@ -892,7 +957,7 @@ impl Session {
     /// maps it. Returns `None` when there is no readahead to do.
     pub(crate) fn readahead_step(
         &self,
-        deferred: &mut Vec<Fault>,
+        deferred: &mut Faults,
         events: &mut Vec<Event>,
     ) -> Option<Served> {
         if self.is_ended() || self.unprompted_paused() {
@@ -914,7 +979,7 @@ impl Session {
                 }
                 r.id
             };
-            let ctx = Ctx::unprompted(Origin::Readahead);
+            let ctx = Ctx::unprompted(Origin::Readahead, self.config.quick_retries);
             Some(self.serve_claims(layout, id, claims, ctx, deferred, events))
         })
     }
@@ -927,7 +992,7 @@ impl Session {
     /// pages and serves it. Returns `None` when nothing is left to populate.
     pub(crate) fn background_step(
         &self,
-        deferred: &mut Vec<Fault>,
+        deferred: &mut Faults,
         events: &mut Vec<Event>,
     ) -> Option<Served> {
         if self.is_ended() || self.unprompted_paused() {
@@ -939,7 +1004,7 @@ impl Session {
     fn background_claims(
         &self,
         claims: &mut Vec<Claim>,
-        deferred: &mut Vec<Fault>,
+        deferred: &mut Faults,
         events: &mut Vec<Event>,
     ) -> Option<Served> {
         let layout = self.read_layout();
@@ -982,7 +1047,7 @@ impl Session {
                 }
             }
         };
-        let ctx = Ctx::unprompted(Origin::Background);
+        let ctx = Ctx::unprompted(Origin::Background, self.config.quick_retries);
         Some(self.serve_claims(layout, id, claims, ctx, deferred, events))
     }
 
@@ -1023,7 +1088,7 @@ impl Session {
         id: u64,
         claims: &mut Vec<Claim>,
         ctx: Ctx,
-        deferred: &mut Vec<Fault>,
+        deferred: &mut Faults,
         events: &mut Vec<Event>,
     ) -> Served {
         let origin = ctx.origin;
@@ -1113,7 +1178,7 @@ impl Session {
                         // Read the queued events; the faults found are served
                         // after this run.
                         let read = if read_more {
-                            self.pump(deferred, events)
+                            self.pump(deferred, events, 0)
                         } else {
                             0
                         };
@@ -1121,7 +1186,7 @@ impl Session {
                         if read > 0 {
                             continue;
                         }
-                        if attempts <= self.config.quick_retries {
+                        if attempts <= ctx.quick_retries {
                             drop(layout);
                             std::thread::yield_now();
                             layout = self.read_layout();
@@ -1155,11 +1220,11 @@ impl Session {
             }
             match r.state(c.page) {
                 PageState::Claimed => true,
+                // The faulting page is served as zero; it stays
+                // ClaimedDiscarded until mapped (see `claim_and_serve`).
                 PageState::ClaimedDiscarded if Some(c.page) == fault_page => {
-                    r.set(c.page, PageState::Claimed);
                     c.zero = true;
                     c.in_buf = false;
-                    c.discarded = true;
                     true
                 }
                 PageState::ClaimedDiscarded => {
@@ -1196,7 +1261,7 @@ impl Session {
         let ps = r.region.page_size.bytes();
         if let Err(e) = read {
             let offset = r.region.source_offset + (lo * ps) as u64;
-            tracing::error!(session = %self.name, offset, len = (hi - lo + 1) * ps, "source read failed, poisoning the pages: {e}");
+            crate::limited!(error, session = %self.name, offset, len = (hi - lo + 1) * ps, "source read failed, poisoning the pages: {e}");
             Stats::add(&self.stats.errors, 1);
             claims.retain(|c| {
                 if c.zero {
@@ -1234,10 +1299,12 @@ impl Session {
         match poisoned {
             Ok(_) => {
                 Stats::add(&self.stats.pages_poisoned, n as u64);
-                tracing::error!(session = %self.name, addr, pages = n, "poisoned: {why}");
+                crate::limited!(error, session = %self.name, addr, pages = n, "poisoned: {why}");
             }
             Err(e) => {
-                tracing::error!(session = %self.name, addr, pages = n, "{why}; poisoning failed too ({e}): woken unserved");
+                // Its thread faults again, on a Failed page: poisoned again
+                // then, or the session ends saying why (`repoison`).
+                crate::limited!(error, session = %self.name, addr, pages = n, "{why}; poisoning failed too ({e}): woken");
             }
         }
         let _ = self.uffd.wake(addr, n * ps);
@@ -1258,15 +1325,20 @@ impl Session {
     ) {
         let ps = r.region.page_size.bytes();
         for c in claims.drain(..) {
-            if !r.transition(c.page, PageState::Claimed, c.unclaimed()) {
-                continue;
-            }
+            // Back to where it came from: ClaimedDiscarded pages must read
+            // as zero (see `claim_and_serve`).
+            let back = match r.state(c.page) {
+                PageState::Claimed => PageState::Missing,
+                PageState::ClaimedDiscarded => PageState::Discarded,
+                _ => continue,
+            };
+            r.set(c.page, back);
             if Some(c.page) == fault_page {
-                self.defer(Fault {
-                    addr: r.page_addr(c.page),
-                    flags: FaultFlags::empty(),
-                    read_at: read_at.unwrap_or_else(Instant::now),
-                });
+                self.defer(Fault::new(
+                    r.page_addr(c.page),
+                    FaultFlags::empty(),
+                    read_at.unwrap_or_else(Instant::now),
+                ));
             } else {
                 let _ = self.uffd.wake(r.page_addr(c.page), ps);
             }
@@ -1625,13 +1697,9 @@ mod tests {
             1,
             "no REMOVE queued"
         );
-        let mut deferred = Vec::new();
+        let mut deferred = Faults::new();
         let served = session.serve_fault(
-            Fault {
-                addr: address,
-                flags: FaultFlags::empty(),
-                read_at: Instant::now(),
-            },
+            Fault::new(address, FaultFlags::empty(), Instant::now()),
             &mut deferred,
             &mut events,
         );
@@ -1688,15 +1756,11 @@ mod tests {
             return;
         };
         let at = |page: usize| base + (page * PAGE) as u64;
-        let (mut deferred, mut events) = (Vec::new(), Vec::with_capacity(uffd::MAX_BATCH));
+        let (mut deferred, mut events) = (Faults::new(), Vec::with_capacity(uffd::MAX_BATCH));
         // Resolving ioctls need no faulting thread: serve two "faults" by
         // hand, the second where the first cluster ended.
         for page in [0, cluster] {
-            let fault = Fault {
-                addr: at(page),
-                flags: FaultFlags::empty(),
-                read_at: Instant::now(),
-            };
+            let fault = Fault::new(at(page), FaultFlags::empty(), Instant::now());
             assert_eq!(
                 session.serve_fault(fault, &mut deferred, &mut events),
                 Served::Done
@@ -1751,7 +1815,6 @@ mod tests {
                 page,
                 zero: ch != 'd',
                 in_buf: ch != 'Z',
-                discarded: false,
             })
             .collect()
     }

@@ -39,6 +39,32 @@ pub struct Mapping {
     pub page_size_kib: Option<u64>,
 }
 
+impl HandshakeError {
+    /// A number per kind of error (its variant), below 32: for logging, so
+    /// that each kind of refusal is rate-limited on its own.
+    pub fn kind(&self) -> usize {
+        match self {
+            HandshakeError::Eof(_) => 0,
+            HandshakeError::Timeout(_) => 1,
+            HandshakeError::TooLarge(_) => 2,
+            HandshakeError::Json(_) => 3,
+            HandshakeError::NoFd => 4,
+            HandshakeError::TooManyFds(_) => 5,
+            HandshakeError::TooManyPieces(_) => 6,
+            HandshakeError::Truncated => 7,
+            HandshakeError::OutOfFds => 8,
+            HandshakeError::Uffd(_) => 9,
+            HandshakeError::NoRegions => 10,
+            HandshakeError::PageSizeConflict { .. } => 11,
+            HandshakeError::PageSize { .. } => 12,
+            HandshakeError::NoPageSize { .. } => 13,
+            HandshakeError::Regions(_) => 14,
+            HandshakeError::Connect { .. } => 15,
+            HandshakeError::Io(_) => 16,
+        }
+    }
+}
+
 impl Mapping {
     /// A mapping with both page-size fields set, as current Firecracker sends.
     pub fn new(base_host_virt_addr: u64, size: u64, offset: u64, page_size: u64) -> Mapping {
@@ -80,6 +106,8 @@ pub enum HandshakeError {
     NoFd,
     #[error("{0} file descriptors received: exactly one (the userfaultfd) is expected")]
     TooManyFds(usize),
+    #[error("the handshake came in more than {0} pieces: send it in one sendmsg")]
+    TooManyPieces(usize),
     #[error("control data was truncated (too many or unexpected ancillary messages)")]
     Truncated,
     #[error(
@@ -209,6 +237,11 @@ fn out_of_fds() -> bool {
     )
 }
 
+/// Pieces (`recvmsg` calls with data) a handshake may arrive in. Firecracker
+/// sends one `sendmsg`; a stream socket may cut a large one into a few
+/// (a 1 MiB table in 64 KiB reads is 16).
+pub const MAX_PIECES: usize = 64;
+
 /// Handler side: reads one handshake, that is bytes until they form one
 /// complete JSON value, and exactly one fd, which must be a userfaultfd
 /// ready to serve (see [`uffd::Uffd::adopt`]), within `timeout` and `max`
@@ -222,6 +255,7 @@ pub fn read_handshake(
     let mut data: Vec<u8> = Vec::with_capacity(4096);
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
+    let mut pieces = 0usize;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -243,6 +277,12 @@ pub fn read_handshake(
                 fds.extend(received);
             }
         }
+        // One fd is the protocol. More, even spread over many messages,
+        // could fill the server's fd table: refuse at once (they close as
+        // `fds` drops).
+        if fds.len() > 1 {
+            return Err(HandshakeError::TooManyFds(fds.len()));
+        }
         if msg.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
             return Err(if out_of_fds() {
                 HandshakeError::OutOfFds
@@ -257,10 +297,19 @@ pub fn read_handshake(
         if data.len() > max {
             return Err(HandshakeError::TooLarge(max));
         }
+        pieces += 1;
+        if pieces > MAX_PIECES {
+            return Err(HandshakeError::TooManyPieces(MAX_PIECES));
+        }
+        // The value is an array: it can only have become complete if this
+        // piece holds a ']'. Parsing only then (and the first piece, which
+        // shows most malformed input at once), at most MAX_PIECES times,
+        // keeps a peer that sends a byte at a time from making the server
+        // parse a megabyte for each.
+        if pieces > 1 && !chunk[..msg.bytes].contains(&b']') {
+            continue;
+        }
         if let Some(regions) = parse_handshake(&data)? {
-            if fds.len() > 1 {
-                return Err(HandshakeError::TooManyFds(fds.len()));
-            }
             let fd = fds.pop().ok_or(HandshakeError::NoFd)?;
             return Ok((regions, uffd::Uffd::adopt(fd)?));
         }

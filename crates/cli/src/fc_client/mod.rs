@@ -922,6 +922,19 @@ fn write_trace(
 // ---------------------------------------------------------------------------
 // CPU time
 
+/// This process's resident anonymous memory (`RssAnon`), in KiB.
+fn rss_anon_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// CPU time (user + system) of this whole process, in milliseconds.
 fn process_cpu_ms() -> anyhow::Result<f64> {
     let mut usage = MaybeUninit::<libc::rusage>::zeroed();
@@ -1044,6 +1057,11 @@ struct Report {
     first_pass_ms: f64,
     /// Bytes of the touched pages per second of the first pass.
     touch_mib_per_s: f64,
+    /// Anonymous memory the touch phase made resident in this process, MiB
+    /// (`RssAnon` after minus before): what lazy loading costs in memory,
+    /// to compare with the bytes touched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resident_mib: Option<f64>,
     /// Time of the first load of each page in the touch phase.
     #[serde(skip_serializing_if = "Option::is_none")]
     faults_latency: Option<Latency>,
@@ -1268,6 +1286,7 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
 
     // Touch phase: the first pass faults the pages in, later ones (hotset)
     // touch them again.
+    let rss_before = rss_anon_kib();
     let touch = checker.pass(order, args.threads, Phase::Touch, false)?;
     let first_pass_secs = touch.elapsed.as_secs_f64();
     let mut touch_secs = first_pass_secs;
@@ -1278,6 +1297,12 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
         latencies_ns.extend(again.latencies_ns);
     }
     let touch_n = checker.count(TOUCHED);
+    // Memory the touch phase made resident: pages copied in (zero pages map
+    // the shared zero page and add nothing), against the bytes touched.
+    let resident_mib = match (rss_before, rss_anon_kib()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1024.0),
+        _ => None,
+    };
     if let Some(path) = &args.record_trace {
         write_trace(path, order, layout.pages_total, page_size, plan.name)?;
     }
@@ -1380,6 +1405,7 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
         touches: order.len() * plan.passes,
         touch_ms: touch_secs * 1000.0,
         first_pass_ms: first_pass_secs * 1000.0,
+        resident_mib,
         touch_mib_per_s: if first_pass_secs > 0.0 {
             (touch_n * page_size) as f64 / MIB / first_pass_secs
         } else {
