@@ -831,3 +831,51 @@ fn serving_threads_take_the_configured_nice_value() {
     assert_same(&mem.read_all(), &data, "populated in the background");
     engine.shutdown();
 }
+
+/// Memory registered in write-protect mode as well, which the Firecracker
+/// protocol does not use: a write to a protected page reaches the engine as
+/// a write-protect fault. The engine lifts the protection, as the kernel
+/// would without a handler; before, it took the fault for one on a present
+/// page and woke the thread unserved, and the write faulted for ever.
+#[test]
+fn write_protect_fault_is_resolved_not_livelocked() {
+    let Some(u) = uffd(Features::empty()) else {
+        return;
+    };
+    let pages = 16;
+    let mem = Mem::anon(pages * PAGE, false).expect("mmap");
+    u.register(mem.addr, mem.len, RegisterMode::MISSING | RegisterMode::WP)
+        .expect("register MISSING|WP");
+    // A second handle on the same userfaultfd, as the VMM keeps one.
+    let vmm = Uffd::from_fd(std::os::fd::AsFd::as_fd(&u).try_clone_to_owned().expect("dup"));
+    let data = Arc::new(content(pages, PAGE));
+    let engine = engine(2);
+    let handle = engine
+        .add(spec(
+            "wp",
+            u,
+            &mem,
+            PageSize::Base4K,
+            Arc::new(Bytes(data.to_vec())),
+            SessionConfig::default(),
+        ))
+        .expect("add");
+    assert_same(&mem.read_all(), &data, "served");
+    vmm.write_protect(mem.addr, mem.len, true, false)
+        .expect("protect");
+    let target = mem.addr + 3 * PAGE as u64 + 7;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: inside the live mapping, which outlives this thread's
+        // use of it (the test waits for the answer before unmapping).
+        unsafe { std::ptr::write_volatile(target as *mut u8, 0xA5) };
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the write to a write-protected page went through");
+    let got = mem.read_all();
+    assert_eq!(got[3 * PAGE + 7], 0xA5);
+    let st = settle(&handle, |s| s.faults_other_mode >= 1);
+    assert!(st.faults_other_mode >= 1, "{st:?}");
+    drop(engine);
+}
