@@ -64,6 +64,26 @@ impl Setup {
             .expect("misbehaving peer")
     }
 
+    /// Starts a peer that is served and then holds its session (`args`
+    /// must include `--hold-ms`), waits until the server has it, measures
+    /// the server meanwhile and runs the healthy VM beside it.
+    fn beside_holder(&self, args: &[&str], what: &str) {
+        let connected = self.server.log().matches("VM connected").count();
+        let holder = self.peer(args);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.server.log().matches("VM connected").count() == connected {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the peer never connected"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.assert_quiet(what);
+        self.healthy_beside(what);
+        let out = wait_exit(holder, Duration::from_secs(30));
+        assert!(out.status.success(), "{what}: {}", report(&out));
+    }
+
     /// Measures the server for `QUIET_WINDOW` and checks it stays quiet.
     fn assert_quiet(&self, what: &str) {
         let (cpu0, lines0, t0) = (
@@ -133,12 +153,10 @@ fn blocking_userfaultfd_is_served_and_stalls_nobody() {
     let r = report(&out);
     assert!(out.status.success(), "{r}");
     assert_eq!(r["mismatched_pages"], 0, "{r}");
-    // It holds its session for 2 s after its report: measure meanwhile.
-    let holder = s.peer(&["--misbehave", "blocking-uffd", "--hold-ms", "3000"]);
-    s.server.wait_log("VM connected");
-    s.assert_quiet("blocking uffd");
-    s.healthy_beside("blocking uffd");
-    assert!(wait_exit(holder, Duration::from_secs(30)).status.success());
+    s.beside_holder(
+        &["--misbehave", "blocking-uffd", "--hold-ms", "3000"],
+        "blocking uffd",
+    );
 }
 
 /// Class 1, continued: the peer shares the open file and can clear
@@ -249,11 +267,10 @@ fn region_split_into_vmas_is_served_whole() {
         );
         assert_eq!(r["pages_verified"], r["pages_total"], "{r}");
     }
-    let holder = s.peer(&["--misbehave", "split-vmas", "--hold-ms", "2500"]);
-    s.server.wait_log("VM connected");
-    s.assert_quiet("split VMAs");
-    s.healthy_beside("split VMAs");
-    assert!(wait_exit(holder, Duration::from_secs(30)).status.success());
+    s.beside_holder(
+        &["--misbehave", "split-vmas", "--hold-ms", "3000"],
+        "split VMAs",
+    );
 }
 
 /// Class 5: handshakes that claim far more memory than the file holds

@@ -157,10 +157,19 @@ struct Setup {
 }
 
 fn setup(pages: usize, config: SessionConfig, features: Features) -> Option<Setup> {
+    setup_mode(pages, config, features, RegisterMode::MISSING)
+}
+
+/// `setup`, with the memory registered in `mode`.
+fn setup_mode(
+    pages: usize,
+    config: SessionConfig,
+    features: Features,
+    mode: RegisterMode,
+) -> Option<Setup> {
     let u = uffd(features)?;
     let mem = Mem::anon(pages * PAGE, false).expect("mmap");
-    u.register(mem.addr, mem.len, RegisterMode::MISSING)
-        .expect("register");
+    u.register(mem.addr, mem.len, mode).expect("register");
     let data = Arc::new(content(pages, PAGE));
     let engine = engine(2);
     let handle = engine
@@ -839,27 +848,19 @@ fn serving_threads_take_the_configured_nice_value() {
 /// page and woke the thread unserved, and the write faulted for ever.
 #[test]
 fn write_protect_fault_is_resolved_not_livelocked() {
-    let Some(u) = uffd(Features::empty()) else {
+    let mode = RegisterMode::MISSING | RegisterMode::WP;
+    let Some(Setup {
+        engine,
+        handle,
+        mem,
+        data,
+    }) = setup_mode(16, SessionConfig::default(), Features::empty(), mode)
+    else {
         return;
     };
-    let pages = 16;
-    let mem = Mem::anon(pages * PAGE, false).expect("mmap");
-    u.register(mem.addr, mem.len, RegisterMode::MISSING | RegisterMode::WP)
-        .expect("register MISSING|WP");
     // A second handle on the same userfaultfd, as the VMM keeps one.
-    let vmm = Uffd::from_fd(std::os::fd::AsFd::as_fd(&u).try_clone_to_owned().expect("dup"));
-    let data = Arc::new(content(pages, PAGE));
-    let engine = engine(2);
-    let handle = engine
-        .add(spec(
-            "wp",
-            u,
-            &mem,
-            PageSize::Base4K,
-            Arc::new(Bytes(data.to_vec())),
-            SessionConfig::default(),
-        ))
-        .expect("add");
+    let fd = std::os::fd::AsFd::as_fd(&handle).try_clone_to_owned();
+    let vmm = Uffd::from_fd(fd.expect("dup"));
     assert_same(&mem.read_all(), &data, "served");
     vmm.write_protect(mem.addr, mem.len, true, false)
         .expect("protect");
