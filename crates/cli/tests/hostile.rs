@@ -157,6 +157,19 @@ fn blocking_userfaultfd_is_served_and_stalls_nobody() {
         &["--misbehave", "blocking-uffd", "--hold-ms", "3000"],
         "blocking uffd",
     );
+    // Before, SIGTERM no longer stopped a server that had met one: its
+    // serving threads were stuck in read(2).
+    let mut s = s;
+    let holder = s.peer(&["--misbehave", "blocking-uffd", "--hold-ms", "5000"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = rustix::process::Pid::from_child(&s.server.child);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.server.alive() {
+        assert!(Instant::now() < deadline, "SIGTERM did not stop the server");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(KillOnDrop(holder));
 }
 
 /// Class 1, continued: the peer shares the open file and can clear
