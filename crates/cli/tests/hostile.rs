@@ -294,39 +294,43 @@ fn handshakes_claiming_more_than_the_file_are_refused() {
     let Some(s) = setup(&[]) else { return };
     let u = uffd::Uffd::open().expect("uffd");
     u.api(uffd::Features::EVENT_REMOVE).expect("api");
-    let region = |i: u64, size: u64| {
-        format!(
-            r#"{{"base_host_virt_addr":{},"size":{size},"offset":0,"page_size":4096}}"#,
-            (1u64 << 40) + i * (1 << 30)
-        )
-    };
-    // The whole file, 3000 times over.
-    let same: Vec<String> = (0..3000).map(|i| region(i, 16 << 20)).collect();
+    // A handshake of `n` regions, region i at `host(i)` with `size` bytes
+    // from file offset `offset(i)`; the server must refuse it saying `why`.
+    let refused =
+        |n: u64, host: &dyn Fn(u64) -> u64, size: u64, offset: &dyn Fn(u64) -> u64, why: &str| {
+            let regions: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"base_host_virt_addr":{},"size":{size},"offset":{},"page_size":4096}}"#,
+                    host(i),
+                    offset(i)
+                )
+            })
+            .collect();
+            send_raw(
+                &s.server.socket,
+                format!("[{}]", regions.join(",")).as_bytes(),
+                Some(u.as_fd()),
+            );
+            s.server.wait_log(why);
+        };
     let rss_before = rss_kib(&s.server);
-    send_raw(
-        &s.server.socket,
-        format!("[{}]", same.join(",")).as_bytes(),
-        Some(u.as_fd()),
+    // The whole file, 3000 times over.
+    refused(
+        3000,
+        &|i| (1 << 40) + i * (1 << 30),
+        16 << 20,
+        &|_| 0,
+        "take their bytes from the same part of the source",
     );
-    s.server
-        .wait_log("take their bytes from the same part of the source");
     // More regions than one VM may have, each a page of its own.
-    let many: Vec<String> = (0..5000)
-        .map(|i| {
-            format!(
-                r#"{{"base_host_virt_addr":{},"size":4096,"offset":{},"page_size":4096}}"#,
-                (1u64 << 40) + i * 8192,
-                i * 4096
-            )
-        })
-        .collect();
-    send_raw(
-        &s.server.socket,
-        format!("[{}]", many.join(",")).as_bytes(),
-        Some(u.as_fd()),
+    refused(
+        5000,
+        &|i| (1 << 40) + i * 8192,
+        4096,
+        &|i| i * 4096,
+        "5000 regions: at most 4096 are served per VM",
     );
-    s.server
-        .wait_log("5000 regions: at most 4096 are served per VM");
     let grew = rss_kib(&s.server).saturating_sub(rss_before);
     eprintln!("huge claims: the server's resident memory grew by {grew} KiB");
     assert!(grew < 64 << 10, "the server grew by {grew} KiB");
