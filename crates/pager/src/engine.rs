@@ -190,6 +190,10 @@ struct Shared {
     /// When to come back to sessions whose work met lasting EAGAIN and was
     /// put aside (session id), earliest first.
     timers: Mutex<BinaryHeap<Reverse<(Instant, u64)>>>,
+    /// The earliest of `timers`, in nanoseconds from `started` (`u64::MAX`:
+    /// none), read without the lock on every turn of the serving loop.
+    next_timer_ns: AtomicU64,
+    started: Instant,
 }
 
 /// Serving threads and the sessions they serve.
@@ -267,6 +271,8 @@ impl Engine {
             // Room for the timers of many sessions at once, so that putting
             // work aside does not allocate (see `Scratch`).
             timers: Mutex::new(BinaryHeap::with_capacity(1024)),
+            next_timer_ns: AtomicU64::new(u64::MAX),
+            started: Instant::now(),
         });
         let mut workers = Vec::new();
         for n in 0..config.threads.max(1) {
@@ -602,22 +608,29 @@ impl Shared {
     /// Asks for a timer if the session put work aside.
     fn schedule(&self, entry: &Arc<Entry>) {
         if let Some(at) = entry.session.take_retry_at() {
-            self.timers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(Reverse((at, entry.id)));
+            let mut timers = self.timers.lock().unwrap_or_else(|e| e.into_inner());
+            timers.push(Reverse((at, entry.id)));
+            self.publish_next_timer(&timers);
+            drop(timers);
             // A worker asleep in epoll_wait must see the new deadline.
             let _ = rustix::io::write(&self.control, &1u64.to_ne_bytes());
         }
     }
 
+    /// Records the earliest timer for `next_timer` (called with the lock).
+    fn publish_next_timer(&self, timers: &BinaryHeap<Reverse<(Instant, u64)>>) {
+        let ns = timers.peek().map_or(u64::MAX, |Reverse((at, _))| {
+            at.saturating_duration_since(self.started).as_nanos() as u64
+        });
+        self.next_timer_ns.store(ns, Ordering::Release);
+    }
+
     /// The earliest timer, if any.
     fn next_timer(&self) -> Option<Instant> {
-        self.timers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .peek()
-            .map(|Reverse((at, _))| *at)
+        match self.next_timer_ns.load(Ordering::Acquire) {
+            u64::MAX => None,
+            ns => Some(self.started + Duration::from_nanos(ns)),
+        }
     }
 
     /// Serves the work put aside by sessions whose timers are due, and lets
@@ -631,6 +644,7 @@ impl Shared {
                     Some(Reverse((at, id))) if *at <= now => {
                         let id = *id;
                         timers.pop();
+                        self.publish_next_timer(&timers);
                         id
                     }
                     _ => return,

@@ -226,6 +226,15 @@ pub struct Session {
     failure: Mutex<Option<String>>,
     /// Times the peer cleared O_NONBLOCK on the userfaultfd.
     nonblock_resets: AtomicU32,
+    /// Consecutive deferrals, for the delay; and whether readahead and
+    /// background population are paused. Outside `aside`, so that the fault
+    /// path looks at them without a lock.
+    streak: AtomicU32,
+    paused: AtomicBool,
+    /// `failure` holds a reason.
+    failed: AtomicBool,
+    /// `aside.retry_at` was set since the engine last took it.
+    retry_asked: AtomicBool,
 }
 
 /// Work put aside because the kernel kept failing it with EAGAIN.
@@ -236,8 +245,6 @@ struct Aside {
     unprompted_after: Option<Instant>,
     /// When the engine should come back (taken by `take_retry_at`).
     retry_at: Option<Instant>,
-    /// Consecutive deferrals, for the delay.
-    streak: u32,
 }
 
 impl Aside {
@@ -246,7 +253,6 @@ impl Aside {
             faults: Vec::with_capacity(MAX_DEFERRED),
             unprompted_after: None,
             retry_at: None,
-            streak: 0,
         }
     }
 }
@@ -367,6 +373,10 @@ impl Session {
             aside: Mutex::new(Aside::new()),
             failure: Mutex::new(None),
             nonblock_resets: AtomicU32::new(0),
+            streak: AtomicU32::new(0),
+            paused: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            retry_asked: AtomicBool::new(false),
         }
     }
 
@@ -390,6 +400,10 @@ impl Session {
             aside: Mutex::new(Aside::new()),
             failure: Mutex::new(None),
             nonblock_resets: AtomicU32::new(0),
+            streak: AtomicU32::new(0),
+            paused: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            retry_asked: AtomicBool::new(false),
         }
     }
 
@@ -520,11 +534,18 @@ impl Session {
         if f.is_none() {
             *f = Some(why);
         }
+        self.failed.store(true, Ordering::Release);
         Served::Unservable
     }
 
     /// Why the session cannot go on, if it cannot.
+    ///
+    /// Asked after every batch of faults: a load, without a lock, when the
+    /// session is well.
     pub(crate) fn take_failure(&self) -> Option<String> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
         self.failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -578,29 +599,34 @@ impl Session {
             again: true,
             ..fault
         });
-        Self::schedule(&mut aside);
+        self.schedule(&mut aside);
     }
 
     /// Pauses readahead and background population after lasting EAGAIN.
     fn pause_unprompted(&self) {
         Stats::add(&self.stats.deferrals, 1);
         let mut aside = self.aside.lock().unwrap_or_else(|e| e.into_inner());
-        let at = Self::schedule(&mut aside);
+        let at = self.schedule(&mut aside);
         aside.unprompted_after = Some(at);
+        self.paused.store(true, Ordering::Release);
     }
 
     /// Asks the engine to come back after the next delay; returns when.
-    fn schedule(aside: &mut Aside) -> Instant {
-        let delay = Duration::from_millis(1 << aside.streak.min(6)).min(MAX_DEFER);
-        aside.streak = aside.streak.saturating_add(1);
+    fn schedule(&self, aside: &mut Aside) -> Instant {
+        let streak = self.streak.fetch_add(1, Ordering::AcqRel).min(6);
+        let delay = Duration::from_millis(1 << streak).min(MAX_DEFER);
         let at = Instant::now() + delay;
         aside.retry_at = Some(aside.retry_at.map_or(at, |t| t.min(at)));
+        self.retry_asked.store(true, Ordering::Release);
         at
     }
 
     /// When the engine should come back to this session's work put aside
     /// (taken: asked once per deferral).
     pub(crate) fn take_retry_at(&self) -> Option<Instant> {
+        if !self.retry_asked.swap(false, Ordering::AcqRel) {
+            return None;
+        }
         self.aside
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -620,32 +646,36 @@ impl Session {
         let n = aside.faults.len().min(room);
         faults.extend(aside.faults.drain(..n));
         if !aside.faults.is_empty() {
-            Self::schedule(&mut aside);
+            self.schedule(&mut aside);
         }
         if let Some(t) = aside.unprompted_after {
             if t > Instant::now() {
                 aside.retry_at = Some(aside.retry_at.map_or(t, |r| r.min(t)));
+                self.retry_asked.store(true, Ordering::Release);
             }
         }
     }
 
     /// Whether readahead and background population wait (EAGAIN lasted).
     fn unprompted_paused(&self) -> bool {
+        if !self.paused.load(Ordering::Acquire) {
+            return false;
+        }
         let mut aside = self.aside.lock().unwrap_or_else(|e| e.into_inner());
         match aside.unprompted_after {
             Some(t) if Instant::now() < t => true,
-            Some(_) => {
+            _ => {
                 aside.unprompted_after = None;
+                self.paused.store(false, Ordering::Release);
                 false
             }
-            None => false,
         }
     }
 
     /// Work went through without EAGAIN: the next deferral waits briefly.
     fn progressed(&self) {
-        if let Ok(mut aside) = self.aside.try_lock() {
-            aside.streak = 0;
+        if self.streak.load(Ordering::Relaxed) != 0 {
+            self.streak.store(0, Ordering::Relaxed);
         }
     }
 
