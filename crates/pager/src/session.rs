@@ -355,6 +355,22 @@ impl Session {
         config: SessionConfig,
     ) -> Session {
         let layout = Layout::new(regions, source.zero_ranges());
+        Self::with_layout(name, uffd, layout, source, config)
+    }
+
+    /// A session for the child of a fork of this one, from the page state
+    /// taken as the FORK event was read.
+    pub(crate) fn forked(&self, name: String, uffd: Uffd, layout: Layout) -> Session {
+        Self::with_layout(name, uffd, layout, self.source.clone(), self.config.clone())
+    }
+
+    fn with_layout(
+        name: String,
+        uffd: Uffd,
+        layout: Layout,
+        source: Arc<dyn PageSource>,
+        config: SessionConfig,
+    ) -> Session {
         Session {
             name,
             uffd,
@@ -366,33 +382,6 @@ impl Session {
                 ..Cursor::default()
             }),
             config,
-            ended: AtomicBool::new(false),
-            forks: Mutex::new(Vec::new()),
-            stream: Mutex::new(Stream::default()),
-            ahead_added: AtomicBool::new(false),
-            aside: Mutex::new(Aside::new()),
-            failure: Mutex::new(None),
-            nonblock_resets: AtomicU32::new(0),
-            streak: AtomicU32::new(0),
-            paused: AtomicBool::new(false),
-            failed: AtomicBool::new(false),
-            retry_asked: AtomicBool::new(false),
-        }
-    }
-
-    /// A session for the child of a fork of this one.
-    pub(crate) fn forked(&self, name: String, uffd: Uffd, layout: Layout) -> Session {
-        Session {
-            name,
-            uffd,
-            source: self.source.clone(),
-            layout: RwLock::new(layout),
-            stats: Stats::default(),
-            background: Mutex::new(Cursor {
-                done: !self.config.background,
-                ..Cursor::default()
-            }),
-            config: self.config.clone(),
             ended: AtomicBool::new(false),
             forks: Mutex::new(Vec::new()),
             stream: Mutex::new(Stream::default()),
