@@ -30,7 +30,8 @@ pub struct BenchArgs {
     /// Client threads touching memory at once.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Handlers to compare, comma separated: serve, embedded, floor.
+    /// Handlers to compare, comma separated: serve, embedded, floor, and
+    /// serve-ws, embedded-ws (with a recorded working set, see --prefetch).
     #[arg(long, value_delimiter = ',', default_value = "floor,serve,embedded")]
     pub handlers: Vec<String>,
     /// Another handler to compare: a shell command in which {socket} and
@@ -44,6 +45,17 @@ pub struct BenchArgs {
     /// Background population in serve and embedded.
     #[arg(long)]
     pub background: bool,
+    /// Keep the fault-around window of serve and embedded at
+    /// --cluster-pages instead of following the guest.
+    #[arg(long)]
+    pub fixed_cluster: bool,
+    /// serve and embedded prefetch this recorded working set (`.pwws`,
+    /// recorded on the same memory file: give --mem-file, or the generated
+    /// file of the same --size and --zero-every). Without it, the handlers
+    /// `serve-ws` and `embedded-ws` prefetch a recording that `serve`
+    /// makes of one untimed run of the same pattern first.
+    #[arg(long)]
+    pub prefetch: Option<PathBuf>,
     /// Serving threads for serve and embedded.
     #[arg(long, default_value_t = 2)]
     pub serve_threads: usize,
@@ -79,6 +91,9 @@ pub struct FloorArgs {
 struct Baselines {
     memcpy_gib_s: f64,
     zero_fill_gib_s: f64,
+    /// The copy ceiling: one thread doing nothing but UFFDIO_COPY of 1 MiB
+    /// pieces into registered memory.
+    uffd_copy_gib_s: f64,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -217,15 +232,43 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let baselines = Baselines {
         memcpy_gib_s: memcpy_gib_s(args.size as usize),
         zero_fill_gib_s: zero_fill_gib_s(args.size as usize),
+        uffd_copy_gib_s: uffd_copy_gib_s(args.size as usize)?,
+    };
+    let wants_set = args.handlers.iter().any(|h| h.ends_with("-ws"));
+    let recorded = match (&args.prefetch, wants_set) {
+        (Some(p), _) => Some(p.clone()),
+        (None, true) => Some(record_set(&exe, dir.path(), &mem, args)?),
+        (None, false) => None,
     };
     let mut results = Vec::new();
     for run in 1..=args.runs {
         for h in &args.handlers {
+            let ws = || recorded.as_deref().context("no working set");
             let row = match h.as_str() {
-                "serve" | "floor" => external(&exe, dir.path(), &mem, args, h, None),
-                "embedded" => embedded(&exe, &mem, args),
+                "serve" | "floor" => external(
+                    &exe,
+                    dir.path(),
+                    &mem,
+                    args,
+                    h,
+                    None,
+                    args.prefetch.as_deref(),
+                ),
+                "serve-ws" => ws().and_then(|w| {
+                    external(&exe, dir.path(), &mem, args, "serve", None, Some(w)).map(|r| Row {
+                        handler: h.clone(),
+                        ..r
+                    })
+                }),
+                "embedded" => embedded(&exe, &mem, args, args.prefetch.as_deref()),
+                "embedded-ws" => ws().and_then(|w| {
+                    embedded(&exe, &mem, args, Some(w)).map(|r| Row {
+                        handler: h.clone(),
+                        ..r
+                    })
+                }),
                 other => Err(anyhow::anyhow!(
-                    "unknown handler {other:?} (serve, embedded, floor)"
+                    "unknown handler {other:?} (serve, embedded, floor, serve-ws, embedded-ws)"
                 )),
             };
             results.push(Row {
@@ -235,7 +278,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         }
         for (i, cmd) in args.handler_cmd.iter().enumerate() {
             let name = format!("cmd{}", i + 1);
-            let row = external(&exe, dir.path(), &mem, args, &name, Some(cmd));
+            let row = external(&exe, dir.path(), &mem, args, &name, Some(cmd), None);
             results.push(Row {
                 run,
                 ..row.unwrap_or_else(|e| failed(&name, e))
@@ -289,9 +332,19 @@ fn print_table(r: &Report) {
         if r.background { ", background" } else { "" }
     );
     println!(
-        "baselines: memcpy {:.2} GiB/s, kernel zero-fill faults {:.2} GiB/s",
-        r.baselines.memcpy_gib_s, r.baselines.zero_fill_gib_s
+        "baselines: memcpy {:.2} GiB/s, kernel zero-fill faults {:.2} GiB/s, copy ceiling \
+         (UFFDIO_COPY of 1 MiB pieces, one thread) {:.2} GiB/s",
+        r.baselines.memcpy_gib_s, r.baselines.zero_fill_gib_s, r.baselines.uffd_copy_gib_s
     );
+    if let Some(row) = r.results.iter().find(|x| x.ok) {
+        if r.baselines.uffd_copy_gib_s > 0.0 {
+            println!(
+                "copy ceiling for the {:.1} MiB touched: {:.1} ms",
+                row.touched_mib,
+                row.touched_mib / 1024.0 / r.baselines.uffd_copy_gib_s * 1000.0
+            );
+        }
+    }
     let runs = r.runs > 1;
     println!(
         "{:<10}{} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>13}  verified",
@@ -431,6 +484,31 @@ fn memcpy_gib_s(size: usize) -> f64 {
     size as f64 / best / (1u64 << 30) as f64
 }
 
+/// The copy ceiling: one thread mapping `size` bytes of registered memory
+/// with UFFDIO_COPY in 1 MiB pieces, nothing else (no faults, no reads).
+fn uffd_copy_gib_s(size: usize) -> anyhow::Result<f64> {
+    const PIECE: usize = 1 << 20;
+    let mem = crate::check::Mapping::new(size)?;
+    let uffd = uffd::Uffd::open().context("opening a userfaultfd for the copy ceiling")?;
+    uffd.api(uffd::Features::empty())
+        .context("UFFDIO_API for the copy ceiling")?;
+    uffd.register(mem.addr(), size, uffd::RegisterMode::MISSING)
+        .context("registering memory for the copy ceiling")?;
+    let src: Vec<u8> = (0..PIECE).map(|i| (i % 251) as u8 | 1).collect();
+    let t = Instant::now();
+    for off in (0..size).step_by(PIECE) {
+        let len = PIECE.min(size - off);
+        uffd.copy(
+            mem.addr() + off as u64,
+            &src[..len],
+            uffd::CopyMode::empty(),
+        )
+        .context("UFFDIO_COPY for the copy ceiling")?;
+    }
+    let s = t.elapsed().as_secs_f64();
+    Ok(size as f64 / s / (1u64 << 30) as f64)
+}
+
 /// First touch of fresh anonymous memory: the kernel's zero-fill faults.
 fn zero_fill_gib_s(size: usize) -> f64 {
     // A large zeroed allocation comes straight from mmap: untouched pages.
@@ -452,6 +530,23 @@ fn external(
     args: &BenchArgs,
     name: &str,
     cmd: Option<&String>,
+    prefetch: Option<&Path>,
+) -> anyhow::Result<Row> {
+    external_with(exe, dir, mem, args, name, cmd, prefetch, None)
+}
+
+/// `external`, and for `serve`, a working set to prefetch or a directory
+/// to record one into.
+#[allow(clippy::too_many_arguments)]
+fn external_with(
+    exe: &Path,
+    dir: &Path,
+    mem: &Path,
+    args: &BenchArgs,
+    name: &str,
+    cmd: Option<&String>,
+    prefetch: Option<&Path>,
+    record: Option<&Path>,
 ) -> anyhow::Result<Row> {
     let socket = dir.join(format!("{name}.sock"));
     let stats = dir.join(format!("{name}.stats"));
@@ -473,6 +568,15 @@ fn external(
                 .arg(args.cluster_pages.to_string());
             if args.background {
                 c.arg("--background");
+            }
+            if args.fixed_cluster {
+                c.arg("--fixed-cluster");
+            }
+            if let Some(p) = prefetch {
+                c.arg("--prefetch").arg(p);
+            }
+            if let Some(d) = record {
+                c.arg("--record").arg(d);
             }
             c
         }
@@ -536,7 +640,31 @@ fn external(
     Ok(row)
 }
 
-fn embedded(exe: &Path, mem: &Path, args: &BenchArgs) -> anyhow::Result<Row> {
+/// One untimed run of the pattern through `serve --record`: the working
+/// set the `-ws` handlers prefetch.
+fn record_set(exe: &Path, dir: &Path, mem: &Path, args: &BenchArgs) -> anyhow::Result<PathBuf> {
+    let rec = dir.join("recorded");
+    let _ = std::fs::remove_dir_all(&rec);
+    let row = external_with(exe, dir, mem, args, "serve", None, None, Some(&rec))?;
+    anyhow::ensure!(row.ok, "the recording run failed: {:?}", row.error);
+    let found = std::fs::read_dir(&rec)
+        .with_context(|| format!("reading {}", rec.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "pwws"));
+    found.with_context(|| {
+        format!(
+            "the recording run wrote no working set into {}",
+            rec.display()
+        )
+    })
+}
+
+fn embedded(
+    exe: &Path,
+    mem: &Path,
+    args: &BenchArgs,
+    prefetch: Option<&Path>,
+) -> anyhow::Result<Row> {
     let mut c = client_command(exe, mem, args);
     c.arg("--embedded")
         .arg("--serve-threads")
@@ -545,6 +673,12 @@ fn embedded(exe: &Path, mem: &Path, args: &BenchArgs) -> anyhow::Result<Row> {
         .arg(args.cluster_pages.to_string());
     if args.background {
         c.arg("--background");
+    }
+    if args.fixed_cluster {
+        c.arg("--fixed-cluster");
+    }
+    if let Some(p) = prefetch {
+        c.arg("--prefetch").arg(p);
     }
     let out = c.output().context("running the embedded client")?;
     let mut row = row_from_client("embedded", &out)?;

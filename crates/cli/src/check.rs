@@ -417,13 +417,13 @@ fn open_via_syscall() -> anyhow::Result<String> {
 
 /// An anonymous private mapping, unmapped on drop. Shared with `Arc` so that
 /// a hung access keeps it alive instead of faulting on freed memory.
-struct Mapping {
+pub(crate) struct Mapping {
     addr: usize,
     len: usize,
 }
 
 impl Mapping {
-    fn new(len: usize) -> anyhow::Result<Mapping> {
+    pub(crate) fn new(len: usize) -> anyhow::Result<Mapping> {
         use rustix::mm::{MapFlags, ProtFlags};
         // SAFETY: a fresh anonymous mapping at an address the kernel picks
         // overlaps nothing that exists.
@@ -442,7 +442,7 @@ impl Mapping {
         })
     }
 
-    fn addr(&self) -> u64 {
+    pub(crate) fn addr(&self) -> u64 {
         self.addr as u64
     }
 

@@ -39,6 +39,10 @@ pub struct DemoArgs {
     /// Print a JSON report instead of text.
     #[arg(long)]
     pub json: bool,
+    /// How `serve` records the working set: exact or fast (see `pagewire
+    /// serve --help`).
+    #[arg(long, default_value = "exact", value_parser = ["exact", "fast"])]
+    pub record_mode: String,
 }
 
 #[derive(Serialize)]
@@ -123,8 +127,10 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<ExitCode> {
         on_disk
     ));
 
-    // 2. Restore it three ways.
-    say("== 2. restoring the snapshot three ways; each guest runs 2 more passes and checks every word it reads".into());
+    // 2. Restore it five ways.
+    say("== 2. restoring the snapshot five ways (eager; lazily in-process; lazily through `pagewire serve`: \
+         plain, recording its working set, then prefetching that recording); each guest runs 2 more \
+         passes and checks every word it reads".into());
     let state = dir.join("state.json");
     let base = RestoreArgs {
         state: state.clone(),
@@ -134,6 +140,11 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<ExitCode> {
         threads: 2,
         cluster_pages: pager::DEFAULT_CLUSTER_PAGES,
         background: false,
+        fixed_cluster: false,
+        record: None,
+        record_window_ms: 0,
+        record_mode: "exact".into(),
+        prefetch: None,
         timeout_s: 300,
         json: false,
     };
@@ -145,34 +156,32 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<ExitCode> {
         };
         rows.push(row(mode_name(mode), crate::vm::restore(&args)));
     }
-    let socket = dir.join("uffd.sock");
-    let stats = dir.join("serve.jsonl");
-    let _ = std::fs::remove_file(&stats);
-    let mut server = start_server(&exe, &socket, &dir.join("memory.bin"), &stats)?;
-    let args = RestoreArgs {
-        mode: "serve".into(),
-        socket: Some(socket.clone()),
-        ..base.clone()
-    };
-    let mut serve_row = row("serve", crate::vm::restore(&args));
-    let ended = wait_child(&mut server, Duration::from_secs(10));
-    if let Some(r) = serve_row.report.as_mut() {
-        match (ended, read_serve_stats(&stats)) {
-            (true, Ok(s)) => {
-                r.faults = Some(s.faults);
-                r.pages_copied = Some(s.pages_copied);
-                r.pages_zeroed = Some(s.pages_zeroed);
-                r.bytes_moved = Some(s.bytes_copied);
-                r.fault_p50_us = Some(s.first_touch_latency.p50_us);
-                r.fault_p99_us = Some(s.first_touch_latency.p99_us);
-            }
-            (_, Err(e)) => tracing::warn!("no statistics from pagewire serve: {e:#}"),
-            (false, _) => tracing::warn!("pagewire serve did not exit after the VM ended"),
+    let mem = dir.join("memory.bin");
+    rows.push(serve_restore(&exe, &dir, &mem, &base, "serve", &[]));
+    // The working set: recorded through serve once, then prefetched.
+    let rec_dir = dir.join("recorded");
+    let _ = std::fs::remove_dir_all(&rec_dir);
+    let record = [
+        std::ffi::OsString::from("--record"),
+        rec_dir.clone().into(),
+        "--record-mode".into(),
+        a.record_mode.clone().into(),
+    ];
+    rows.push(serve_restore(&exe, &dir, &mem, &base, "serve+rec", &record));
+    let set = recorded_set(&rec_dir);
+    match &set {
+        Ok(set) => {
+            let prefetch = [std::ffi::OsString::from("--prefetch"), set.clone().into()];
+            rows.push(serve_restore(
+                &exe, &dir, &mem, &base, "serve+ws", &prefetch,
+            ));
         }
+        Err(e) => rows.push(Row {
+            report: None,
+            mode: "serve+ws",
+            error: Some(format!("no recording to prefetch: {e:#}")),
+        }),
     }
-    let _ = server.kill();
-    let _ = server.wait();
-    rows.push(serve_row);
 
     let verified = rows
         .iter()
@@ -281,10 +290,78 @@ fn allocated_mib(p: &Path) -> f64 {
     std::fs::metadata(p).map_or(0.0, |m| (m.blocks() * 512) as f64 / 1048576.0)
 }
 
-fn start_server(exe: &Path, socket: &Path, mem: &Path, stats: &Path) -> anyhow::Result<Child> {
+/// A restore through a fresh `pagewire serve` (with `extra` arguments),
+/// its row filled in with the server's own statistics.
+fn serve_restore(
+    exe: &Path,
+    dir: &Path,
+    mem: &Path,
+    base: &RestoreArgs,
+    label: &'static str,
+    extra: &[std::ffi::OsString],
+) -> Row {
+    let socket = dir.join("uffd.sock");
+    let stats = dir.join("serve.jsonl");
+    let _ = std::fs::remove_file(&stats);
+    let mut server = match start_server(exe, &socket, mem, &stats, extra) {
+        Ok(s) => s,
+        Err(e) => return row(label, Err(e)),
+    };
+    let args = RestoreArgs {
+        mode: "serve".into(),
+        socket: Some(socket.clone()),
+        ..base.clone()
+    };
+    let mut serve_row = row(label, crate::vm::restore(&args));
+    let ended = wait_child(&mut server, Duration::from_secs(10));
+    if let Some(r) = serve_row.report.as_mut() {
+        match (ended, read_serve_stats(&stats)) {
+            (true, Ok(s)) => {
+                r.faults = Some(s.faults);
+                r.pages_copied = Some(s.pages_copied);
+                r.pages_zeroed = Some(s.pages_zeroed);
+                r.bytes_moved = Some(s.bytes_copied);
+                r.fault_p50_us = Some(s.first_touch_latency.p50_us);
+                r.fault_p99_us = Some(s.first_touch_latency.p99_us);
+                r.pages_unasked = Some(s.pages_unasked);
+                if s.pages_prefetched > 0 || s.prefetch_samples > 0 {
+                    r.pages_prefetched = Some(s.pages_prefetched);
+                    r.prefetch_hit_rate = s.prefetch_hit_rate();
+                    r.faults_outside_set = Some(s.faults_outside_set);
+                    r.prefetch_done_ms = s.prefetch_done_ms;
+                }
+            }
+            (_, Err(e)) => tracing::warn!("no statistics from pagewire serve: {e:#}"),
+            (false, _) => tracing::warn!("pagewire serve did not exit after the VM ended"),
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    serve_row
+}
+
+/// The one recording `serve --record` wrote into `dir`.
+fn recorded_set(dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut found = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pwws"));
+    found
+        .next()
+        .with_context(|| format!("no .pwws file in {}", dir.display()))
+}
+
+fn start_server(
+    exe: &Path,
+    socket: &Path,
+    mem: &Path,
+    stats: &Path,
+    extra: &[std::ffi::OsString],
+) -> anyhow::Result<Child> {
     let _ = std::fs::remove_file(socket);
     let mut child = Command::new(exe)
         .arg("serve")
+        .args(extra)
         .arg("--socket")
         .arg(socket)
         .arg("--mem-file")
@@ -330,7 +407,7 @@ fn process_demo() -> anyhow::Result<ExitCode> {
     crate::bench::generate(&mem, 256 << 20, 4)?;
     let socket = tmp.path().join("uffd.sock");
     let stats = tmp.path().join("serve.jsonl");
-    let mut server = start_server(&exe, &socket, &mem, &stats)?;
+    let mut server = start_server(&exe, &socket, &mem, &stats, &[])?;
     let out = Command::new(&exe)
         .arg("fc-client")
         .arg("--socket")

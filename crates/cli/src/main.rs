@@ -9,7 +9,9 @@ mod check;
 mod demo;
 mod fc_client;
 mod serve;
+mod sets;
 mod vm;
+mod ws;
 
 #[derive(Parser)]
 #[command(name = "pagewire", version, about)]
@@ -40,6 +42,9 @@ enum Command {
     /// Run the same work against several handlers and the physical
     /// baselines, and print a table.
     Bench(bench::BenchArgs),
+    /// Working sets: merge recordings, inspect one.
+    #[command(subcommand)]
+    Ws(ws::WsCommand),
     /// The minimal one-page-per-fault handler `bench` measures as the floor.
     #[command(name = "bench-floor", hide = true)]
     BenchFloor(bench::FloorArgs),
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
         Command::FcClient(args) => fc_client::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::BenchFloor(args) => bench::floor(&args),
+        Command::Ws(cmd) => ws::run(&cmd),
     };
     match result {
         Ok(code) => code,

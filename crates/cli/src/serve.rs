@@ -48,8 +48,34 @@ pub struct ServeArgs {
     pub mem_file: PathBuf,
     /// 4 KiB pages served around each fault (aligned block; 1 = only the
     /// faulting page).
+    /// Where each VM's fault-around window starts; it then follows how many
+    /// of the pages around faults the guest touches, between one page and
+    /// four times this (see --fixed-cluster).
     #[arg(long, default_value_t = pager::DEFAULT_CLUSTER_PAGES)]
     pub cluster_pages: usize,
+    /// Keep the fault-around window at --cluster-pages.
+    #[arg(long)]
+    pub fixed_cluster: bool,
+    /// Record each VM's working set (the pages it touches, in order) into
+    /// this directory, as `vm-<n>-pid<pid>.pwws` when the VM ends. While a
+    /// VM records, every page it touches outside a sequential stream faults.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// Stop recording this many milliseconds after a VM connected (0: when
+    /// it ends, or at SIGUSR1, which ends every recording window).
+    #[arg(long, default_value_t = 0)]
+    pub record_window_ms: u64,
+    /// `exact`: only pages the guest touched are recorded (while recording,
+    /// pages with data are not mapped around faults, so each one touched
+    /// faults: slower). `fast`: fault-around goes on, and the pages it maps
+    /// are recorded too, touched or not.
+    #[arg(long, default_value = "exact", value_parser = ["exact", "fast"])]
+    pub record_mode: String,
+    /// Map this recorded working set (`.pwws`, recorded on this memory
+    /// file) into each VM right after its handshake, at lower priority than
+    /// its faults.
+    #[arg(long)]
+    pub prefetch: Option<PathBuf>,
     /// Populate the rest of guest memory in the background (yields to faults).
     #[arg(long)]
     pub background: bool,
@@ -99,6 +125,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         MemFile::open(&args.mem_file)
             .with_context(|| format!("opening the memory file {}", args.mem_file.display()))?,
     );
+    let template = session_template(args)?;
+    if let Some(dir) = &args.record {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the recording directory {}", dir.display()))?;
+    }
     let listener = bind(&args.socket)?;
     tracing::info!(
         socket = %args.socket.display(),
@@ -133,6 +164,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             }
         }
         if let Ok(tx) = ended_tx.lock() {
+            if let Some(rec) = &report.recording {
+                let _ = tx.send(Msg::Recorded(report.id, report.pid, rec.clone()));
+            }
             let _ = tx.send(Msg::Ended);
         }
     });
@@ -150,12 +184,45 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let accept_args = args.clone();
     std::thread::Builder::new()
         .name("pagewire-accept".into())
-        .spawn(move || accept_loop(&listener, &accept_engine, &source, &accept_args, fd_limit))
+        .spawn(move || {
+            accept_loop(
+                &listener,
+                &accept_engine,
+                &source,
+                &accept_args,
+                fd_limit,
+                &template,
+            )
+        })
         .context("spawning the accept thread")?;
 
+    let snapshot = match &args.record {
+        Some(_) => Some(crate::sets::snapshot_id(&args.mem_file)?),
+        None => None,
+    };
     let mut ended = 0usize;
     while let Ok(msg) = ended_rx.recv() {
         match msg {
+            Msg::Recorded(id, pid, rec) => {
+                let (Some(dir), Some(snapshot)) = (&args.record, snapshot) else {
+                    continue;
+                };
+                let pid = pid.map_or_else(String::new, |p| format!("-pid{p}"));
+                let path = dir.join(format!("vm-{id}{pid}.pwws"));
+                match crate::sets::save(&rec, snapshot, &path) {
+                    Ok(set) => tracing::info!(
+                        path = %path.display(),
+                        pages = set.touches.len(),
+                        inferred = rec.inferred,
+                        "working set recorded"
+                    ),
+                    Err(e) => tracing::error!("{e:#}"),
+                }
+            }
+            Msg::EndRecordings => {
+                let n = engine.end_recordings();
+                tracing::info!(vms = n, "SIGUSR1: recording windows ended");
+            }
             Msg::Ended => {
                 ended += 1;
                 if args.exit_after > 0 && ended >= args.exit_after {
@@ -182,19 +249,29 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 enum Msg {
     /// A VM ended (its report is written).
     Ended,
+    /// A VM that recorded its working set ended (session id, pid).
+    Recorded(u64, Option<u32>, Arc<pager::Recording>),
+    /// SIGUSR1: end every recording window.
+    EndRecordings,
     /// SIGTERM or SIGINT: end every VM (writing their reports) and exit.
     Signal(i32),
 }
 
 fn watch_signals(tx: mpsc::Sender<Msg>) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1])
         .context("installing signal handlers")?;
     std::thread::Builder::new()
         .name("pagewire-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                let _ = tx.send(Msg::Signal(sig));
+            for sig in signals.forever() {
+                let msg = match sig {
+                    SIGUSR1 => Msg::EndRecordings,
+                    sig => Msg::Signal(sig),
+                };
+                if tx.send(msg).is_err() {
+                    return;
+                }
             }
         })
         .context("spawning the signal thread")?;
@@ -291,6 +368,7 @@ fn accept_loop(
     source: &Arc<dyn PageSource>,
     args: &ServeArgs,
     fd_limit: u64,
+    template: &SessionConfig,
 ) {
     let pending = Arc::new(AtomicUsize::new(0));
     let per_uid: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
@@ -330,6 +408,7 @@ fn accept_loop(
             *n += 1;
         }
         let (engine, source, args) = (engine.clone(), source.clone(), args.clone());
+        let config = template.clone();
         pending.fetch_add(1, Ordering::AcqRel);
         let (done, per_uid_done) = (pending.clone(), per_uid.clone());
         let finished = move || {
@@ -349,7 +428,7 @@ fn accept_loop(
             .spawn({
                 let finished = finished.clone();
                 move || {
-                    handle_connection(stream, &engine, source, &args);
+                    handle_connection(stream, &engine, source, &args, config);
                     finished();
                 }
             });
@@ -365,6 +444,7 @@ fn handle_connection(
     engine: &Engine,
     source: Arc<dyn PageSource>,
     args: &ServeArgs,
+    config: SessionConfig,
 ) {
     let peer = rustix::net::sockopt::socket_peercred(&stream).ok();
     let pid = peer.map(|c| c.pid.as_raw_nonzero().get() as u32);
@@ -405,14 +485,48 @@ fn handle_connection(
         source,
         pid,
         hangup: Some(hangup),
-        config: SessionConfig {
-            cluster_pages: args.cluster_pages.max(1),
-            background: args.background,
-            background_chunk: args.background_chunk.max(1),
-            ..SessionConfig::default()
-        },
+        config,
     };
     if let Err(e) = engine.add(spec) {
         limited!(error, peer = %who, "VM not served: {e}");
     }
+}
+
+/// The configuration every VM's session starts from: tuning, and the
+/// working set to record or prefetch (checked against the memory file once,
+/// before any VM waits on it).
+fn session_template(args: &ServeArgs) -> anyhow::Result<SessionConfig> {
+    if args.record.is_some() && args.prefetch.is_some() {
+        bail!(
+            "--record and --prefetch together: a prefetched page makes no fault, so the \
+             recording would miss the set; record without --prefetch"
+        );
+    }
+    let prefetch = match &args.prefetch {
+        Some(p) => {
+            let snapshot = crate::sets::snapshot_id(&args.mem_file)?;
+            let (set, ws) = crate::sets::load(p, &snapshot)?;
+            tracing::info!(
+                path = %p.display(),
+                pages = ws.touches.len(),
+                runs = ws.runs,
+                "prefetching a working set into each VM"
+            );
+            Some(set)
+        }
+        None => None,
+    };
+    Ok(SessionConfig {
+        cluster_pages: args.cluster_pages.max(1),
+        adaptive_cluster: !args.fixed_cluster,
+        background: args.background,
+        background_chunk: args.background_chunk.max(1),
+        record: args.record.as_ref().map(|_| pager::RecordConfig {
+            window: (args.record_window_ms > 0)
+                .then(|| Duration::from_millis(args.record_window_ms)),
+            exact: args.record_mode == "exact",
+        }),
+        prefetch,
+        ..SessionConfig::default()
+    })
 }

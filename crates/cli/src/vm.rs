@@ -92,6 +92,28 @@ pub struct RestoreArgs {
     /// Embedded pager: populate the rest of memory in the background.
     #[arg(long)]
     pub background: bool,
+    /// Embedded pager: keep the fault-around window at --cluster-pages
+    /// instead of following the guest.
+    #[arg(long)]
+    pub fixed_cluster: bool,
+    /// Embedded pager: record the working set into this file (`.pwws`)
+    /// when the guest has finished its passes (or at --record-window-ms).
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// Stop recording this many milliseconds after the restore started
+    /// (0: when the guest has finished its passes after the restore).
+    #[arg(long, default_value_t = 0)]
+    pub record_window_ms: u64,
+    /// `exact`: only pages the guest touched are recorded (while recording,
+    /// pages with data are not mapped around faults, so each one touched
+    /// faults: slower). `fast`: fault-around goes on, and the pages it maps
+    /// are recorded too, touched or not.
+    #[arg(long, default_value = "exact", value_parser = ["exact", "fast"])]
+    pub record_mode: String,
+    /// Embedded pager: map this recorded working set right away, at lower
+    /// priority than faults.
+    #[arg(long)]
+    pub prefetch: Option<PathBuf>,
     #[arg(long, default_value_t = 300)]
     pub timeout_s: u64,
     #[arg(long)]
@@ -260,6 +282,25 @@ pub struct RestoreReport {
     pub working_set_pages: u64,
     /// Every pass's checksum matched and the guest saw no wrong word.
     pub verified: bool,
+    /// Working-set prefetch and recording (embedded; for `serve`, filled in
+    /// from its --stats-json by the demo).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages_prefetched: Option<u64>,
+    /// Share of the prefetched pages the guest touched (estimated from
+    /// samples), and faults outside the set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch_hit_rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faults_outside_set: Option<u64>,
+    /// From the start of the restore until the whole set was mapped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch_done_ms: Option<f64>,
+    /// Pages recorded (with --record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recorded_pages: Option<u64>,
+    /// Pages mapped without a fault asking for them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages_unasked: Option<u64>,
     /// Page faults the pager read (embedded only; for `serve`, see its
     /// --stats-json).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -291,7 +332,21 @@ fn print_restore(r: &RestoreReport) {
         r.total_ms
     );
     if let (Some(f), Some(c), Some(z)) = (r.faults, r.pages_copied, r.pages_zeroed) {
-        println!("pager: {f} faults, {c} pages copied, {z} zero pages mapped");
+        println!(
+            "pager: {f} faults, {c} pages copied, {z} zero pages mapped, {} mapped unasked",
+            r.pages_unasked.unwrap_or(0)
+        );
+    }
+    if let Some(p) = r.pages_prefetched {
+        println!(
+            "prefetch: {p} pages, whole set mapped after {} ms, {} of it touched (sampled), {} faults outside it",
+            r.prefetch_done_ms.map_or("-".into(), |v| format!("{v:.1}")),
+            r.prefetch_hit_rate.map_or("-".into(), |v| format!("{:.0}%", v * 100.0)),
+            r.faults_outside_set.unwrap_or(0)
+        );
+    }
+    if let Some(n) = r.recorded_pages {
+        println!("recorded: {n} pages");
     }
 }
 
@@ -306,12 +361,37 @@ pub fn resolve_state(p: &Path) -> PathBuf {
 /// Restores, runs `passes` more verified passes and reports.
 pub fn restore(a: &RestoreArgs) -> anyhow::Result<RestoreReport> {
     let state_path = resolve_state(&a.state);
+    if (a.record.is_some() || a.prefetch.is_some()) && a.mode != "embedded" {
+        bail!(
+            "--record and --prefetch apply to --mode embedded; for --mode serve, give them to \
+             `pagewire serve`"
+        );
+    }
+    if a.record.is_some() && a.prefetch.is_some() {
+        bail!("--record and --prefetch together: a prefetched page makes no fault, so the recording would miss the set");
+    }
+    let state = vmm::VmState::load(&state_path)?;
+    let mem_path = state.memory_path(&state_path);
+    let snapshot = match (&a.record, &a.prefetch) {
+        (None, None) => None,
+        _ => Some(crate::sets::snapshot_id(&mem_path)?),
+    };
+    let prefetch = match (&a.prefetch, &snapshot) {
+        (Some(p), Some(id)) => Some(crate::sets::load(p, id)?.0),
+        _ => None,
+    };
     let mode = match a.mode.as_str() {
         "eager" => RestoreMode::Eager,
         "embedded" => RestoreMode::Embedded(EmbeddedOptions {
             threads: a.threads,
             cluster_pages: a.cluster_pages,
+            adaptive_cluster: !a.fixed_cluster,
             background: a.background,
+            record: a.record.as_ref().map(|_| pager::RecordConfig {
+                window: (a.record_window_ms > 0).then(|| Duration::from_millis(a.record_window_ms)),
+                exact: a.record_mode == "exact",
+            }),
+            prefetch,
         }),
         "serve" => RestoreMode::External {
             socket: a
@@ -321,13 +401,22 @@ pub fn restore(a: &RestoreArgs) -> anyhow::Result<RestoreReport> {
         },
         other => bail!("--mode {other:?}: expected eager, embedded or serve"),
     };
-    let state = vmm::VmState::load(&state_path)?;
     let start_pass = state.last_pass().map_or(0, |p| p + 1);
     let target = start_pass + a.passes.max(1) - 1;
     let mut r = vmm::restore(&state_path, &mode, Some(target))
         .with_context(|| format!("restoring {}", state_path.display()))?;
     let progress =
         r.vm.run_to_pass(r.started, Duration::from_secs(a.timeout_s))?;
+    // The start-up phase is over once every vCPU has finished a pass: what
+    // the guest touches later is not its start-up working set.
+    let recorded = match (&a.record, snapshot) {
+        (Some(out), Some(id)) => {
+            r.end_recording();
+            let rec = r.recording().context("the pager recorded nothing")?;
+            Some(crate::sets::save(&rec, id, out)?.touches.len() as u64)
+        }
+        _ => None,
+    };
     let working_set = progress
         .first_report
         .iter()
@@ -350,6 +439,18 @@ pub fn restore(a: &RestoreArgs) -> anyhow::Result<RestoreReport> {
         passes: a.passes.max(1),
         working_set_pages,
         verified: true,
+        pages_prefetched: stats
+            .as_ref()
+            .filter(|s| s.pages_prefetched > 0 || a.prefetch.is_some())
+            .map(|s| s.pages_prefetched),
+        prefetch_hit_rate: stats.as_ref().and_then(|s| s.prefetch_hit_rate()),
+        faults_outside_set: stats
+            .as_ref()
+            .filter(|_| a.prefetch.is_some())
+            .map(|s| s.faults_outside_set),
+        prefetch_done_ms: stats.as_ref().and_then(|s| s.prefetch_done_ms),
+        recorded_pages: recorded,
+        pages_unasked: stats.as_ref().map(|s| s.pages_unasked),
         faults: stats.as_ref().map(|s| s.faults),
         pages_copied: stats.as_ref().map(|s| s.pages_copied),
         pages_zeroed: stats.as_ref().map(|s| s.pages_zeroed),

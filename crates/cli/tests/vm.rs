@@ -226,7 +226,7 @@ fn hugetlb_backed_guest_restores_lazily() {
 }
 
 #[test]
-fn demo_reports_three_verified_restores() {
+fn demo_reports_five_verified_restores_and_the_recording_pays_off() {
     if !common::have_kvm() {
         return;
     }
@@ -239,11 +239,20 @@ fn demo_reports_three_verified_restores() {
         .iter()
         .map(|x| x["mode"].as_str().unwrap_or("?"))
         .collect();
-    assert_eq!(modes, ["eager", "embedded", "serve"]);
+    assert_eq!(
+        modes,
+        ["eager", "embedded", "serve", "serve+rec", "serve+ws"]
+    );
     for row in r["restores"].as_array().expect("rows") {
         assert_eq!(row["verified"], true, "{row}");
         assert!(row["working_set_ms"].as_f64().expect("ms") > 0.0, "{row}");
     }
     // The page server's own counts reached the report.
-    assert!(r["restores"][2]["faults"].as_u64().unwrap_or(0) > 0, "{r}");
+    let faults = |i: usize| r["restores"][i]["faults"].as_u64().unwrap_or(0);
+    assert!(faults(2) > 0, "{r}");
+    // The recorded set was prefetched, and most faults went away (counts,
+    // not timings: the samples and the guest's zero pages still fault).
+    let ws = &r["restores"][4];
+    assert!(ws["pages_prefetched"].as_u64().unwrap_or(0) > 0, "{ws}");
+    assert!(faults(4) * 2 < faults(2), "{r}");
 }

@@ -27,7 +27,7 @@ use uffd::Uffd;
 
 use crate::layout::PageState;
 use crate::region::{validate, Region, RegionError};
-use crate::session::{Faults, Served, Session, SessionConfig};
+use crate::session::{Faults, Recording, Served, Session, SessionConfig};
 use crate::source::PageSource;
 use crate::stats::StatsSnapshot;
 
@@ -79,6 +79,12 @@ pub struct EngineConfig {
     /// CAP_SYS_NICE; without it the threads keep their priority (a warning
     /// says so). `None`: leave it.
     pub nice: Option<i32>,
+    /// How many serving threads map recorded working sets at once (default
+    /// 1), at the serving priority. The others stay free for faults, and
+    /// the guest keeps a core: with both threads of 2 prefetching at nice
+    /// -10, the client of `bench --pattern hotset` saw loads wait 3-4 ms
+    /// (descheduled), against PREFETCH_FIGURE with one.
+    pub prefetch_threads: usize,
 }
 
 impl Default for EngineConfig {
@@ -86,6 +92,7 @@ impl Default for EngineConfig {
         EngineConfig {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             background_threads: 1,
+            prefetch_threads: usize::MAX,
             nice: Some(DEFAULT_NICE),
         }
     }
@@ -141,6 +148,9 @@ pub struct SessionReport {
     /// Why, when `reason` is `failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The working set recorded, when the session recorded one.
+    #[serde(skip)]
+    pub recording: Option<Arc<Recording>>,
 }
 
 type EndHook = Box<dyn Fn(&SessionReport) + Send + Sync>;
@@ -181,9 +191,15 @@ struct Shared {
     /// Readahead work, `epoch << 1 | pending` as for `background`. Any idle
     /// thread reads ahead (no token): a stream's thread is waiting for it.
     readahead: AtomicU64,
+    /// Prefetch work (a recorded working set to map), `epoch << 1 | pending`
+    /// as for `readahead`; any idle thread takes its steps, after readahead.
+    prefetch: AtomicU64,
     /// Threads populating now, at most `max_populators`.
     populators: AtomicUsize,
     max_populators: usize,
+    /// Threads prefetching now, at most `max_prefetchers`.
+    prefetchers: AtomicUsize,
+    max_prefetchers: usize,
     nice: Option<i32>,
     round_robin: AtomicUsize,
     on_end: Option<EndHook>,
@@ -220,6 +236,16 @@ impl SessionHandle {
     /// The state of the page holding `addr`.
     pub fn page_state(&self, addr: u64) -> Option<PageState> {
         self.entry.session.page_state(addr)
+    }
+
+    /// Ends the session's recording window now (see `SessionConfig::record`).
+    pub fn end_recording(&self) {
+        self.entry.session.end_recording();
+    }
+
+    /// The working set recorded so far, if the session records one.
+    pub fn recording(&self) -> Option<Recording> {
+        self.entry.session.recording()
     }
 
     /// Waits up to `timeout` for the session to end.
@@ -263,8 +289,11 @@ impl Engine {
             stopping: AtomicBool::new(false),
             background: AtomicU64::new(0),
             readahead: AtomicU64::new(0),
+            prefetch: AtomicU64::new(0),
             populators: AtomicUsize::new(0),
             max_populators: config.background_threads.clamp(1, config.threads.max(1)),
+            prefetchers: AtomicUsize::new(0),
+            max_prefetchers: config.prefetch_threads.clamp(1, config.threads.max(1)),
             nice: config.nice,
             round_robin: AtomicUsize::new(0),
             on_end,
@@ -335,6 +364,20 @@ impl Engine {
     /// Ends a session now (its memory is no longer served).
     pub fn end(&self, handle: &SessionHandle) {
         self.shared.end(handle.id(), EndReason::Stopped);
+    }
+
+    /// Ends the recording window of every session recording a working set
+    /// (the operator marks the end of the start-up phase); returns how many.
+    pub fn end_recordings(&self) -> usize {
+        let entries: Vec<Arc<Entry>> = match self.shared.sessions.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => return 0,
+        };
+        entries
+            .iter()
+            .filter(|e| e.session.recording_open())
+            .map(|e| e.session.end_recording())
+            .count()
     }
 
     /// Sessions being served.
@@ -433,12 +476,14 @@ impl Shared {
                 errno,
             });
         }
-        if background {
-            let _ = self
-                .background
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some((v + 2) | 1));
-            // Wake a worker that may be asleep with nothing to wait for.
-            let _ = rustix::io::write(&self.control, &1u64.to_ne_bytes());
+        let prefetch = entry.session.prefetch_pending();
+        for (wanted, flag) in [(background, &self.background), (prefetch, &self.prefetch)] {
+            if wanted {
+                let _ =
+                    flag.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some((v + 2) | 1));
+                // Wake a worker that may be asleep with nothing to wait for.
+                let _ = rustix::io::write(&self.control, &1u64.to_ne_bytes());
+            }
         }
         crate::limited!(
             burst = 1000,
@@ -492,6 +537,7 @@ impl Shared {
             bytes: entry.bytes,
             stats: entry.session.stats.snapshot(),
             detail,
+            recording: entry.session.recording().map(Arc::new),
         };
         match &report.detail {
             Some(why) => crate::limited!(
@@ -653,7 +699,7 @@ impl Shared {
             let Some(entry) = self.get(id) else { continue };
             entry.session.take_put_aside(&mut scratch.faults);
             self.serve_faults(&entry, scratch);
-            for flag in [&self.background, &self.readahead] {
+            for flag in [&self.background, &self.readahead, &self.prefetch] {
                 let _ =
                     flag.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some((v + 2) | 1));
             }
@@ -669,9 +715,23 @@ impl Shared {
             .is_ok()
     }
 
+    /// Takes one of the prefetching tokens if one is free.
+    fn take_prefetch_token(&self) -> bool {
+        self.prefetchers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_prefetchers).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
     /// One readahead step on the next session that has some.
     fn readahead_round(&self, scratch: &mut Scratch) -> bool {
         self.round(scratch, Session::readahead_step)
+    }
+
+    /// One prefetch step on the next session that has some.
+    fn prefetch_round(&self, scratch: &mut Scratch) -> bool {
+        self.round(scratch, Session::prefetch_step)
     }
 
     /// One background step on the next session that has work.
@@ -726,6 +786,7 @@ struct Scratch {
 /// (any thread may take a free one: whichever thread drained the kick).
 fn worker(shared: &Shared) {
     let mut holds_token = false;
+    let mut holds_prefetch = false;
     let mut nice = Nice::new(shared.nice);
     let mut events: Vec<epoll::Event> = Vec::with_capacity(16);
     let mut scratch = Scratch {
@@ -752,6 +813,16 @@ fn worker(shared: &Shared) {
         let populate = background & 1 == 1 && holds_token;
         let readahead = shared.readahead.load(Ordering::Acquire);
         let ahead = readahead & 1 == 1;
+        let prefetch = shared.prefetch.load(Ordering::Acquire);
+        if prefetch & 1 == 1 {
+            if !holds_prefetch {
+                holds_prefetch = shared.take_prefetch_token();
+            }
+        } else if holds_prefetch {
+            shared.prefetchers.fetch_sub(1, Ordering::AcqRel);
+            holds_prefetch = false;
+        }
+        let prefetching = prefetch & 1 == 1 && holds_prefetch;
         events.clear();
         let until_timer = shared.next_timer().map(|at| {
             let d = at.saturating_duration_since(Instant::now());
@@ -760,7 +831,7 @@ fn worker(shared: &Shared) {
                 tv_nsec: d.subsec_nanos() as i64,
             }
         });
-        let timeout = if populate || ahead {
+        let timeout = if populate || ahead || prefetching {
             Some(&zero)
         } else {
             until_timer.as_ref()
@@ -822,6 +893,21 @@ fn worker(shared: &Shared) {
                 let _ = shared.readahead.compare_exchange(
                     readahead,
                     readahead & !1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+            continue;
+        }
+        if prefetching {
+            // A recorded working set: the guest will fault on it soon, so
+            // at the serving priority, but after readahead (a thread is
+            // waiting for that now).
+            nice.serving();
+            if !shared.prefetch_round(&mut scratch) {
+                let _ = shared.prefetch.compare_exchange(
+                    prefetch,
+                    prefetch & !1,
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 );

@@ -26,7 +26,10 @@ pub use engine::{
 };
 pub use layout::PageState;
 pub use region::{PageSize, Region, RegionError};
-pub use session::{Session, SessionConfig, DEFAULT_CLUSTER_PAGES};
+pub use session::{
+    PrefetchSet, RecordConfig, RecordedTouch, Recording, Session, SessionConfig,
+    DEFAULT_CLUSTER_PAGES,
+};
 pub use source::{Bytes, MemFile, PageSource, SourceError};
 pub use stats::{LatencySummary, StatsSnapshot};
 

@@ -29,6 +29,11 @@ pub struct Stats {
     pub faults_undeclared: AtomicU64,
     pub faults_other_mode: AtomicU64,
     pub deferrals: AtomicU64,
+    pub pages_prefetched: AtomicU64,
+    pub prefetch_samples: AtomicU64,
+    pub prefetch_sample_hits: AtomicU64,
+    pub faults_outside_set: AtomicU64,
+    pub prefetch_done_us: AtomicU64,
     latency: Mutex<hdrhistogram::Histogram<u64>>,
 }
 
@@ -54,6 +59,11 @@ impl Default for Stats {
             faults_undeclared: AtomicU64::new(0),
             faults_other_mode: AtomicU64::new(0),
             deferrals: AtomicU64::new(0),
+            pages_prefetched: AtomicU64::new(0),
+            prefetch_samples: AtomicU64::new(0),
+            prefetch_sample_hits: AtomicU64::new(0),
+            faults_outside_set: AtomicU64::new(0),
+            prefetch_done_us: AtomicU64::new(0),
             latency: Mutex::new(latency_histogram()),
         }
     }
@@ -108,6 +118,17 @@ impl Stats {
             faults_undeclared: g(&self.faults_undeclared),
             faults_other_mode: g(&self.faults_other_mode),
             deferrals: g(&self.deferrals),
+            pages_prefetched: g(&self.pages_prefetched),
+            prefetch_samples: g(&self.prefetch_samples),
+            prefetch_sample_hits: g(&self.prefetch_sample_hits),
+            faults_outside_set: g(&self.faults_outside_set),
+            prefetch_done_ms: match g(&self.prefetch_done_us) {
+                0 => None,
+                us => Some(us as f64 / 1000.0),
+            },
+            pages_unasked: g(&self.pages_fault_around)
+                + g(&self.pages_background)
+                + g(&self.pages_prefetched),
             first_touch_latency: latency,
         }
     }
@@ -155,6 +176,22 @@ pub struct StatsSnapshot {
     /// Times work met EAGAIN for longer than a few retries and was put
     /// aside for later instead of keeping a serving thread waiting.
     pub deferrals: u64,
+    /// Pages of a recorded working set mapped before a fault asked for them.
+    pub pages_prefetched: u64,
+    /// Pages of the set left out of prefetch as samples (one in 64): a
+    /// fault on one is a hit; one never faulted is waste.
+    pub prefetch_samples: u64,
+    /// Samples the guest touched (faulted on).
+    pub prefetch_sample_hits: u64,
+    /// Faults on pages outside the prefetched set (the guest's behaviour
+    /// changed since the recording, or the set was cut).
+    pub faults_outside_set: u64,
+    /// From the session's start until the whole set was mapped.
+    pub prefetch_done_ms: Option<f64>,
+    /// Pages mapped without a fault asking for them: fault-around,
+    /// readahead, background population and prefetch. What a guest may pay
+    /// in memory for pages it never touches.
+    pub pages_unasked: u64,
     /// From reading a fault message to the faulting page being mapped.
     pub first_touch_latency: LatencySummary,
 }
@@ -184,5 +221,14 @@ impl LatencySummary {
             p99_us: us(h.value_at_quantile(0.99)),
             max_us: us(h.max()),
         }
+    }
+}
+
+impl StatsSnapshot {
+    /// The share of prefetched pages the guest touched, estimated from the
+    /// samples (`None` without samples).
+    pub fn prefetch_hit_rate(&self) -> Option<f64> {
+        (self.prefetch_samples > 0)
+            .then(|| self.prefetch_sample_hits as f64 / self.prefetch_samples as f64)
     }
 }

@@ -724,6 +724,7 @@ fn sequential_faults_read_ahead_and_random_ones_do_not() {
     // the faulting page is mapped before the rest is read).
     let Some(flat) = touch_seq(SessionConfig {
         cluster_pages: 16,
+        adaptive_cluster: false,
         max_readahead_pages: 0,
         ..Default::default()
     }) else {

@@ -625,6 +625,7 @@ fn finish(mut r: Running, totals: &mut pager::StatsSnapshot) -> Result<String, S
     totals.pages_copied += st.pages_copied;
     totals.retries += st.retries;
     totals.deferrals += st.deferrals;
+    totals.pages_prefetched += st.pages_prefetched;
     let mut out = String::new();
     if let Some(mut o) = r.child.stdout.take() {
         use std::io::Read;
@@ -687,6 +688,7 @@ fn engine_races() {
                 } else {
                     None
                 },
+                prefetch_threads: 1 + rng.below(2),
             },
             None,
         )
@@ -706,10 +708,30 @@ fn engine_races() {
                         0
                     },
                 };
+                // A working set to prefetch (random pages, some of them past
+                // the end: a set recorded on a larger snapshot is cut), or
+                // a recording, exact or fast: both race with the balloon.
+                let prefetch = rng.chance(33).then(|| {
+                    let n = rng.below(spec.pages);
+                    pager::PrefetchSet::new(
+                        (0..n)
+                            .map(|_| (rng.below(spec.pages + 16) * PAGE) as u64)
+                            .collect(),
+                    )
+                });
+                let record = rng.chance(25).then(|| pager::RecordConfig {
+                    window: rng
+                        .chance(50)
+                        .then(|| Duration::from_millis(rng.below(400) as u64)),
+                    exact: rng.chance(50),
+                });
                 let config = SessionConfig {
                     cluster_pages: [1, 1, 4, 32][rng.below(4)],
+                    adaptive_cluster: rng.chance(75),
                     background: rng.chance(50),
                     background_chunk: [1, 8][rng.below(2)],
+                    prefetch,
+                    record,
                     ..SessionConfig::default()
                 };
                 start_peer(&engine, spec, config)
@@ -733,13 +755,14 @@ fn engine_races() {
     eprintln!(
         "engine_races: seed {seed}: {rounds} rounds, {peers} peers, all correct; faults {}, \
          on pages mapped or in flight {}, pages discarded {}, zeroed {}, copied {}, EAGAIN \
-         retries {}, put aside {}",
+         retries {}, put aside {}, prefetched {}",
         totals.faults,
         totals.faults_already_served,
         totals.pages_discarded,
         totals.pages_zeroed,
         totals.pages_copied,
         totals.retries,
-        totals.deferrals
+        totals.deferrals,
+        totals.pages_prefetched
     );
 }

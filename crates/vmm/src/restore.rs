@@ -41,11 +41,17 @@ impl RestoreMode {
 }
 
 /// Tuning of the embedded pager.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
     pub threads: usize,
     pub cluster_pages: usize,
+    /// Adaptive fault-around (see `pager::SessionConfig::adaptive_cluster`).
+    pub adaptive_cluster: bool,
     pub background: bool,
+    /// Record the working set (take it with [`Restored::recording`]).
+    pub record: Option<pager::RecordConfig>,
+    /// Map this recorded working set ahead of faults.
+    pub prefetch: Option<pager::PrefetchSet>,
 }
 
 impl Default for EmbeddedOptions {
@@ -53,7 +59,10 @@ impl Default for EmbeddedOptions {
         EmbeddedOptions {
             threads: 2,
             cluster_pages: SessionConfig::default().cluster_pages,
+            adaptive_cluster: true,
             background: false,
+            record: None,
+            prefetch: None,
         }
     }
 }
@@ -82,6 +91,19 @@ impl Restored {
     /// The embedded pager's statistics (None for other modes).
     pub fn pager_stats(&self) -> Option<StatsSnapshot> {
         self.pager.as_ref().map(|(_, h)| h.stats())
+    }
+
+    /// The working set the embedded pager recorded so far (None for other
+    /// modes, or without `EmbeddedOptions::record`).
+    pub fn recording(&self) -> Option<pager::Recording> {
+        self.pager.as_ref().and_then(|(_, h)| h.recording())
+    }
+
+    /// Ends the embedded pager's recording window now.
+    pub fn end_recording(&self) {
+        if let Some((_, h)) = &self.pager {
+            h.end_recording();
+        }
     }
 
     /// Stops the guest, then whatever served it; returns the embedded
@@ -257,7 +279,10 @@ pub fn restore(
                     hangup: None,
                     config: SessionConfig {
                         cluster_pages: opts.cluster_pages.max(1),
+                        adaptive_cluster: opts.adaptive_cluster,
                         background: opts.background,
+                        record: opts.record.clone(),
+                        prefetch: opts.prefetch.clone(),
                         ..SessionConfig::default()
                     },
                 })

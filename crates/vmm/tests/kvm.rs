@@ -277,7 +277,7 @@ fn vcpus_fault_on_the_same_and_on_different_pages_at_once() {
         vmm::RestoreMode::Embedded(vmm::EmbeddedOptions {
             threads: 2,
             cluster_pages: 1,
-            background: false,
+            ..vmm::EmbeddedOptions::default()
         }),
         4,
     )

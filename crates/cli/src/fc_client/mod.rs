@@ -152,6 +152,12 @@ pub struct FcClientArgs {
     /// Let the embedded engine populate memory in the background.
     #[arg(long)]
     pub background: bool,
+    /// Keep the embedded engine's fault-around window at --cluster-pages.
+    #[arg(long)]
+    pub fixed_cluster: bool,
+    /// The embedded engine prefetches this recorded working set (`.pwws`).
+    #[arg(long, requires = "embedded")]
+    pub prefetch: Option<PathBuf>,
     /// Pages per background step of the embedded engine [default: 64].
     #[arg(long)]
     pub background_chunk: Option<usize>,
@@ -827,9 +833,38 @@ fn strided_order(n: usize, stride: usize) -> Vec<usize> {
 
 /// Reads a trace: one page index a line, `#` comments and blank lines
 /// ignored; every index must be below `pages_total`.
+///
+/// A recorded working set (`.pwws`, from `serve --record`) is a trace too:
+/// its pages in first-touch order (4 KiB pages of the memory file, taken
+/// in pages of `page_size`).
 fn read_trace(path: &Path, pages_total: usize, page_size: usize) -> anyhow::Result<Vec<usize>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the trace {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading the trace {}", path.display()))?;
+    if bytes.starts_with(b"PWWSET") {
+        let set = workset::WorkingSet::decode(&bytes)
+            .with_context(|| format!("reading the working set {}", path.display()))?;
+        let mut seen = std::collections::HashSet::new();
+        let mut pages = Vec::new();
+        for t in &set.touches {
+            let page = (t.page * workset::PAGE / page_size as u64) as usize;
+            ensure!(
+                page < pages_total,
+                "{}: page {page} lies past the end of guest memory ({pages_total} pages of \
+                 {page_size} bytes)",
+                path.display()
+            );
+            if seen.insert(page) {
+                pages.push(page);
+            }
+        }
+        return Ok(pages);
+    }
+    let text = String::from_utf8(bytes).with_context(|| {
+        format!(
+            "the trace {} is neither text nor a working set",
+            path.display()
+        )
+    })?;
     let mut pages = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -1470,6 +1505,13 @@ impl Embedded {
             .collect();
         let source = pager::MemFile::open(&args.mem_file)
             .with_context(|| format!("opening {} for the engine", args.mem_file.display()))?;
+        let prefetch = match &args.prefetch {
+            Some(p) => {
+                let id = crate::sets::snapshot_id(&args.mem_file)?;
+                Some(crate::sets::load(p, &id)?.0)
+            }
+            None => None,
+        };
         let engine = Engine::start(
             EngineConfig {
                 threads: args.serve_threads(),
@@ -1488,8 +1530,10 @@ impl Embedded {
                 hangup: None,
                 config: SessionConfig {
                     cluster_pages: args.cluster_pages(),
+                    adaptive_cluster: !args.fixed_cluster,
                     background: args.background,
                     background_chunk: args.background_chunk(),
+                    prefetch,
                     ..SessionConfig::default()
                 },
             })

@@ -38,6 +38,15 @@ use crate::region::{PageSize, Region};
 use crate::source::PageSource;
 use crate::stats::Stats;
 
+mod background;
+mod fault_around;
+mod prefetch;
+mod readahead;
+mod record;
+
+pub use prefetch::PrefetchSet;
+pub use record::{RecordConfig, RecordedTouch, Recording};
+
 /// Default pages served around a fault: 128 KiB, the kernel's default file
 /// readahead. Measured on random first touch through `serve` (256 MiB):
 /// 16 pages 0.77-0.87 GiB/s, 32 pages 1.05-1.10, 64 pages 1.13-1.18 with a
@@ -50,7 +59,18 @@ pub struct SessionConfig {
     /// Pages served around each fault: the aligned block of this many pages
     /// holding the faulting page (1: only the faulting page). For 2 MiB
     /// regions the block is `cluster_pages * 4 KiB / 2 MiB` pages, at least 1.
+    /// With `adaptive_cluster` this is where each region's window starts,
+    /// and a quarter of its largest size (see `fault_around.rs`).
     pub cluster_pages: usize,
+    /// Let each region's fault-around window follow how many of the pages
+    /// beyond it the guest touches (`fault_around.rs`); otherwise it stays
+    /// `cluster_pages`.
+    pub adaptive_cluster: bool,
+    /// Record the working set (`record.rs`).
+    pub record: Option<RecordConfig>,
+    /// Map this working set right away, at lower priority than faults
+    /// (`prefetch.rs`).
+    pub prefetch: Option<PrefetchSet>,
     /// Populate the rest of memory in the background, yielding to faults.
     pub background: bool,
     /// Pages per background step (4 KiB regions).
@@ -81,6 +101,9 @@ impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             cluster_pages: DEFAULT_CLUSTER_PAGES,
+            adaptive_cluster: true,
+            record: None,
+            prefetch: None,
             background: false,
             background_chunk: 8,
             serve_forks: false,
@@ -98,6 +121,9 @@ pub(crate) struct Fault {
     pub addr: u64,
     pub flags: FaultFlags,
     pub read_at: Instant,
+    /// The faulting thread (0: unknown; the VMM did not ask for
+    /// `UFFD_FEATURE_THREAD_ID`).
+    pub thread: u32,
     /// Put aside before (`put_aside`): not counted again, and tried once
     /// per timer rather than with quick retries.
     pub again: bool,
@@ -109,6 +135,7 @@ impl Fault {
             addr,
             flags,
             read_at,
+            thread: 0,
             again: false,
         }
     }
@@ -149,6 +176,8 @@ enum Origin {
     /// Readahead ahead of a sequential stream.
     Readahead,
     Background,
+    /// A recorded working set, mapped ahead of faults.
+    Prefetch,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -207,7 +236,14 @@ pub struct Session {
     layout: RwLock<Layout>,
     pub(crate) stats: Stats,
     config: SessionConfig,
-    background: Mutex<Cursor>,
+    background: Mutex<background::Cursor>,
+    /// Fault-around windows, per region.
+    sizer: Mutex<fault_around::Sizer>,
+    /// The working set being recorded, and whether its window is open.
+    recorder: Option<Mutex<record::Recorder>>,
+    recording: AtomicBool,
+    /// The working set being prefetched.
+    prefetch: Option<prefetch::Prefetch>,
     ended: AtomicBool,
     /// Userfaultfds of forked children, read but not yet taken by the engine.
     /// With each, when forks are served, the page state the child starts
@@ -216,7 +252,7 @@ pub struct Session {
     /// progress the kernel fails every COPY into the parent with EAGAIN).
     forks: Mutex<Vec<(Uffd, Option<Layout>)>>,
     /// Readahead: the sequential stream being followed.
-    stream: Mutex<Stream>,
+    stream: Mutex<readahead::Stream>,
     /// Set when readahead work was added; the engine then wakes idle
     /// serving threads to do it.
     ahead_added: AtomicBool,
@@ -255,35 +291,6 @@ impl Aside {
             retry_at: None,
         }
     }
-}
-
-#[derive(Debug, Default)]
-struct Stream {
-    /// Where the next sequential fault would land (the readahead frontier).
-    next: u64,
-    /// The readahead window, in pages of the stream's region.
-    window: usize,
-    /// Readahead still to do: pages `ahead..ahead_end` of region `region`,
-    /// claimed in order by idle serving threads.
-    region: u64,
-    ahead: usize,
-    ahead_end: usize,
-    /// Where the stream began: region id and page. Background population
-    /// keeps out of its way (see `Session::skip_stream`).
-    origin: Option<(u64, usize)>,
-}
-
-impl Stream {
-    fn active(&self, region: u64) -> bool {
-        self.region == region && self.ahead < self.ahead_end
-    }
-}
-
-#[derive(Debug, Default)]
-struct Cursor {
-    region: usize,
-    page: usize,
-    done: bool,
 }
 
 /// A read buffer whose bytes start on a page boundary.
@@ -360,8 +367,15 @@ impl Session {
 
     /// A session for the child of a fork of this one, from the page state
     /// taken as the FORK event was read.
+    /// The child neither records nor prefetches: its parent's set was
+    /// mapped or is being mapped in the memory it copied.
     pub(crate) fn forked(&self, name: String, uffd: Uffd, layout: Layout) -> Session {
-        Self::with_layout(name, uffd, layout, self.source.clone(), self.config.clone())
+        let config = SessionConfig {
+            record: None,
+            prefetch: None,
+            ..self.config.clone()
+        };
+        Self::with_layout(name, uffd, layout, self.source.clone(), config)
     }
 
     fn with_layout(
@@ -371,20 +385,34 @@ impl Session {
         source: Arc<dyn PageSource>,
         config: SessionConfig,
     ) -> Session {
+        let started = Instant::now();
+        let stats = Stats::default();
+        let recorder = config
+            .record
+            .as_ref()
+            .map(|r| Mutex::new(record::Recorder::new(r, source.len(), started)));
+        let prefetch = config
+            .prefetch
+            .as_ref()
+            .map(|p| prefetch::Prefetch::new(p, source.len(), started, &stats));
         Session {
             name,
             uffd,
             source,
             layout: RwLock::new(layout),
-            stats: Stats::default(),
-            background: Mutex::new(Cursor {
+            stats,
+            background: Mutex::new(background::Cursor {
                 done: !config.background,
-                ..Cursor::default()
+                ..background::Cursor::default()
             }),
+            sizer: Mutex::new(fault_around::Sizer::default()),
+            recording: AtomicBool::new(recorder.is_some()),
+            recorder,
+            prefetch,
             config,
             ended: AtomicBool::new(false),
             forks: Mutex::new(Vec::new()),
-            stream: Mutex::new(Stream::default()),
+            stream: Mutex::new(readahead::Stream::default()),
             ahead_added: AtomicBool::new(false),
             aside: Mutex::new(Aside::new()),
             failure: Mutex::new(None),
@@ -464,9 +492,14 @@ impl Session {
                 let now = Instant::now();
                 for ev in events.drain(..) {
                     match ev {
-                        Event::PageFault { address, flags, .. } => {
-                            faults.push_back(Fault::new(address, flags, now))
-                        }
+                        Event::PageFault {
+                            address,
+                            flags,
+                            thread_id,
+                        } => faults.push_back(Fault {
+                            thread: thread_id.unwrap_or(0),
+                            ..Fault::new(address, flags, now)
+                        }),
                         Event::Remove { start, end } => {
                             Stats::add(&self.stats.events_remove, 1);
                             let n = layout.discard(start, end);
@@ -692,7 +725,18 @@ impl Session {
             drop(layout);
             return served;
         };
-        with_claims(|claims| self.claim_and_serve(layout, i, page, fault, claims, deferred, events))
+        let mut in_set = false;
+        if self.recorder.is_some() || self.prefetch.is_some() {
+            let r = &layout.regions[i];
+            let offset = r.region.source_offset + (fault.addr - r.region.host_base);
+            if !fault.again {
+                self.record_touch(offset, fault.thread, false);
+            }
+            in_set = self.prefetch_saw_fault(offset, !fault.again);
+        }
+        with_claims(|claims| {
+            self.claim_and_serve(layout, i, page, fault, in_set, claims, deferred, events)
+        })
     }
 
     /// A fault outside every region the VMM declared: it registered memory
@@ -818,6 +862,7 @@ impl Session {
         i: usize,
         page: usize,
         fault: Fault,
+        in_set: bool,
         claims: &mut Vec<Claim>,
         deferred: &mut Faults,
         events: &mut Vec<Event>,
@@ -877,7 +922,9 @@ impl Session {
                 }
             }
         }
-        let sequential = !mapped_before && self.extend_claims(r, page, claims);
+        // A page of a prefetched set is mapped alone: the set says which
+        // pages the guest needs around it, and prefetch maps them.
+        let sequential = !mapped_before && !in_set && self.extend_claims(r, page, claims);
         let id = r.id;
         let ctx = Ctx {
             origin: Origin::Fault,
@@ -895,207 +942,30 @@ impl Session {
     /// Adds the pages served with the faulting one, and returns whether the
     /// fault was sequential.
     ///
-    /// A fault where the previous cluster or readahead window ended, or on a
-    /// page readahead has not reached yet, continues a sequential stream:
-    /// the cluster from the faulting page onwards is mapped at once in one
-    /// COPY, and the window after it (doubling on each such fault, up to the
-    /// readahead limit) is left to idle serving threads, which copy it in
-    /// chunks while the faulting thread runs on. Otherwise the aligned
-    /// cluster around the faulting page, which is mapped first on its own.
+    /// A fault that continues a sequential stream (`readahead.rs`) gets a
+    /// cluster from its page onwards, mapped at once in one COPY, and the
+    /// stream's window is left to idle serving threads. Any other fault gets
+    /// the aligned block of its region's fault-around window
+    /// (`fault_around.rs`), its own page mapped first on its own.
     fn extend_claims(&self, r: &RegionState, page: usize, claims: &mut Vec<Claim>) -> bool {
-        let cluster = self.cluster_pages(r.region.page_size);
-        if cluster <= 1 {
-            return false;
-        }
-        let max = pages_of(self.config.max_readahead_pages, r.region.page_size);
-        let addr = r.page_addr(page);
-        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        let active = stream.active(r.id);
-        let in_window = active && page >= stream.ahead && page <= stream.ahead_end;
-        let sequential = max > cluster && (stream.next == addr || in_window);
-        let (start, end) = if sequential {
-            stream.window = (stream.window * 2).clamp(cluster, max);
-            let end = (page + cluster).min(r.pages());
-            let ahead_end = (page + stream.window).min(r.pages());
-            if active {
-                stream.ahead_end = stream.ahead_end.max(ahead_end);
-            } else {
-                stream.region = r.id;
-                stream.ahead = end;
-                stream.ahead_end = ahead_end;
+        let (start, end, sequential, zero_only) = match self.follow_stream(r, page) {
+            Some((start, end)) => (start, end, true, false),
+            None => {
+                let b = self.fault_block(r, page);
+                self.note_block(r, b.start, b.end);
+                (b.start, b.end, false, b.zero_only)
             }
-            stream.next = r.page_addr(stream.ahead_end);
-            if stream.ahead < stream.ahead_end {
-                self.ahead_added.store(true, Ordering::Release);
-            }
-            (page, end)
-        } else {
-            let start = page / cluster * cluster;
-            let end = (start + cluster).min(r.pages());
-            if !active {
-                // A new stream may start here. (An active one is left alone:
-                // another thread's random fault must not end it.)
-                stream.window = cluster;
-                stream.next = r.page_addr(end);
-                stream.origin = Some((r.id, start));
-            }
-            (start, end)
         };
-        drop(stream);
         for q in start..end {
-            if q != page && r.transition(q, PageState::Missing, PageState::Claimed) {
+            if q != page
+                && (!zero_only || r.known_zero(q))
+                && r.transition(q, PageState::Missing, PageState::Claimed)
+            {
                 claims.push(Claim::new(q, r.known_zero(q)));
             }
         }
         claims[1..].sort_by_key(|c| c.page);
         sequential
-    }
-
-    /// A fault on a page being mapped: if it is in the readahead window,
-    /// the stream is as far as readahead got, so readahead goes a window
-    /// further.
-    fn stream_caught_up(&self, r: &RegionState, page: usize) {
-        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        if stream.region != r.id || page > stream.ahead_end || page < stream.ahead {
-            return;
-        }
-        let end = (page + stream.window).min(r.pages());
-        if end > stream.ahead_end {
-            stream.ahead_end = end;
-            stream.next = r.page_addr(end);
-            self.ahead_added.store(true, Ordering::Release);
-        }
-    }
-
-    /// Whether readahead work was added since the last call.
-    pub(crate) fn take_ahead_added(&self) -> bool {
-        self.ahead_added.swap(false, Ordering::AcqRel)
-    }
-
-    /// One readahead step: claims the next chunk of the stream's window and
-    /// maps it. Returns `None` when there is no readahead to do.
-    pub(crate) fn readahead_step(
-        &self,
-        deferred: &mut Faults,
-        events: &mut Vec<Event>,
-    ) -> Option<Served> {
-        if self.is_ended() || self.unprompted_paused() {
-            return None;
-        }
-        with_claims(|claims| {
-            let layout = self.read_layout();
-            let id = {
-                let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(r) = layout.by_id(stream.region) else {
-                    stream.ahead = stream.ahead_end;
-                    return None;
-                };
-                let chunk = pages_of(self.config.readahead_chunk, r.region.page_size);
-                let end = stream.ahead_end.min(r.pages());
-                stream.ahead = claim_run(r, stream.ahead, end, chunk, claims);
-                if claims.is_empty() {
-                    return None;
-                }
-                r.id
-            };
-            let ctx = Ctx::unprompted(Origin::Readahead, self.config.quick_retries);
-            Some(self.serve_claims(layout, id, claims, ctx, deferred, events))
-        })
-    }
-
-    fn cluster_pages(&self, ps: PageSize) -> usize {
-        pages_of(self.config.cluster_pages, ps)
-    }
-
-    /// One step of background population: claims the next run of missing
-    /// pages and serves it. Returns `None` when nothing is left to populate.
-    pub(crate) fn background_step(
-        &self,
-        deferred: &mut Faults,
-        events: &mut Vec<Event>,
-    ) -> Option<Served> {
-        if self.is_ended() || self.unprompted_paused() {
-            return None;
-        }
-        with_claims(|claims| self.background_claims(claims, deferred, events))
-    }
-
-    fn background_claims(
-        &self,
-        claims: &mut Vec<Claim>,
-        deferred: &mut Faults,
-        events: &mut Vec<Event>,
-    ) -> Option<Served> {
-        let layout = self.read_layout();
-        let id = {
-            let mut cur = self.background.lock().unwrap_or_else(|e| e.into_inner());
-            if cur.done {
-                return None;
-            }
-            // Visit every region once from the cursor, wrapping to the start
-            // of the first, so that the starting region is seen whole.
-            self.skip_stream(&layout, &mut cur);
-            let mut found = None;
-            let n = layout.regions.len();
-            for _ in 0..=n {
-                if cur.region >= n {
-                    cur.region = 0;
-                    cur.page = 0;
-                }
-                let Some(r) = layout.regions.get(cur.region) else {
-                    break; // no regions at all
-                };
-                let chunk = self.cluster_pages_bg(r.region.page_size);
-                claims.clear();
-                let p = claim_run(r, cur.page, r.pages(), chunk, claims);
-                cur.page = p;
-                if p >= r.pages() {
-                    cur.region += 1;
-                    cur.page = 0;
-                }
-                if !claims.is_empty() {
-                    found = Some(r.id);
-                    break;
-                }
-            }
-            match found {
-                Some(f) => f,
-                None => {
-                    cur.done = true;
-                    return None;
-                }
-            }
-        };
-        let ctx = Ctx::unprompted(Origin::Background, self.config.quick_retries);
-        Some(self.serve_claims(layout, id, claims, ctx, deferred, events))
-    }
-
-    /// Moves the background cursor past a sequential stream it is inside
-    /// of, and past the stream's readahead limit: readahead maps that part
-    /// in larger runs, and background steps there only broke them up
-    /// (measured: sequential first touch with background population went
-    /// from 1.37-1.61 GiB/s to 1.96-2.64, as without background population).
-    /// The pages skipped are visited when the cursor wraps around.
-    fn skip_stream(&self, layout: &Layout, cur: &mut Cursor) {
-        let stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((id, origin)) = stream.origin else {
-            return;
-        };
-        let Some(r) = layout.regions.get(cur.region) else {
-            return;
-        };
-        if r.id != id || stream.region != id || stream.ahead_end <= origin {
-            return;
-        }
-        let beyond =
-            stream.ahead_end + pages_of(self.config.max_readahead_pages, r.region.page_size);
-        if (origin..beyond).contains(&cur.page) {
-            cur.page = beyond.min(r.pages());
-        }
-    }
-
-    fn cluster_pages_bg(&self, ps: PageSize) -> usize {
-        pages_of(self.config.background_chunk, ps)
     }
 
     /// Maps the claimed pages of region `id` (the first claim is served
@@ -1113,7 +983,7 @@ impl Session {
         let origin = ctx.origin;
         let fault_page = match origin {
             Origin::Fault => claims.first().map(|c| c.page),
-            Origin::Readahead | Origin::Background => None,
+            Origin::Readahead | Origin::Background | Origin::Prefetch => None,
         };
         // Source bytes for the non-zero claims, read once: (first page, bytes).
         let mut data: Option<usize> = None;
@@ -1486,10 +1356,28 @@ impl Session {
             let done = done_pages as u64;
             match origin {
                 Origin::Background => Stats::add(&self.stats.pages_background, done),
+                Origin::Prefetch => Stats::add(&self.stats.pages_prefetched, done),
                 Origin::Readahead => Stats::add(&self.stats.pages_fault_around, done),
                 Origin::Fault => {
                     Stats::add(&self.stats.pages_on_demand, on_demand);
                     Stats::add(&self.stats.pages_fault_around, done - on_demand);
+                }
+            }
+            // While recording, pages with data mapped with a fault are
+            // those of a sequential stream, or (recording fast, not
+            // exactly) of its fault-around block: recorded as inferred
+            // (`record.rs`). Zero pages mapped around are not recorded.
+            if matches!(origin, Origin::Readahead | Origin::Fault)
+                && done > on_demand
+                && !zero
+                && self.recording.load(Ordering::Acquire)
+            {
+                let from = page + on_demand as usize;
+                for q in from..page + done_pages {
+                    let offset = r.region.source_offset + q as u64 * ps as u64;
+                    for sub in (0..ps as u64).step_by(4096) {
+                        self.record_touch(offset + sub, 0, true);
+                    }
                 }
             }
             if zero {
