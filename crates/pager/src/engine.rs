@@ -238,6 +238,12 @@ impl SessionHandle {
         self.entry.session.page_state(addr)
     }
 
+    /// The fault-around window (pages of its size) of the region holding
+    /// `addr`, once a fault there has set it.
+    pub fn fault_around_window(&self, addr: u64) -> Option<usize> {
+        self.entry.session.fault_around_window_at(addr)
+    }
+
     /// Ends the session's recording window now (see `SessionConfig::record`).
     pub fn end_recording(&self) {
         self.entry.session.end_recording();

@@ -9,225 +9,8 @@ use std::time::{Duration, Instant};
 use pager::*;
 use uffd::{Features, RegisterMode, Uffd};
 
-const PAGE: usize = 4096;
-
-fn uffd(features: Features) -> Option<Uffd> {
-    match Uffd::open() {
-        Ok(u) => {
-            u.api(features).expect("api");
-            Some(u)
-        }
-        Err(e) => {
-            if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("userfaultfd required but unavailable: {e}");
-            }
-            eprintln!("SKIPPED: cannot create a userfaultfd here: {e}");
-            None
-        }
-    }
-}
-
-/// Source content: page `i` is filled from a seed, every 5th page is zero.
-fn content(pages: usize, page: usize) -> Vec<u8> {
-    let mut v = vec![0u8; pages * page];
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for (i, chunk) in v.chunks_mut(page).enumerate() {
-        if i % 5 == 3 {
-            continue;
-        }
-        for b in chunk.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-        chunk[0] = i as u8 | 1; // never all zero
-    }
-    v
-}
-
-struct Mem {
-    addr: u64,
-    len: usize,
-}
-
-impl Mem {
-    fn anon(len: usize, huge: bool) -> Option<Mem> {
-        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
-        if huge {
-            flags |= libc::MAP_HUGETLB | (21 << libc::MAP_HUGE_SHIFT);
-        }
-        // SAFETY: a fresh anonymous mapping that aliases nothing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                -1,
-                0,
-            )
-        };
-        (p != libc::MAP_FAILED).then(|| Mem {
-            addr: p as u64,
-            len,
-        })
-    }
-
-    /// Copies the mapping out from a helper thread (faulting as needed).
-    fn read_all(&self) -> Vec<u8> {
-        let (addr, len) = (self.addr, self.len);
-        std::thread::spawn(move || {
-            // SAFETY: the mapping lives until the test drops `Mem`, after
-            // this thread is joined.
-            unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec()
-        })
-        .join()
-        .expect("reader")
-    }
-
-    /// Touches the given pages from `threads` threads at once.
-    fn touch(&self, pages: Vec<usize>, threads: usize, page: usize) {
-        let pages = Arc::new(pages);
-        let hs: Vec<_> = (0..threads)
-            .map(|t| {
-                let (pages, addr) = (pages.clone(), self.addr);
-                std::thread::spawn(move || {
-                    for p in pages.iter().skip(t).step_by(threads) {
-                        // SAFETY: inside the live mapping.
-                        unsafe { std::ptr::read_volatile((addr + (p * page) as u64) as *const u8) };
-                    }
-                })
-            })
-            .collect();
-        for h in hs {
-            h.join().expect("toucher");
-        }
-    }
-
-    fn dontneed(&self, offset: usize, len: usize) {
-        let addr = self.addr + offset as u64;
-        std::thread::spawn(move || {
-            // SAFETY: DONTNEED on our own private mapping; no references.
-            let r = unsafe { libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED) };
-            assert_eq!(r, 0, "madvise");
-        })
-        .join()
-        .expect("madvise thread");
-    }
-}
-
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: our mapping; every thread that used it has been joined.
-        unsafe { libc::munmap(self.addr as *mut _, self.len) };
-    }
-}
-
-/// A session spec serving the whole of `mem` from `source`.
-fn spec(
-    name: &str,
-    u: Uffd,
-    mem: &Mem,
-    page_size: PageSize,
-    source: Arc<dyn PageSource>,
-    config: SessionConfig,
-) -> SessionSpec {
-    SessionSpec {
-        name: name.into(),
-        uffd: u,
-        regions: vec![Region {
-            host_base: mem.addr,
-            len: mem.len as u64,
-            source_offset: 0,
-            page_size,
-        }],
-        source,
-        pid: None,
-        hangup: None,
-        config,
-    }
-}
-
-struct Setup {
-    engine: Engine,
-    handle: SessionHandle,
-    mem: Mem,
-    data: Arc<Vec<u8>>,
-}
-
-fn setup(pages: usize, config: SessionConfig, features: Features) -> Option<Setup> {
-    setup_mode(pages, config, features, RegisterMode::MISSING)
-}
-
-/// `setup`, with the memory registered in `mode`.
-fn setup_mode(
-    pages: usize,
-    config: SessionConfig,
-    features: Features,
-    mode: RegisterMode,
-) -> Option<Setup> {
-    let u = uffd(features)?;
-    let mem = Mem::anon(pages * PAGE, false).expect("mmap");
-    u.register(mem.addr, mem.len, mode).expect("register");
-    let data = Arc::new(content(pages, PAGE));
-    let engine = engine(2);
-    let handle = engine
-        .add(spec(
-            "test",
-            u,
-            &mem,
-            PageSize::Base4K,
-            Arc::new(Bytes(data.to_vec())),
-            config,
-        ))
-        .expect("add");
-    Some(Setup {
-        engine,
-        handle,
-        mem,
-        data,
-    })
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Waits until the session's counters satisfy `f`: a serving thread updates
-/// them just after the ioctl that woke the faulting thread returns.
-fn settle(h: &SessionHandle, f: impl Fn(&StatsSnapshot) -> bool) -> StatsSnapshot {
-    let mut st = h.stats();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f(&st) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(2));
-        st = h.stats();
-    }
-    st
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i} (page {})", i / PAGE);
-    }
-    assert_eq!(got.len(), want.len());
-}
-
-/// An engine with `threads` serving threads and no end hook.
-fn engine(threads: usize) -> Engine {
-    Engine::start(
-        EngineConfig {
-            threads,
-            ..EngineConfig::default()
-        },
-        None,
-    )
-    .expect("engine")
-}
+mod common;
+use common::*;
 
 #[test]
 fn every_byte_matches_with_concurrent_faults() {
@@ -602,52 +385,20 @@ fn forked_child_is_served_when_enabled() {
 
 #[test]
 fn hugetlb_2m_regions() {
-    let Some(u) = uffd(Features::MISSING_HUGETLBFS) else {
-        return;
-    };
-    // Reserve huge pages ourselves (needs root).
-    let nr = "/proc/sys/vm/nr_hugepages";
-    let have: usize = std::fs::read_to_string(nr)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    if have < 8 {
-        let _ = std::fs::write(nr, "8");
-    }
     let huge = 2 << 20;
-    let Some(mem) = Mem::anon(4 * huge, true) else {
-        let msg =
-            "cannot map 2 MiB huge pages (reserving them in /proc/sys/vm/nr_hugepages failed)";
-        if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED: {msg}");
+    let Some(mut hp) = HugeSetup::new(4, |mut data| {
+        data[2 * huge..3 * huge].fill(0); // one all-zero huge page
+        data
+    }) else {
         return;
     };
-    u.register(mem.addr, mem.len, RegisterMode::MISSING)
-        .expect("register hugetlb");
-    let mut data = content(4 * 512, PAGE);
-    data[2 * huge..3 * huge].fill(0); // one all-zero huge page
-    let data = Arc::new(data);
-    let engine = engine(2);
-    let h = engine
-        .add(spec(
-            "huge",
-            u,
-            &mem,
-            PageSize::Huge2M,
-            Arc::new(Bytes(data.to_vec())),
-            SessionConfig::default(),
-        ))
-        .expect("add");
-    mem.touch(vec![0, 3, 1, 2], 2, huge);
-    assert_same(&mem.read_all(), &data, "2 MiB pages");
+    let h = hp.add(SessionConfig::default());
+    hp.mem.touch(vec![0, 3, 1, 2], 2, huge);
+    assert_same(&hp.mem.read_all(), &hp.data, "2 MiB pages");
     let st = settle(&h, |st| st.pages_copied + st.pages_zeroed == 4);
     assert_eq!(st.pages_copied, 3, "{st:?}");
     assert_eq!(st.pages_zeroed, 1, "{st:?}");
     assert_eq!(st.bytes_copied, 3 * huge as u64);
-    drop(mem);
-    engine.shutdown();
 }
 
 #[test]

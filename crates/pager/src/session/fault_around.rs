@@ -190,8 +190,14 @@ impl Session {
         }
     }
 
-    /// The fault-around window of the region `id` now (pages of its size).
-    pub fn fault_around_window(&self, id: u64) -> Option<usize> {
+    /// The fault-around window now (pages of its size) of the region
+    /// holding `addr`.
+    pub fn fault_around_window_at(&self, addr: u64) -> Option<usize> {
+        let id = {
+            let layout = self.read_layout();
+            let (i, _) = layout.find(addr)?;
+            layout.regions[i].id
+        };
         self.sizer
             .lock()
             .unwrap_or_else(|e| e.into_inner())

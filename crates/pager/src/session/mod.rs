@@ -1649,6 +1649,91 @@ mod tests {
     /// Background population keeps out of a sequential stream's way: after
     /// two sequential faults from page 0 it starts beyond the stream's
     /// readahead limit, not at page 0 inside the window readahead maps.
+    /// A balloon discards pages of a working set while they wait in the
+    /// prefetch queue: prefetch must leave them alone (a page the guest
+    /// released reads as zero, never as the snapshot's bytes), and a fault
+    /// there gets zeros.
+    #[test]
+    fn balloon_remove_of_pages_queued_for_prefetch_leaves_them_zero() {
+        let pages = 16;
+        let len = pages * PAGE;
+        let data: Vec<u8> = (0..len).map(|i| (i / PAGE) as u8 + 1).collect();
+        let set = (0..pages as u64).map(|p| p * PAGE as u64).collect();
+        let config = SessionConfig {
+            prefetch: Some(PrefetchSet::new(set)),
+            ..SessionConfig::default()
+        };
+        let Some((session, base)) = manual(pages, Features::EVENT_REMOVE, data, config) else {
+            return;
+        };
+        let at = |page: usize| base + (page * PAGE) as u64;
+        let (from, to) = (4, 8);
+        let discard = at(from);
+        // SAFETY: madvise on our own mapping.
+        let remover = std::thread::spawn(move || unsafe {
+            libc::madvise(discard as *mut _, (to - from) * PAGE, libc::MADV_DONTNEED)
+        });
+        // The madvise caller sleeps until its REMOVE is read.
+        let mut fds = [rustix::event::PollFd::new(
+            &session.uffd,
+            rustix::event::PollFlags::IN,
+        )];
+        let ten = rustix::event::Timespec {
+            tv_sec: 10,
+            tv_nsec: 0,
+        };
+        assert_eq!(
+            rustix::event::poll(&mut fds, Some(&ten)).expect("poll"),
+            1,
+            "no REMOVE queued"
+        );
+        let (mut faults, mut events) = (Faults::new(), Vec::with_capacity(uffd::MAX_BATCH));
+        session.pump(&mut faults, &mut events, 0);
+        assert_eq!(remover.join().expect("remover"), 0, "madvise returned");
+        while session.prefetch_step(&mut faults, &mut events).is_some() {}
+        let st = session.stats.snapshot();
+        assert_eq!(st.events_remove, 1, "{st:?}");
+        for page in 0..pages {
+            let state = session.page_state(at(page));
+            if (from..to).contains(&page) {
+                assert_eq!(state, Some(PageState::Discarded), "page {page}");
+            } else if state == Some(PageState::Present) {
+                // SAFETY: reading our own mapping; the page is present.
+                let b = unsafe { std::ptr::read_volatile(at(page) as *const u8) };
+                assert_eq!(b, page as u8 + 1, "page {page}");
+            } else {
+                // Left out of prefetch as a sample: still missing.
+                assert_eq!(state, Some(PageState::Missing), "page {page}");
+            }
+        }
+        assert_eq!(
+            st.pages_prefetched + st.prefetch_samples,
+            (pages - (to - from)) as u64,
+            "{st:?}"
+        );
+        // A fault on a discarded page gets zeros.
+        let addr = at(from + 1);
+        // SAFETY: reading our own mapping (served below).
+        let reader =
+            std::thread::spawn(move || unsafe { std::ptr::read_volatile(addr as *const u8) });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while faults.is_empty() {
+            assert!(Instant::now() < deadline, "no fault");
+            session.pump(&mut faults, &mut events, 0);
+        }
+        while let Some(f) = faults.pop_front() {
+            let mut more = Faults::new();
+            assert_eq!(session.serve_fault(f, &mut more, &mut events), Served::Done);
+        }
+        assert_eq!(
+            reader.join().expect("reader"),
+            0,
+            "a released page reads zero"
+        );
+        // SAFETY: unmapping our mapping; every thread is joined.
+        unsafe { libc::munmap(base as *mut _, len) };
+    }
+
     #[test]
     fn background_population_starts_past_a_sequential_stream() {
         let pages = 4096;

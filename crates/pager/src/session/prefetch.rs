@@ -19,7 +19,7 @@
 //! never faulted is waste, and the report scales the rates to the set.
 //! It costs that share of the set's faults back.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -74,7 +74,7 @@ impl PrefetchSet {
 fn is_sample(page: u64, every: u64) -> bool {
     // Fibonacci hashing: the top bits of the product are spread evenly
     // whatever the stride of the set's pages.
-    (page.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % every == 0
+    (page.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32).is_multiple_of(every)
 }
 
 pub(super) struct Prefetch {
@@ -82,9 +82,11 @@ pub(super) struct Prefetch {
     /// Next index into the set, and the runs of the batch taken from it
     /// still to map (region id, page; sorted).
     queue: Mutex<Queue>,
+    /// Runs remain to be handed out.
     pending: AtomicBool,
-    /// One page in this many is a sample.
-    sample_every: u64,
+    /// Runs handed out and not mapped yet: the set is mapped when none
+    /// remain to hand out and none are in flight.
+    inflight: AtomicUsize,
     /// One bit per 4 KiB source page: in the set.
     in_set: Box<[u64]>,
     /// One bit per 4 KiB source page: a sample not faulted yet.
@@ -97,8 +99,8 @@ impl Prefetch {
         let words = (source_len.div_ceil(4096) as usize).div_ceil(64);
         let mut in_set = vec![0u64; words].into_boxed_slice();
         let samples: Box<[AtomicU64]> = (0..words).map(|_| AtomicU64::new(0)).collect();
-        let mut n_samples = 0;
         let sample_every = (set.len() as u64 / SAMPLES).max(SAMPLES);
+        let mut n_samples = 0;
         for &o in set.offsets.iter() {
             let page = o / 4096;
             let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
@@ -119,11 +121,26 @@ impl Prefetch {
             set: set.clone(),
             queue: Mutex::new(Queue::new()),
             pending: AtomicBool::new(!set.is_empty()),
-            sample_every,
+            inflight: AtomicUsize::new(0),
             in_set,
             samples,
             started,
         }
+    }
+
+    /// Whether the 4 KiB source page `page` is a sample still unfaulted.
+    fn is_sample(&self, page: u64) -> bool {
+        self.samples
+            .get((page / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+    }
+
+    /// Makes `page` no sample; returns whether it was one still.
+    fn unsample(&self, page: u64) -> bool {
+        let bit = 1u64 << (page % 64);
+        self.samples
+            .get((page / 64) as usize)
+            .is_some_and(|w| w.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
     }
 
     fn contains(&self, page: u64) -> bool {
@@ -190,11 +207,8 @@ impl Session {
             }
             return false;
         }
-        let bit = 1u64 << (page % 64);
-        if let Some(w) = p.samples.get((page / 64) as usize) {
-            if w.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
-                Stats::add(&self.stats.prefetch_sample_hits, 1);
-            }
+        if count && p.unsample(page) {
+            Stats::add(&self.stats.prefetch_sample_hits, 1);
         }
         true
     }
@@ -244,6 +258,16 @@ impl Session {
                 let ctx = Ctx::unprompted(Origin::Prefetch, self.config.quick_retries);
                 Some(self.serve_claims(layout, id, claims, ctx, deferred, events))
             });
+            if self.paused.load(Ordering::Acquire) {
+                // The kernel kept refusing (EAGAIN, ENOMEM): the run was put
+                // aside, its claims given back. Hand it out again after the
+                // pause (`put_aside`).
+                self.requeue(p, id, &run);
+            }
+            if p.inflight.fetch_sub(1, Ordering::AcqRel) == 1 && !p.pending.load(Ordering::Acquire)
+            {
+                self.prefetch_done(p);
+            }
             match s {
                 Some(Served::Done) | None => served = Some(Served::Done),
                 Some(other) => {
@@ -254,6 +278,31 @@ impl Session {
         }
         RUN.with(|r| *r.borrow_mut() = run);
         served
+    }
+
+    /// Puts the pages of a run of region `id` that are still missing back
+    /// at the front of the queue.
+    fn requeue(&self, p: &Prefetch, id: u64, run: &[usize]) {
+        let layout = self.read_layout();
+        let Some(r) = layout.by_id(id) else { return };
+        let mut q = p.queue.lock().unwrap_or_else(|e| e.into_inner());
+        for &page in run.iter().rev() {
+            if page < r.pages() && r.state(page) == PageState::Missing {
+                q.batch.push_front((id, page));
+            }
+        }
+        p.pending.store(true, Ordering::Release);
+    }
+
+    /// Notes when the whole set was mapped (once).
+    fn prefetch_done(&self, p: &Prefetch) {
+        let us = (p.started.elapsed().as_micros() as u64).max(1);
+        let _ = self.stats.prefetch_done_us.compare_exchange(
+            0,
+            us,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
     /// The next run of the set to map (region id, pages): nearby pages of
@@ -269,12 +318,21 @@ impl Session {
             while q.next < p.set.offsets.len() && q.staging.len() < BATCH_PAGES {
                 let offset = p.set.offsets[q.next];
                 q.next += 1;
-                if is_sample(offset / 4096, p.sample_every) {
+                let Some((i, page)) = find_source(&layout, offset, &mut hint) else {
                     continue;
+                };
+                let r = &layout.regions[i];
+                if p.is_sample(offset / 4096) {
+                    if r.region.page_size == crate::region::PageSize::Base4K {
+                        continue; // left to its fault (`prefetch_saw_fault`)
+                    }
+                    // A huge page holds other pages of the set: mapped with
+                    // them, it is no sample.
+                    if p.unsample(offset / 4096) {
+                        self.stats.prefetch_samples.fetch_sub(1, Ordering::Relaxed);
+                    }
                 }
-                if let Some((i, page)) = find_source(&layout, offset, &mut hint) {
-                    q.staging.push((layout.regions[i].id, page));
-                }
+                q.staging.push((r.id, page));
             }
             q.staging.sort_unstable();
             q.staging.dedup();
