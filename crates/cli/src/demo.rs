@@ -169,6 +169,11 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<ExitCode> {
     ];
     rows.push(serve_restore(&exe, &dir, &mem, &base, "serve+rec", &record));
     let set = recorded_set(&rec_dir);
+    if let (Ok(path), Some(row)) = (&set, rows.last_mut()) {
+        if let (Ok(ws), Some(r)) = (workset::WorkingSet::read(path), row.report.as_mut()) {
+            r.recorded_pages = Some(ws.pages());
+        }
+    }
     match &set {
         Ok(set) => {
             let prefetch = [std::ffi::OsString::from("--prefetch"), set.clone().into()];
@@ -269,6 +274,40 @@ fn print_table(r: &DemoReport) {
         }
     }
     println!();
+    for row in &r.restores {
+        let Some(x) = &row.report else { continue };
+        if let Some(n) = x.recorded_pages {
+            println!("{}: recorded a working set of {n} pages", row.mode);
+        }
+        if let Some(p) = x.pages_prefetched {
+            println!(
+                "{}: prefetched {p} pages, the whole set mapped {} ms after the handshake; {} of the \
+                 set touched (sampled), {} faults outside it",
+                row.mode,
+                x.prefetch_done_ms.map_or("-".into(), |v| format!("{v:.1}")),
+                x.prefetch_hit_rate.map_or("-".into(), |v| format!("{:.0}%", v * 100.0)),
+                x.faults_outside_set.unwrap_or(0)
+            );
+        }
+    }
+    if let (Some(e), Some(w)) = (
+        r.restores
+            .iter()
+            .find(|x| x.mode == "eager")
+            .and_then(|x| x.report.as_ref()),
+        r.restores
+            .iter()
+            .find(|x| x.mode == "serve+ws")
+            .and_then(|x| x.report.as_ref()),
+    ) {
+        println!(
+            "with its recorded working set, the lazy restore had the working set present in {:.2}x \
+             the eager restore's time, resuming in {:.1} ms instead of {:.1}",
+            w.working_set_ms / e.working_set_ms,
+            w.resume_ms,
+            e.resume_ms
+        );
+    }
     println!(
         "resume: restore started -> vCPUs running. working set: restore started -> every vCPU finished a full pass, \
          i.e. all {} pages it uses were present. faults/pages/latency: the page server's own counts \

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use workset::{SnapshotId, Summary, WorkingSet};
+use workset::{Summary, WorkingSet};
 
 #[derive(Subcommand)]
 pub enum WsCommand {
@@ -122,10 +122,7 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<ExitCode> {
     let check = match &args.snapshot {
         None => None,
         Some(mem) => {
-            let file = std::fs::File::open(mem)
-                .with_context(|| format!("opening the snapshot {}", mem.display()))?;
-            let id = SnapshotId::of_file(&file)
-                .with_context(|| format!("fingerprinting the snapshot {}", mem.display()))?;
+            let id = crate::sets::snapshot_id(mem)?;
             Some((mem, ws.check_snapshot(&id)))
         }
     };
@@ -235,7 +232,7 @@ fn micros(us: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use workset::Touch;
+    use workset::{SnapshotId, Touch};
 
     fn recording(snapshot: SnapshotId, pages: &[u64]) -> WorkingSet {
         WorkingSet {

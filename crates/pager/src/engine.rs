@@ -7,7 +7,8 @@
 //! from 33-36 to 40-45 MiB/s without it). Two workers may then wake for the
 //! same readiness; they read under the session's write lock, so the second
 //! finds nothing, off the faulting thread's path. With nothing ready, a worker takes one
-//! background-population step and looks again, so background work always
+//! step of queued work (readahead, then prefetch of a recorded working set,
+//! then background population) and looks again, so queued work always
 //! yields to faults. Work a session put aside (EAGAIN that lasted, see
 //! `session.rs`) comes back through a timer heap: a worker's epoll wait ends
 //! at the earliest deadline, and no worker waits on one session meanwhile.

@@ -1,5 +1,17 @@
 //! One served address space: a userfaultfd, its regions, a page source.
 //!
+//! # Shape
+//! This file reads events and serves claims: whoever claims pages
+//! (`Missing → Claimed`, by compare-and-swap on page state) hands them to
+//! `serve_claims`, which reads the source and maps them. Faults are urgent
+//! and served here at once; the other producers of work are queued, yield
+//! to faults (a serving thread looks at epoll before each of their steps,
+//! and a fault on a page they have not claimed yet claims it), and live in
+//! files of their own: `fault_around.rs` (how many pages a fault maps),
+//! `readahead.rs` (sequential streams), `prefetch.rs` (a recorded working
+//! set), `background.rs` (the rest of memory); `record.rs` records what the
+//! guest touched.
+//!
 //! # Why there is a lock around reading the userfaultfd
 //! `MADV_DONTNEED` on registered memory queues a REMOVE event, blocks until
 //! it is read, and only then zaps the range. A COPY issued after the event
