@@ -253,11 +253,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
                     h,
                     None,
                     args.prefetch.as_deref(),
+                    None,
                 ),
                 "serve-ws" => ws().and_then(|w| {
-                    external(&exe, dir.path(), &mem, args, "serve", None, Some(w)).map(|r| Row {
-                        handler: h.clone(),
-                        ..r
+                    external(&exe, dir.path(), &mem, args, "serve", None, Some(w), None).map(|r| {
+                        Row {
+                            handler: h.clone(),
+                            ..r
+                        }
                     })
                 }),
                 "embedded" => embedded(&exe, &mem, args, args.prefetch.as_deref()),
@@ -278,7 +281,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         }
         for (i, cmd) in args.handler_cmd.iter().enumerate() {
             let name = format!("cmd{}", i + 1);
-            let row = external(&exe, dir.path(), &mem, args, &name, Some(cmd), None);
+            let row = external(&exe, dir.path(), &mem, args, &name, Some(cmd), None, None);
             results.push(Row {
                 run,
                 ..row.unwrap_or_else(|e| failed(&name, e))
@@ -522,23 +525,10 @@ fn zero_fill_gib_s(size: usize) -> f64 {
     size as f64 / s / (1u64 << 30) as f64
 }
 
-/// Runs the client against a handler in its own process.
-fn external(
-    exe: &Path,
-    dir: &Path,
-    mem: &Path,
-    args: &BenchArgs,
-    name: &str,
-    cmd: Option<&String>,
-    prefetch: Option<&Path>,
-) -> anyhow::Result<Row> {
-    external_with(exe, dir, mem, args, name, cmd, prefetch, None)
-}
-
-/// `external`, and for `serve`, a working set to prefetch or a directory
-/// to record one into.
+/// Runs the client against a handler in its own process; for `serve`,
+/// with a working set to prefetch or a directory to record one into.
 #[allow(clippy::too_many_arguments)]
-fn external_with(
+fn external(
     exe: &Path,
     dir: &Path,
     mem: &Path,
@@ -566,15 +556,7 @@ fn external_with(
                 .arg(args.serve_threads.to_string())
                 .arg("--cluster-pages")
                 .arg(args.cluster_pages.to_string());
-            if args.background {
-                c.arg("--background");
-            }
-            if args.fixed_cluster {
-                c.arg("--fixed-cluster");
-            }
-            if let Some(p) = prefetch {
-                c.arg("--prefetch").arg(p);
-            }
+            engine_flags(&mut c, args, prefetch);
             if let Some(d) = record {
                 c.arg("--record").arg(d);
             }
@@ -645,7 +627,7 @@ fn external_with(
 fn record_set(exe: &Path, dir: &Path, mem: &Path, args: &BenchArgs) -> anyhow::Result<PathBuf> {
     let rec = dir.join("recorded");
     let _ = std::fs::remove_dir_all(&rec);
-    let row = external_with(exe, dir, mem, args, "serve", None, None, Some(&rec))?;
+    let row = external(exe, dir, mem, args, "serve", None, None, Some(&rec))?;
     anyhow::ensure!(row.ok, "the recording run failed: {:?}", row.error);
     let found = std::fs::read_dir(&rec)
         .with_context(|| format!("reading {}", rec.display()))?
@@ -671,15 +653,7 @@ fn embedded(
         .arg(args.serve_threads.to_string())
         .arg("--cluster-pages")
         .arg(args.cluster_pages.to_string());
-    if args.background {
-        c.arg("--background");
-    }
-    if args.fixed_cluster {
-        c.arg("--fixed-cluster");
-    }
-    if let Some(p) = prefetch {
-        c.arg("--prefetch").arg(p);
-    }
+    engine_flags(&mut c, args, prefetch);
     let out = c.output().context("running the embedded client")?;
     let mut row = row_from_client("embedded", &out)?;
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -689,6 +663,19 @@ fn embedded(
     row.pages_copied = st["pages_copied"].as_u64();
     row.pages_zeroed = st["pages_zeroed"].as_u64();
     Ok(row)
+}
+
+/// The engine's tuning, for `serve` and the embedded client alike.
+fn engine_flags(c: &mut Command, args: &BenchArgs, prefetch: Option<&Path>) {
+    if args.background {
+        c.arg("--background");
+    }
+    if args.fixed_cluster {
+        c.arg("--fixed-cluster");
+    }
+    if let Some(p) = prefetch {
+        c.arg("--prefetch").arg(p);
+    }
 }
 
 fn client_command(exe: &Path, mem: &Path, args: &BenchArgs) -> Command {

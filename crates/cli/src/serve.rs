@@ -46,8 +46,6 @@ pub struct ServeArgs {
     /// The snapshot's guest memory file (regions end to end).
     #[arg(long)]
     pub mem_file: PathBuf,
-    /// 4 KiB pages served around each fault (aligned block; 1 = only the
-    /// faulting page).
     /// Where each VM's fault-around window starts; it then follows how many
     /// of the pages around faults the guest touches, between one page and
     /// four times this (see --fixed-cluster).
@@ -61,16 +59,8 @@ pub struct ServeArgs {
     /// VM records, every page it touches outside a sequential stream faults.
     #[arg(long)]
     pub record: Option<PathBuf>,
-    /// Stop recording this many milliseconds after a VM connected (0: when
-    /// it ends, or at SIGUSR1, which ends every recording window).
-    #[arg(long, default_value_t = 0)]
-    pub record_window_ms: u64,
-    /// `exact`: only pages the guest touched are recorded (while recording,
-    /// pages with data are not mapped around faults, so each one touched
-    /// faults: slower). `fast`: fault-around goes on, and the pages it maps
-    /// are recorded too, touched or not.
-    #[arg(long, default_value = "exact", value_parser = ["exact", "fast"])]
-    pub record_mode: String,
+    #[command(flatten)]
+    pub recording: crate::sets::RecordingArgs,
     /// Map this recorded working set (`.pwws`, recorded on this memory
     /// file) into each VM right after its handshake, at lower priority than
     /// its faults.
@@ -521,11 +511,7 @@ fn session_template(args: &ServeArgs) -> anyhow::Result<SessionConfig> {
         adaptive_cluster: !args.fixed_cluster,
         background: args.background,
         background_chunk: args.background_chunk.max(1),
-        record: args.record.as_ref().map(|_| pager::RecordConfig {
-            window: (args.record_window_ms > 0)
-                .then(|| Duration::from_millis(args.record_window_ms)),
-            exact: args.record_mode == "exact",
-        }),
+        record: args.record.as_ref().map(|_| args.recording.config()),
         prefetch,
         ..SessionConfig::default()
     })

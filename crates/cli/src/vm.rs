@@ -100,16 +100,8 @@ pub struct RestoreArgs {
     /// when the guest has finished its passes (or at --record-window-ms).
     #[arg(long)]
     pub record: Option<PathBuf>,
-    /// Stop recording this many milliseconds after the restore started
-    /// (0: when the guest has finished its passes after the restore).
-    #[arg(long, default_value_t = 0)]
-    pub record_window_ms: u64,
-    /// `exact`: only pages the guest touched are recorded (while recording,
-    /// pages with data are not mapped around faults, so each one touched
-    /// faults: slower). `fast`: fault-around goes on, and the pages it maps
-    /// are recorded too, touched or not.
-    #[arg(long, default_value = "exact", value_parser = ["exact", "fast"])]
-    pub record_mode: String,
+    #[command(flatten)]
+    pub recording: crate::sets::RecordingArgs,
     /// Embedded pager: map this recorded working set right away, at lower
     /// priority than faults.
     #[arg(long)]
@@ -387,10 +379,7 @@ pub fn restore(a: &RestoreArgs) -> anyhow::Result<RestoreReport> {
             cluster_pages: a.cluster_pages,
             adaptive_cluster: !a.fixed_cluster,
             background: a.background,
-            record: a.record.as_ref().map(|_| pager::RecordConfig {
-                window: (a.record_window_ms > 0).then(|| Duration::from_millis(a.record_window_ms)),
-                exact: a.record_mode == "exact",
-            }),
+            record: a.record.as_ref().map(|_| a.recording.config()),
             prefetch,
         }),
         "serve" => RestoreMode::External {

@@ -195,12 +195,10 @@ struct Shared {
     /// Prefetch work (a recorded working set to map), `epoch << 1 | pending`
     /// as for `readahead`; any idle thread takes its steps, after readahead.
     prefetch: AtomicU64,
-    /// Threads populating now, at most `max_populators`.
-    populators: AtomicUsize,
-    max_populators: usize,
-    /// Threads prefetching now, at most `max_prefetchers`.
-    prefetchers: AtomicUsize,
-    max_prefetchers: usize,
+    /// Threads populating in the background now, and at most.
+    populators: Tokens,
+    /// Threads prefetching now, and at most.
+    prefetchers: Tokens,
     nice: Option<i32>,
     round_robin: AtomicUsize,
     on_end: Option<EndHook>,
@@ -297,10 +295,8 @@ impl Engine {
             background: AtomicU64::new(0),
             readahead: AtomicU64::new(0),
             prefetch: AtomicU64::new(0),
-            populators: AtomicUsize::new(0),
-            max_populators: config.background_threads.clamp(1, config.threads.max(1)),
-            prefetchers: AtomicUsize::new(0),
-            max_prefetchers: config.prefetch_threads.clamp(1, config.threads.max(1)),
+            populators: Tokens::new(config.background_threads, config.threads),
+            prefetchers: Tokens::new(config.prefetch_threads, config.threads),
             nice: config.nice,
             round_robin: AtomicUsize::new(0),
             on_end,
@@ -713,24 +709,6 @@ impl Shared {
         }
     }
 
-    /// Takes one of the populating tokens if one is free.
-    fn take_populate_token(&self) -> bool {
-        self.populators
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_populators).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    /// Takes one of the prefetching tokens if one is free.
-    fn take_prefetch_token(&self) -> bool {
-        self.prefetchers
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_prefetchers).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
     /// One readahead step on the next session that has some.
     fn readahead_round(&self, scratch: &mut Scratch) -> bool {
         self.round(scratch, Session::readahead_step)
@@ -809,27 +787,15 @@ fn worker(shared: &Shared) {
             return;
         }
         let background = shared.background.load(Ordering::Acquire);
-        if background & 1 == 1 {
-            if !holds_token {
-                holds_token = shared.take_populate_token();
-            }
-        } else if holds_token {
-            shared.populators.fetch_sub(1, Ordering::AcqRel);
-            holds_token = false;
-        }
-        let populate = background & 1 == 1 && holds_token;
+        let populate = shared
+            .populators
+            .keep(&mut holds_token, background & 1 == 1);
         let readahead = shared.readahead.load(Ordering::Acquire);
         let ahead = readahead & 1 == 1;
         let prefetch = shared.prefetch.load(Ordering::Acquire);
-        if prefetch & 1 == 1 {
-            if !holds_prefetch {
-                holds_prefetch = shared.take_prefetch_token();
-            }
-        } else if holds_prefetch {
-            shared.prefetchers.fetch_sub(1, Ordering::AcqRel);
-            holds_prefetch = false;
-        }
-        let prefetching = prefetch & 1 == 1 && holds_prefetch;
+        let prefetching = shared
+            .prefetchers
+            .keep(&mut holds_prefetch, prefetch & 1 == 1);
         events.clear();
         let until_timer = shared.next_timer().map(|at| {
             let d = at.saturating_duration_since(Instant::now());
@@ -931,9 +897,44 @@ fn worker(shared: &Shared) {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             );
-            shared.populators.fetch_sub(1, Ordering::AcqRel);
-            holds_token = false;
+            shared.populators.keep(&mut holds_token, false);
         }
+    }
+}
+
+/// At most so many serving threads doing one kind of queued work at once:
+/// a thread takes a token while there is such work and gives it back when
+/// there is none.
+struct Tokens {
+    taken: AtomicUsize,
+    max: usize,
+}
+
+impl Tokens {
+    /// `wanted` tokens at most, between 1 and `threads`.
+    fn new(wanted: usize, threads: usize) -> Tokens {
+        Tokens {
+            taken: AtomicUsize::new(0),
+            max: wanted.clamp(1, threads.max(1)),
+        }
+    }
+
+    /// Takes a token (if one is free and this thread has none) while there
+    /// is work, gives it back when there is none; returns whether this
+    /// thread holds one and there is work.
+    fn keep(&self, holds: &mut bool, work: bool) -> bool {
+        if work && !*holds {
+            *holds = self
+                .taken
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.max).then_some(n + 1)
+                })
+                .is_ok();
+        } else if !work && *holds {
+            self.taken.fetch_sub(1, Ordering::AcqRel);
+            *holds = false;
+        }
+        work && *holds
     }
 }
 

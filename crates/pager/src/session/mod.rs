@@ -1556,6 +1556,23 @@ mod tests {
         Some((session, base))
     }
 
+    /// Waits up to 10 s for the session's userfaultfd to be readable.
+    fn wait_readable(session: &Session, what: &str) {
+        let mut fds = [rustix::event::PollFd::new(
+            &session.uffd,
+            rustix::event::PollFlags::IN,
+        )];
+        let ten = rustix::event::Timespec {
+            tv_sec: 10,
+            tv_nsec: 0,
+        };
+        assert_eq!(
+            rustix::event::poll(&mut fds, Some(&ten)).expect("poll"),
+            1,
+            "{what}"
+        );
+    }
+
     /// A fault is read; then a REMOVE is queued behind it before the fault
     /// is served. The COPY must fail with EAGAIN, the serving thread must
     /// read the REMOVE itself, give up the discarded cluster page, retry,
@@ -1603,19 +1620,7 @@ mod tests {
         // The madvise caller sleeps until its REMOVE is read; wait until it
         // is queued (the fault was read already, so only the REMOVE can make
         // the userfaultfd readable).
-        let mut fds = [rustix::event::PollFd::new(
-            &session.uffd,
-            rustix::event::PollFlags::IN,
-        )];
-        let ten = rustix::event::Timespec {
-            tv_sec: 10,
-            tv_nsec: 0,
-        };
-        assert_eq!(
-            rustix::event::poll(&mut fds, Some(&ten)).expect("poll"),
-            1,
-            "no REMOVE queued"
-        );
+        wait_readable(&session, "no REMOVE queued");
         let mut deferred = Faults::new();
         let served = session.serve_fault(
             Fault::new(address, FaultFlags::empty(), Instant::now()),
@@ -1686,19 +1691,7 @@ mod tests {
             libc::madvise(discard as *mut _, (to - from) * PAGE, libc::MADV_DONTNEED)
         });
         // The madvise caller sleeps until its REMOVE is read.
-        let mut fds = [rustix::event::PollFd::new(
-            &session.uffd,
-            rustix::event::PollFlags::IN,
-        )];
-        let ten = rustix::event::Timespec {
-            tv_sec: 10,
-            tv_nsec: 0,
-        };
-        assert_eq!(
-            rustix::event::poll(&mut fds, Some(&ten)).expect("poll"),
-            1,
-            "no REMOVE queued"
-        );
+        wait_readable(&session, "no REMOVE queued");
         let (mut faults, mut events) = (Faults::new(), Vec::with_capacity(uffd::MAX_BATCH));
         session.pump(&mut faults, &mut events, 0);
         assert_eq!(remover.join().expect("remover"), 0, "madvise returned");
