@@ -291,6 +291,8 @@ impl Session {
                 q.batch.push_front((id, page));
             }
         }
+        // Other threads may have put runs back too: keep the batch sorted.
+        q.batch.make_contiguous().sort_unstable();
         p.pending.store(true, Ordering::Release);
     }
 
@@ -339,18 +341,17 @@ impl Session {
             q.batch.extend(q.staging.drain(..));
         }
         let Some(&(id, first)) = q.batch.front() else {
-            if p.pending.swap(false, Ordering::AcqRel) {
-                let us = p.started.elapsed().as_micros() as u64;
-                self.stats
-                    .prefetch_done_us
-                    .store(us.max(1), Ordering::Relaxed);
+            if p.pending.swap(false, Ordering::AcqRel) && p.inflight.load(Ordering::Acquire) == 0 {
+                self.prefetch_done(p);
             }
             return None;
         };
-        // A run: one region, gaps of at most MAX_GAP, MAX_RUN pages.
+        p.inflight.fetch_add(1, Ordering::AcqRel);
+        // A run: one region, ascending, gaps of at most MAX_GAP, MAX_RUN
+        // pages.
         let mut last = first;
         while let Some(&(rid, page)) = q.batch.front() {
-            if rid != id || page - last > MAX_GAP + 1 || page - first >= MAX_RUN {
+            if rid != id || page < last || page - last > MAX_GAP + 1 || page - first >= MAX_RUN {
                 break;
             }
             run.push(page);
