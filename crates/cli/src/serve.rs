@@ -116,6 +116,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("opening the memory file {}", args.mem_file.display()))?,
     );
     let template = session_template(args)?;
+    // Recordings are tied to the memory file: fingerprinted once, before any
+    // VM is served.
+    let snapshot = match &args.record {
+        Some(_) => Some(crate::sets::snapshot_id(&args.mem_file)?),
+        None => None,
+    };
     if let Some(dir) = &args.record {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the recording directory {}", dir.display()))?;
@@ -186,29 +192,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         })
         .context("spawning the accept thread")?;
 
-    let snapshot = match &args.record {
-        Some(_) => Some(crate::sets::snapshot_id(&args.mem_file)?),
-        None => None,
-    };
     let mut ended = 0usize;
     while let Ok(msg) = ended_rx.recv() {
         match msg {
-            Msg::Recorded(id, pid, rec) => {
-                let (Some(dir), Some(snapshot)) = (&args.record, snapshot) else {
-                    continue;
-                };
-                let pid = pid.map_or_else(String::new, |p| format!("-pid{p}"));
-                let path = dir.join(format!("vm-{id}{pid}.pwws"));
-                match crate::sets::save(&rec, snapshot, &path) {
-                    Ok(set) => tracing::info!(
-                        path = %path.display(),
-                        pages = set.touches.len(),
-                        inferred = rec.inferred,
-                        "working set recorded"
-                    ),
-                    Err(e) => tracing::error!("{e:#}"),
-                }
-            }
+            Msg::Recorded(id, pid, rec) => save_recording(args, snapshot, id, pid, &rec),
             Msg::EndRecordings => {
                 let n = engine.end_recordings();
                 tracing::info!(vms = n, "SIGUSR1: recording windows ended");
@@ -233,7 +220,40 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let _ = std::fs::remove_file(&args.socket);
     engine.shutdown();
+    // The VMs still served when the loop ended were ended by the shutdown:
+    // their recordings are in the channel (the engine holds a sender, so
+    // only what is there already is taken).
+    while let Ok(msg) = ended_rx.try_recv() {
+        if let Msg::Recorded(id, pid, rec) = msg {
+            save_recording(args, snapshot, id, pid, &rec);
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a VM's recording as `vm-<id>-pid<pid>.pwws` in `--record`'s
+/// directory; a failure is logged, and the server goes on.
+fn save_recording(
+    args: &ServeArgs,
+    snapshot: Option<workset::SnapshotId>,
+    id: u64,
+    pid: Option<u32>,
+    rec: &pager::Recording,
+) {
+    let (Some(dir), Some(snapshot)) = (&args.record, snapshot) else {
+        return;
+    };
+    let pid = pid.map_or_else(String::new, |p| format!("-pid{p}"));
+    let path = dir.join(format!("vm-{id}{pid}.pwws"));
+    match crate::sets::save(rec, snapshot, &path) {
+        Ok(set) => tracing::info!(
+            path = %path.display(),
+            pages = set.touches.len(),
+            inferred = rec.inferred,
+            "working set recorded"
+        ),
+        Err(e) => tracing::error!("{e:#}"),
+    }
 }
 
 enum Msg {

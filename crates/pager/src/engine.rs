@@ -80,11 +80,14 @@ pub struct EngineConfig {
     /// CAP_SYS_NICE; without it the threads keep their priority (a warning
     /// says so). `None`: leave it.
     pub nice: Option<i32>,
-    /// How many serving threads map recorded working sets at once (default
-    /// 1), at the serving priority. The others stay free for faults, and
-    /// the guest keeps a core: with both threads of 2 prefetching at nice
-    /// -10, the client of `bench --pattern hotset` saw loads wait 3-4 ms
-    /// (descheduled), against PREFETCH_FIGURE with one.
+    /// How many serving threads map recorded working sets at once, at the
+    /// serving priority (default: all). Measured on `bench --pattern hotset`
+    /// replaying its recording through `serve` (256 MiB, 2 threads of 2):
+    /// with both prefetching, the set was mapped 14-38 ms after the
+    /// handshake and the client's touch took 20-46 ms; with one, 30-67 ms and
+    /// 37-77 ms. The price is the guest's CPU meanwhile: its loads that
+    /// waited had a p99 of 1.4-5.2 ms with both (descheduled), 0.5-0.7 ms
+    /// with one.
     pub prefetch_threads: usize,
 }
 
@@ -587,7 +590,7 @@ impl Shared {
                 .session
                 .serve_fault(f, &mut scratch.faults, &mut scratch.events)
             {
-                Served::Done => {}
+                Served::Done | Served::PutAside => {}
                 Served::ProcessGone => {
                     scratch.faults.clear();
                     self.end(entry.id, EndReason::AddressSpaceGone);
@@ -601,12 +604,16 @@ impl Shared {
             return;
         }
         self.schedule(entry);
-        if entry.session.take_ahead_added() {
-            let _ = self
-                .readahead
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some((v + 2) | 1));
-            // Wake an idle thread to share the copying.
-            let _ = rustix::io::write(&self.control, &1u64.to_ne_bytes());
+        for (added, flag) in [
+            (entry.session.take_ahead_added(), &self.readahead),
+            (entry.session.take_prefetch_added(), &self.prefetch),
+        ] {
+            if added {
+                let _ =
+                    flag.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some((v + 2) | 1));
+                // Wake an idle thread to share the copying.
+                let _ = rustix::io::write(&self.control, &1u64.to_ne_bytes());
+            }
         }
         self.adopt_forks(entry);
     }
@@ -746,7 +753,7 @@ impl Shared {
                     self.end(entry.id, EndReason::AddressSpaceGone);
                     return true;
                 }
-                Some(Served::Done) | Some(Served::Unservable) => {
+                Some(Served::Done | Served::PutAside | Served::Unservable) => {
                     // Faults read while retrying belong to this session.
                     self.serve_faults(entry, scratch);
                     return true;

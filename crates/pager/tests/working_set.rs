@@ -253,3 +253,23 @@ fn prefetch_of_a_huge_page_region() {
     let st = h.stats();
     assert_eq!(st.faults, 2, "pages 0 and 2 fault: {st:?}");
 }
+
+#[test]
+fn a_huge_page_is_recorded_whole() {
+    let Some(mut hp) = HugeSetup::new(4, |data| data) else {
+        return;
+    };
+    let h = hp.add(SessionConfig {
+        record: Some(RecordConfig::default()),
+        ..SessionConfig::default()
+    });
+    let huge = 2 << 20;
+    hp.mem.touch(vec![3, 1], 1, huge);
+    h.end_recording();
+    let rec = h.recording().expect("a recording");
+    // Every 4 KiB page of both, the later-touched page's after the other's.
+    let pages: Vec<u64> = offsets(&rec).iter().map(|o| o / PAGE as u64).collect();
+    let want: Vec<u64> = (3 * 512..4 * 512).chain(512..2 * 512).collect();
+    assert_eq!(pages, want);
+    assert_same(&hp.mem.read_all(), &hp.data, "2 MiB pages");
+}

@@ -157,14 +157,20 @@ impl Session {
             };
         }
         let zero_only = self.recording_exactly();
-        let max = if self.config.adaptive_cluster {
-            pages_of(self.config.cluster_pages * 4, r.region.page_size)
-        } else {
-            start_window
-        };
+        if !self.config.adaptive_cluster {
+            let start = page / start_window * start_window;
+            return Block {
+                start,
+                end: (start + start_window).min(r.pages()),
+                zero_only,
+            };
+        }
+        let max = pages_of(self.config.cluster_pages * 4, r.region.page_size);
         let mut sizer = self.sizer.lock().unwrap_or_else(|e| e.into_inner());
         let w = sizer.region(r, start_window, max);
-        if !self.config.adaptive_cluster || zero_only {
+        if zero_only {
+            // Recording exactly: the block is for zero pages only, and the
+            // window is not learned meanwhile.
             let start = page / w.window * w.window;
             return Block {
                 start,

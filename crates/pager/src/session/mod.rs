@@ -78,7 +78,8 @@ pub struct SessionConfig {
     /// beyond it the guest touches (`fault_around.rs`); otherwise it stays
     /// `cluster_pages`.
     pub adaptive_cluster: bool,
-    /// Record the working set (`record.rs`).
+    /// Record the working set (`record.rs`). Beside `prefetch`, only what
+    /// the guest faulted on is recorded: a prefetched page makes no fault.
     pub record: Option<RecordConfig>,
     /// Map this working set right away, at lower priority than faults
     /// (`prefetch.rs`).
@@ -162,6 +163,9 @@ pub(crate) type Faults = std::collections::VecDeque<Fault>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Served {
     Done,
+    /// Done for now: the kernel kept refusing (EAGAIN, ENOMEM) and the work
+    /// was put aside (`put_aside`), its claims given back.
+    PutAside,
     ProcessGone,
     /// The session cannot go on (`Session::take_failure` says why): a fault
     /// could be neither served nor poisoned, or its userfaultfd fails.
@@ -254,8 +258,12 @@ pub struct Session {
     /// The working set being recorded, and whether its window is open.
     recorder: Option<Mutex<record::Recorder>>,
     recording: AtomicBool,
-    /// The working set being prefetched.
+    /// When the recording window closes, if it has a length.
+    record_until: Option<Instant>,
+    /// The working set being prefetched, and whether work was handed back
+    /// to it (the engine raises its prefetch flag again).
     prefetch: Option<prefetch::Prefetch>,
+    prefetch_added: AtomicBool,
     ended: AtomicBool,
     /// Userfaultfds of forked children, read but not yet taken by the engine.
     /// With each, when forks are served, the page state the child starts
@@ -403,10 +411,11 @@ impl Session {
             .record
             .as_ref()
             .map(|r| Mutex::new(record::Recorder::new(r, source.len(), started)));
-        let prefetch = config
-            .prefetch
-            .as_ref()
-            .map(|p| prefetch::Prefetch::new(p, source.len(), started, &stats));
+        let prefetch = config.prefetch.as_ref().map(|p| {
+            prefetch::Prefetch::new(p, source.len(), started, &stats, |o| {
+                prefetch::in_huge_region(&layout, o)
+            })
+        });
         Session {
             name,
             uffd,
@@ -419,8 +428,14 @@ impl Session {
             }),
             sizer: Mutex::new(fault_around::Sizer::default()),
             recording: AtomicBool::new(recorder.is_some()),
+            record_until: config
+                .record
+                .as_ref()
+                .and_then(|r| r.window)
+                .map(|w| started + w),
             recorder,
             prefetch,
+            prefetch_added: AtomicBool::new(false),
             config,
             ended: AtomicBool::new(false),
             forks: Mutex::new(Vec::new()),
@@ -739,12 +754,14 @@ impl Session {
         };
         let mut in_set = false;
         if self.recorder.is_some() || self.prefetch.is_some() {
+            // The faulting page, as source bytes (a 2 MiB page whole).
             let r = &layout.regions[i];
-            let offset = r.region.source_offset + (fault.addr - r.region.host_base);
+            let ps = r.region.page_bytes();
+            let offset = r.region.source_offset + page as u64 * ps;
             if !fault.again {
-                self.record_touch(offset, fault.thread, false);
+                self.record_touch(offset, ps, fault.thread, false);
             }
-            in_set = self.prefetch_saw_fault(offset, !fault.again);
+            in_set = self.prefetch_saw_fault(offset, ps, !fault.again);
         }
         with_claims(|claims| {
             self.claim_and_serve(layout, i, page, fault, in_set, claims, deferred, events)
@@ -1104,7 +1121,7 @@ impl Session {
                             self.reconcile(r, claims, fault_page);
                             self.put_aside(r, claims, fault_page, ctx.read_at);
                         }
-                        return Served::Done;
+                        return Served::PutAside;
                     }
                 }
             }
@@ -1379,18 +1396,18 @@ impl Session {
             // those of a sequential stream, or (recording fast, not
             // exactly) of its fault-around block: recorded as inferred
             // (`record.rs`). Zero pages mapped around are not recorded.
+            let unasked_from =
+                r.region.source_offset + (page + on_demand as usize) as u64 * ps as u64;
+            let unasked_len = (done - on_demand) * ps as u64;
             if matches!(origin, Origin::Readahead | Origin::Fault)
-                && done > on_demand
+                && unasked_len > 0
                 && !zero
                 && self.recording.load(Ordering::Acquire)
             {
-                let from = page + on_demand as usize;
-                for q in from..page + done_pages {
-                    let offset = r.region.source_offset + q as u64 * ps as u64;
-                    for sub in (0..ps as u64).step_by(4096) {
-                        self.record_touch(offset + sub, 0, true);
-                    }
-                }
+                self.record_touch(unasked_from, unasked_len, 0, true);
+            }
+            if origin != Origin::Prefetch && unasked_len > 0 {
+                self.prefetch_mapped_otherwise(unasked_from, unasked_len);
             }
             if zero {
                 Stats::add(&self.stats.pages_zeroed, done_pages as u64);
@@ -1663,9 +1680,6 @@ mod tests {
         unsafe { libc::munmap(base as *mut _, len) };
     }
 
-    /// Background population keeps out of a sequential stream's way: after
-    /// two sequential faults from page 0 it starts beyond the stream's
-    /// readahead limit, not at page 0 inside the window readahead maps.
     /// A balloon discards pages of a working set while they wait in the
     /// prefetch queue: prefetch must leave them alone (a page the guest
     /// released reads as zero, never as the snapshot's bytes), and a fault
@@ -1739,6 +1753,9 @@ mod tests {
         unsafe { libc::munmap(base as *mut _, len) };
     }
 
+    /// Background population keeps out of a sequential stream's way: after
+    /// two sequential faults from page 0 it starts beyond the stream's
+    /// readahead limit, not at page 0 inside the window readahead maps.
     #[test]
     fn background_population_starts_past_a_sequential_stream() {
         let pages = 4096;

@@ -2,23 +2,30 @@
 //! before the guest asks for it.
 //!
 //! The set is a list of 4 KiB source offsets in the order the guest first
-//! touched them. Idle serving threads take it in batches of
-//! [`BATCH_PAGES`]: a batch is sorted by address and cut into runs of
-//! nearby pages, each read from the source once and mapped with as few
-//! ioctls as the runs allow. Prefetch is queued work of lower priority than
-//! faults: a thread takes a batch only when epoll finds no fault, and a
-//! fault on a page of the set that no batch has claimed yet is served at
-//! once like any other (it takes the page over). Pages the guest released
-//! meanwhile (a balloon REMOVE) are not prefetched: they stay zero.
+//! touched them. It is taken in batches of [`BATCH_PAGES`], each sorted by
+//! address and cut into runs of nearby pages (at most 1 MiB), each read from
+//! the source once and mapped with as few ioctls as the run allows.
+//! Prefetch is queued work of lower priority than faults: a serving thread
+//! maps at most [`STEP_BYTES`] of it before it looks at epoll again, and a
+//! fault on a page of the set that no run has claimed yet is served at once
+//! like any other (it takes the page over). Pages the guest released
+//! meanwhile (a balloon REMOVE) are not prefetched: only missing pages are
+//! claimed, so they stay zero. A run the kernel keeps refusing (EAGAIN,
+//! ENOMEM) goes back to the front of the queue until the pause is over.
+//! Pages that UNMAP or REMAP move to another region are left to faults.
 //!
 //! # Hits and waste
 //! A prefetched page the guest then reads makes no fault, and this kernel
 //! cannot say afterwards whether a mapped page was read (see `record.rs`).
 //! So one page in 64 of the set (at most about [`SAMPLES`]), chosen by a
-//! hash of its offset, is left out as a sample: a fault on a sample is a hit, a sample
-//! never faulted is waste, and the report scales the rates to the set.
-//! It costs that share of the set's faults back.
+//! hash of its offset, is left out as a sample: a fault on a sample is a
+//! hit, a sample never faulted is waste, and the report scales the rates to
+//! the set. It costs that share of the set's faults back. A sample mapped
+//! otherwise (around a fault outside the set, by readahead or background
+//! population) says nothing and is dropped, and 2 MiB regions have none (a
+//! huge page holds other pages of the set).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -27,19 +34,23 @@ use uffd::Event;
 
 use super::{with_claims, Claim, Ctx, Faults, Origin, Served, Session};
 use crate::layout::{Layout, PageState};
+use crate::region::PageSize;
 use crate::stats::Stats;
 
 /// Pages of the set sorted together into runs (4 MiB of 4 KiB pages).
 const BATCH_PAGES: usize = 1024;
-/// Pages claimed per step at most: a step holds a serving thread, and a
-/// fault that finds every serving thread prefetching waits for a step
-/// (about 64 single-page runs of a sparse set: 0.1-0.2 ms here).
-const STEP_PAGES: usize = 64;
-/// Pages at most between two pages of one run: the gap is read from the
+/// Bytes mapped per step at most (at least one page): a step holds a
+/// serving thread, and a fault that finds every serving thread prefetching
+/// waits for a step (64 single-page runs of a sparse set: 0.1-0.2 ms here).
+const STEP_BYTES: usize = 256 << 10;
+/// Runs looked at per step at most, mapped or not (a set mostly present
+/// already must not keep a thread from epoll either).
+const STEP_RUNS: usize = 256;
+/// Bytes at most between two pages of one run: the gap is read from the
 /// source with them (not mapped), which is cheaper than another read.
-const MAX_GAP: usize = 1;
-/// Pages at most per run (1 MiB of 4 KiB pages).
-const MAX_RUN: usize = 256;
+const MAX_GAP_BYTES: usize = 4 << 10;
+/// Bytes at most per run.
+const MAX_RUN_BYTES: usize = 1 << 20;
 /// Samples wanted: one page of the set in 64, and at most about 64 of them
 /// (a hit rate from 64 samples is within about six points; more samples
 /// only cost faults: a 15k-page set would make 230).
@@ -77,49 +88,95 @@ fn is_sample(page: u64, every: u64) -> bool {
     (page.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32).is_multiple_of(every)
 }
 
+/// One bit per 4 KiB source page.
+struct Bits(Box<[AtomicU64]>);
+
+impl Bits {
+    fn new(source_len: u64) -> Bits {
+        let words = (source_len.div_ceil(4096) as usize).div_ceil(64);
+        Bits((0..words).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn get(&self, page: u64) -> bool {
+        self.0
+            .get((page / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+    }
+
+    /// Sets the bit; returns whether it was clear.
+    fn set(&self, page: u64) -> bool {
+        let bit = 1u64 << (page % 64);
+        self.0
+            .get((page / 64) as usize)
+            .is_some_and(|w| w.fetch_or(bit, Ordering::AcqRel) & bit == 0)
+    }
+
+    /// Clears the bit; returns whether it was set.
+    fn clear(&self, page: u64) -> bool {
+        let bit = 1u64 << (page % 64);
+        self.0
+            .get((page / 64) as usize)
+            .is_some_and(|w| w.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
+    }
+}
+
+/// A page of a batch: region id, page in it, the region's page size.
+type Queued = (u64, usize, usize);
+
+/// Room allocated with the session: serving threads do not allocate (see
+/// `engine::Scratch`).
+struct Queue {
+    /// Next index into the set.
+    next: usize,
+    /// The batch taken from it, still to map (sorted).
+    batch: VecDeque<Queued>,
+    staging: Vec<Queued>,
+}
+
 pub(super) struct Prefetch {
     set: PrefetchSet,
-    /// Next index into the set, and the runs of the batch taken from it
-    /// still to map (region id, page; sorted).
     queue: Mutex<Queue>,
     /// Runs remain to be handed out.
     pending: AtomicBool,
-    /// Runs handed out and not mapped yet: the set is mapped when none
+    /// Runs handed out and not settled yet: the set is mapped when none
     /// remain to hand out and none are in flight.
     inflight: AtomicUsize,
-    /// One bit per 4 KiB source page: in the set.
-    in_set: Box<[u64]>,
-    /// One bit per 4 KiB source page: a sample not faulted yet.
-    samples: Box<[AtomicU64]>,
+    /// In the set.
+    in_set: Bits,
+    /// Samples not faulted (nor mapped otherwise) yet.
+    samples: Bits,
     started: Instant,
 }
 
 impl Prefetch {
-    pub fn new(set: &PrefetchSet, source_len: u64, started: Instant, stats: &Stats) -> Prefetch {
-        let words = (source_len.div_ceil(4096) as usize).div_ceil(64);
-        let mut in_set = vec![0u64; words].into_boxed_slice();
-        let samples: Box<[AtomicU64]> = (0..words).map(|_| AtomicU64::new(0)).collect();
-        let sample_every = (set.len() as u64 / SAMPLES).max(SAMPLES);
+    /// Samples lie in 4 KiB regions only: `huge(offset)` says whether the
+    /// source page at `offset` is served in a 2 MiB region.
+    pub fn new(
+        set: &PrefetchSet,
+        source_len: u64,
+        started: Instant,
+        stats: &Stats,
+        huge: impl Fn(u64) -> bool,
+    ) -> Prefetch {
+        let in_set = Bits::new(source_len);
+        let samples = Bits::new(source_len);
+        let every = (set.len() as u64 / SAMPLES).max(SAMPLES);
         let mut n_samples = 0;
         for &o in set.offsets.iter() {
             let page = o / 4096;
-            let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
-            let Some(word) = in_set.get_mut(w) else {
-                continue;
-            };
-            if *word & bit != 0 {
-                continue;
-            }
-            *word |= bit;
-            if is_sample(page, sample_every) {
-                samples[w].fetch_or(bit, Ordering::Relaxed);
+            if in_set.set(page) && is_sample(page, every) && !huge(o) {
+                samples.set(page);
                 n_samples += 1;
             }
         }
         Stats::add(&stats.prefetch_samples, n_samples);
         Prefetch {
             set: set.clone(),
-            queue: Mutex::new(Queue::new()),
+            queue: Mutex::new(Queue {
+                next: 0,
+                batch: VecDeque::with_capacity(2 * BATCH_PAGES),
+                staging: Vec::with_capacity(BATCH_PAGES),
+            }),
             pending: AtomicBool::new(!set.is_empty()),
             inflight: AtomicUsize::new(0),
             in_set,
@@ -128,48 +185,10 @@ impl Prefetch {
         }
     }
 
-    /// Whether the 4 KiB source page `page` is a sample still unfaulted.
-    fn is_sample(&self, page: u64) -> bool {
-        self.samples
-            .get((page / 64) as usize)
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+    /// Whether any 4 KiB page of `offset..offset + len` is in the set.
+    fn holds(&self, offset: u64, len: u64) -> bool {
+        (offset / 4096..(offset + len).div_ceil(4096)).any(|p| self.in_set.get(p))
     }
-
-    /// Makes `page` no sample; returns whether it was one still.
-    fn unsample(&self, page: u64) -> bool {
-        let bit = 1u64 << (page % 64);
-        self.samples
-            .get((page / 64) as usize)
-            .is_some_and(|w| w.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
-    }
-
-    fn contains(&self, page: u64) -> bool {
-        self.in_set
-            .get((page / 64) as usize)
-            .is_some_and(|w| w & (1 << (page % 64)) != 0)
-    }
-}
-
-/// Room allocated with the session: serving threads do not allocate (see
-/// `engine::Scratch`).
-struct Queue {
-    next: usize,
-    batch: std::collections::VecDeque<(u64, usize)>,
-    staging: Vec<(u64, usize)>,
-}
-
-impl Queue {
-    fn new() -> Queue {
-        Queue {
-            next: 0,
-            batch: std::collections::VecDeque::with_capacity(BATCH_PAGES),
-            staging: Vec::with_capacity(BATCH_PAGES),
-        }
-    }
-}
-
-thread_local! {
-    static RUN: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The region (index) and page holding source offset `offset`, trying
@@ -191,26 +210,42 @@ fn find_source(layout: &Layout, offset: u64, hint: &mut usize) -> Option<(usize,
     Some(found)
 }
 
+thread_local! {
+    static RUN: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Session {
-    /// A fault at source offset `offset` while a set is prefetched: a hit
-    /// if the page is a sample, otherwise counted if outside the set.
-    /// Returns whether the page is in the set (then the fault maps it
-    /// alone: the set says which pages around it the guest needs).
-    pub(super) fn prefetch_saw_fault(&self, offset: u64, count: bool) -> bool {
+    /// A fault on the page at source offset `offset` (`len` bytes) while a
+    /// set is prefetched: a hit if the page is a sample, otherwise counted
+    /// if outside the set (with `count`: not for a fault served again).
+    /// Returns whether the page holds a page of the set (then the fault maps
+    /// it alone: the set says which pages around it the guest needs).
+    pub(super) fn prefetch_saw_fault(&self, offset: u64, len: u64, count: bool) -> bool {
         let Some(p) = &self.prefetch else {
             return false;
         };
-        let page = offset / 4096;
-        if !p.contains(page) {
+        if !p.holds(offset, len) {
             if count {
                 Stats::add(&self.stats.faults_outside_set, 1);
             }
             return false;
         }
-        if count && p.unsample(page) {
+        if count && p.samples.clear(offset / 4096) {
             Stats::add(&self.stats.prefetch_sample_hits, 1);
         }
         true
+    }
+
+    /// Pages at source offsets `offset..offset + len` were mapped by other
+    /// work than prefetch, without a fault of their own: samples among them
+    /// say nothing any more.
+    pub(super) fn prefetch_mapped_otherwise(&self, offset: u64, len: u64) {
+        let Some(p) = &self.prefetch else { return };
+        for page in offset / 4096..(offset + len).div_ceil(4096) {
+            if p.samples.clear(page) {
+                self.stats.prefetch_samples.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Whether prefetch work remains.
@@ -220,8 +255,15 @@ impl Session {
             .is_some_and(|p| p.pending.load(Ordering::Acquire))
     }
 
-    /// One prefetch step: the next runs of the set, [`STEP_PAGES`] pages at
-    /// most. Returns `None` when there is nothing (left) to prefetch.
+    /// Whether prefetch work was handed back since the last call (a run put
+    /// aside); the engine then raises its prefetch flag again.
+    pub(crate) fn take_prefetch_added(&self) -> bool {
+        self.prefetch_added.swap(false, Ordering::AcqRel)
+    }
+
+    /// One prefetch step: the next runs of the set, [`STEP_BYTES`] at most
+    /// (at least one page). Returns `None` when there is nothing (left) to
+    /// prefetch.
     pub(crate) fn prefetch_step(
         &self,
         deferred: &mut Faults,
@@ -231,12 +273,12 @@ impl Session {
         if self.is_ended() || !p.pending.load(Ordering::Acquire) || self.unprompted_paused() {
             return None;
         }
-        let mut claimed = 0;
+        let mut budget = STEP_BYTES;
         let mut served = None;
         let mut run = RUN.with(|r| std::mem::take(&mut *r.borrow_mut()));
-        while claimed < STEP_PAGES {
+        for _ in 0..STEP_RUNS {
             run.clear();
-            let Some(id) = self.next_run(p, &mut run) else {
+            let Some((id, ps)) = self.next_run(p, &mut run, budget) else {
                 break;
             };
             let s = with_claims(|claims| {
@@ -254,15 +296,14 @@ impl Session {
                 if claims.is_empty() {
                     return None;
                 }
-                claimed += claims.len();
+                budget = budget.saturating_sub(claims.len() * ps);
                 let ctx = Ctx::unprompted(Origin::Prefetch, self.config.quick_retries);
                 Some(self.serve_claims(layout, id, claims, ctx, deferred, events))
             });
-            if self.paused.load(Ordering::Acquire) {
-                // The kernel kept refusing (EAGAIN, ENOMEM): the run was put
-                // aside, its claims given back. Hand it out again after the
-                // pause (`put_aside`).
-                self.requeue(p, id, &run);
+            if s == Some(Served::PutAside) {
+                // The kernel kept refusing: the claims were given back, and
+                // the run waits at the front of the queue for the pause.
+                self.requeue(p, id, ps, &run);
             }
             if p.inflight.fetch_sub(1, Ordering::AcqRel) == 1 && !p.pending.load(Ordering::Acquire)
             {
@@ -275,28 +316,29 @@ impl Session {
                     break;
                 }
             }
+            if budget == 0 {
+                break;
+            }
         }
         RUN.with(|r| *r.borrow_mut() = run);
         served
     }
 
-    /// Puts the pages of a run of region `id` that are still missing back
-    /// at the front of the queue.
-    fn requeue(&self, p: &Prefetch, id: u64, run: &[usize]) {
-        let layout = self.read_layout();
-        let Some(r) = layout.by_id(id) else { return };
+    /// Puts the pages of a run of region `id` back at the front of the
+    /// queue (those mapped meanwhile are skipped when claimed again). Takes
+    /// no layout lock: `next_run` holds the queue while it takes one.
+    fn requeue(&self, p: &Prefetch, id: u64, ps: usize, run: &[usize]) {
         let mut q = p.queue.lock().unwrap_or_else(|e| e.into_inner());
         for &page in run.iter().rev() {
-            if page < r.pages() && r.state(page) == PageState::Missing {
-                q.batch.push_front((id, page));
-            }
+            q.batch.push_front((id, page, ps));
         }
         // Other threads may have put runs back too: keep the batch sorted.
         q.batch.make_contiguous().sort_unstable();
         p.pending.store(true, Ordering::Release);
+        self.prefetch_added.store(true, Ordering::Release);
     }
 
-    /// Notes when the whole set was mapped (once).
+    /// Notes when the whole set was mapped (the first time).
     fn prefetch_done(&self, p: &Prefetch) {
         let us = (p.started.elapsed().as_micros() as u64).max(1);
         let _ = self.stats.prefetch_done_us.compare_exchange(
@@ -307,10 +349,12 @@ impl Session {
         );
     }
 
-    /// The next run of the set to map (region id, pages): nearby pages of
-    /// one region, from a batch sorted by address. Refills the batch from
-    /// the set when it is empty; marks prefetch done when both are.
-    fn next_run(&self, p: &Prefetch, run: &mut Vec<usize>) -> Option<u64> {
+    /// The next run of the set to map: nearby pages of one region, from a
+    /// batch sorted by address, `budget` bytes at most (at least one page).
+    /// Fills `run` and returns the region's id and page size, counting the
+    /// run in flight. Refills the batch from the set when it is empty; ends
+    /// prefetch when both are.
+    fn next_run(&self, p: &Prefetch, run: &mut Vec<usize>, budget: usize) -> Option<(u64, usize)> {
         let mut guard = p.queue.lock().unwrap_or_else(|e| e.into_inner());
         let q = &mut *guard;
         if q.batch.is_empty() {
@@ -320,44 +364,46 @@ impl Session {
             while q.next < p.set.offsets.len() && q.staging.len() < BATCH_PAGES {
                 let offset = p.set.offsets[q.next];
                 q.next += 1;
-                let Some((i, page)) = find_source(&layout, offset, &mut hint) else {
-                    continue;
-                };
-                let r = &layout.regions[i];
-                if p.is_sample(offset / 4096) {
-                    if r.region.page_size == crate::region::PageSize::Base4K {
-                        continue; // left to its fault (`prefetch_saw_fault`)
-                    }
-                    // A huge page holds other pages of the set: mapped with
-                    // them, it is no sample.
-                    if p.unsample(offset / 4096) {
-                        self.stats.prefetch_samples.fetch_sub(1, Ordering::Relaxed);
-                    }
+                if p.samples.get(offset / 4096) {
+                    continue; // left to its fault (`prefetch_saw_fault`)
                 }
-                q.staging.push((r.id, page));
+                if let Some((i, page)) = find_source(&layout, offset, &mut hint) {
+                    let r = &layout.regions[i];
+                    q.staging.push((r.id, page, r.region.page_size.bytes()));
+                }
             }
             q.staging.sort_unstable();
             q.staging.dedup();
             q.batch.extend(q.staging.drain(..));
         }
-        let Some(&(id, first)) = q.batch.front() else {
+        let Some(&(id, first, ps)) = q.batch.front() else {
             if p.pending.swap(false, Ordering::AcqRel) && p.inflight.load(Ordering::Acquire) == 0 {
                 self.prefetch_done(p);
             }
             return None;
         };
         p.inflight.fetch_add(1, Ordering::AcqRel);
-        // A run: one region, ascending, gaps of at most MAX_GAP, MAX_RUN
-        // pages.
+        // One region, ascending, small gaps, bounded.
+        let max_gap = MAX_GAP_BYTES / ps + 1;
+        let max_pages = (MAX_RUN_BYTES.min(budget) / ps).max(1);
         let mut last = first;
-        while let Some(&(rid, page)) = q.batch.front() {
-            if rid != id || page < last || page - last > MAX_GAP + 1 || page - first >= MAX_RUN {
+        while let Some(&(rid, page, _)) = q.batch.front() {
+            if rid != id || page < last || page - last > max_gap || page - first >= max_pages {
                 break;
             }
             run.push(page);
             last = page;
             q.batch.pop_front();
         }
-        Some(id)
+        Some((id, ps))
     }
+}
+
+/// Whether the 4 KiB source page at `offset` is served in a 2 MiB region
+/// of `layout`.
+pub(super) fn in_huge_region(layout: &Layout, offset: u64) -> bool {
+    layout.regions.iter().any(|r| {
+        r.region.page_size == PageSize::Huge2M
+            && (r.region.source_offset..r.region.source_offset + r.region.len).contains(&offset)
+    })
 }

@@ -76,7 +76,6 @@ pub struct Recording {
 
 pub(super) struct Recorder {
     started: Instant,
-    window_end: Option<Instant>,
     /// One bit per 4 KiB page of the source: recorded already.
     seen: Vec<u64>,
     recording: Recording,
@@ -87,34 +86,39 @@ impl Recorder {
         let pages = source_len.div_ceil(4096) as usize;
         Recorder {
             started,
-            window_end: config.window.map(|w| started + w),
             seen: vec![0; pages.div_ceil(64)],
             recording: Recording {
                 window_ms: config.window.map_or(0, |w| w.as_millis() as u64),
+                // Room for a start-up's pages: the list grows on a serving
+                // thread otherwise (allocation there is safe but for a
+                // served process that forks while it is recorded).
+                touches: Vec::with_capacity(pages.min(1 << 16)),
                 ..Recording::default()
             },
         }
     }
 
-    /// Records the 4 KiB page at `offset` (first touch only).
-    fn touch(&mut self, offset: u64, thread: u32, inferred: bool, now: Instant) {
-        let page = (offset / 4096) as usize;
-        let Some(word) = self.seen.get_mut(page / 64) else {
-            return;
-        };
-        let bit = 1u64 << (page % 64);
-        if *word & bit != 0 {
-            return;
+    /// Records the 4 KiB pages of `offset..offset + len` (first touch only).
+    fn touch(&mut self, offset: u64, len: u64, thread: u32, inferred: bool, now: Instant) {
+        let t_us = now.saturating_duration_since(self.started).as_micros() as u64;
+        for page in offset / 4096..(offset + len).div_ceil(4096) {
+            let Some(word) = self.seen.get_mut((page / 64) as usize) else {
+                return;
+            };
+            let bit = 1u64 << (page % 64);
+            if *word & bit != 0 {
+                continue;
+            }
+            *word |= bit;
+            if inferred {
+                self.recording.inferred += 1;
+            }
+            self.recording.touches.push(RecordedTouch {
+                offset: page * 4096,
+                t_us,
+                thread,
+            });
         }
-        *word |= bit;
-        if inferred {
-            self.recording.inferred += 1;
-        }
-        self.recording.touches.push(RecordedTouch {
-            offset: offset & !4095,
-            t_us: now.saturating_duration_since(self.started).as_micros() as u64,
-            thread,
-        });
     }
 }
 
@@ -125,36 +129,29 @@ impl Session {
     }
 
     /// Whether a recording window is open now (closes it when its time is
-    /// up). A load and, while recording with a window, a clock read.
+    /// up). A load, and while recording with a window a clock read.
     pub(super) fn recording_window_open(&self) -> bool {
         if !self.recording.load(Ordering::Acquire) {
             return false;
         }
-        let Some(rec) = &self.recorder else {
-            return false;
-        };
-        let rec = rec.lock().unwrap_or_else(|e| e.into_inner());
-        if rec.window_end.is_some_and(|end| Instant::now() >= end) {
+        if self.record_until.is_some_and(|end| Instant::now() >= end) {
             self.recording.store(false, Ordering::Release);
             return false;
         }
         true
     }
 
-    /// Records a touch of the source bytes at `offset` (a fault's page, or
-    /// with `inferred` a page readahead mapped), while the window is open.
-    pub(super) fn record_touch(&self, offset: u64, thread: u32, inferred: bool) {
-        if !self.recording.load(Ordering::Acquire) {
+    /// Records a touch of the source bytes at `offset..offset + len` (a
+    /// fault's page, or with `inferred` pages readahead or fault-around
+    /// mapped), while the window is open.
+    pub(super) fn record_touch(&self, offset: u64, len: u64, thread: u32, inferred: bool) {
+        if !self.recording_window_open() {
             return;
         }
         let Some(rec) = &self.recorder else { return };
         let now = Instant::now();
         let mut rec = rec.lock().unwrap_or_else(|e| e.into_inner());
-        if rec.window_end.is_some_and(|end| now >= end) {
-            self.recording.store(false, Ordering::Release);
-            return;
-        }
-        rec.touch(offset, thread, inferred, now);
+        rec.touch(offset, len, thread, inferred, now);
     }
 
     /// Whether this session is recording now.
