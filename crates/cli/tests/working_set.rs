@@ -203,3 +203,53 @@ fn a_working_set_of_another_snapshot_is_refused() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn sigusr1_ends_the_recording_and_a_shutdown_still_saves_it() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let mem = mem_file(dir.path(), 8 * MIB);
+    let rec = dir.path().join("rec");
+    let mut server = Server::start(dir.path(), &mem, &["--record", &rec.to_string_lossy()]);
+    // A VM that touches its hot set, reports, and stays connected.
+    let mut vm = client(
+        &server,
+        &mem,
+        &["--pattern", "hotset", "--passes", "1", "--hold-ms", "20000"],
+    )
+    .spawn()
+    .expect("client");
+    // The report (JSON, over several lines) comes before the hold.
+    let r: serde_json::Value = {
+        use std::io::BufRead;
+        let out = vm.stdout.as_mut().expect("client stdout");
+        let mut text = String::new();
+        let mut reader = std::io::BufReader::new(out);
+        loop {
+            let mut line = String::new();
+            assert!(
+                reader.read_line(&mut line).expect("client report") > 0,
+                "{text}"
+            );
+            text.push_str(&line);
+            if let Ok(v) = serde_json::from_str(&text) {
+                break v;
+            }
+        }
+    };
+    assert_eq!(r["mismatched_pages"], 0, "{r}");
+    let pid = rustix::process::Pid::from_child(&server.child);
+    rustix::process::kill_process(pid, rustix::process::Signal::USR1).expect("SIGUSR1");
+    server.wait_log("recording windows ended");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    let _ = server.child.wait();
+    let _ = vm.kill();
+    let _ = vm.wait();
+    // Saved by the shutdown, with what was touched before SIGUSR1.
+    let summary = inspect(&recording(&rec));
+    let pages = summary["pages"].as_u64().expect("pages");
+    let touched = r["pages_touched"].as_u64().expect("touched");
+    assert!(pages > 0 && pages <= touched, "{summary}");
+}

@@ -562,6 +562,8 @@ impl Shared {
                 faults = report.stats.faults,
                 copied = report.stats.pages_copied,
                 zeroed = report.stats.pages_zeroed,
+                unasked = report.stats.pages_unasked,
+                prefetched = report.stats.pages_prefetched,
                 errors = report.stats.errors,
                 "session ended"
             ),

@@ -92,6 +92,16 @@ impl Stats {
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
+        let mut s = self.counters();
+        if let Some(rate) = s.prefetch_hit_rate() {
+            let hits = (s.pages_prefetched as f64 * rate).round() as u64;
+            s.prefetch_hits_est = Some(hits);
+            s.prefetch_waste_est = Some(s.pages_prefetched.saturating_sub(hits));
+        }
+        s
+    }
+
+    fn counters(&self) -> StatsSnapshot {
         let g = |c: &AtomicU64| c.load(Relaxed);
         let latency = self
             .latency
@@ -126,6 +136,8 @@ impl Stats {
                 0 => None,
                 us => Some(us as f64 / 1000.0),
             },
+            prefetch_hits_est: None,
+            prefetch_waste_est: None,
             pages_unasked: g(&self.pages_fault_around)
                 + g(&self.pages_background)
                 + g(&self.pages_prefetched),
@@ -188,6 +200,10 @@ pub struct StatsSnapshot {
     pub faults_outside_set: u64,
     /// From the session's start until the whole set was mapped.
     pub prefetch_done_ms: Option<f64>,
+    /// Prefetched pages the guest touched, and those it did not (so far),
+    /// estimated from the samples' faults (`None` without samples).
+    pub prefetch_hits_est: Option<u64>,
+    pub prefetch_waste_est: Option<u64>,
     /// Pages mapped without a fault asking for them: fault-around,
     /// readahead, background population and prefetch. What a guest may pay
     /// in memory for pages it never touches.
