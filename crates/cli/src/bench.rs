@@ -94,6 +94,9 @@ struct Baselines {
     /// The copy ceiling: one thread doing nothing but UFFDIO_COPY of 1 MiB
     /// pieces into registered memory.
     uffd_copy_gib_s: f64,
+    /// The same, one 4 KiB page per UFFDIO_COPY: the ceiling for pages
+    /// that are not next to each other (a sparse working set).
+    uffd_copy_4k_gib_s: f64,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -232,7 +235,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let baselines = Baselines {
         memcpy_gib_s: memcpy_gib_s(args.size as usize),
         zero_fill_gib_s: zero_fill_gib_s(args.size as usize),
-        uffd_copy_gib_s: uffd_copy_gib_s(args.size as usize)?,
+        uffd_copy_gib_s: uffd_copy_gib_s(args.size as usize, 1 << 20)?,
+        uffd_copy_4k_gib_s: uffd_copy_gib_s(args.size as usize, 4096)?,
     };
     let wants_set = args.handlers.iter().any(|h| h.ends_with("-ws"));
     let recorded = match (&args.prefetch, wants_set) {
@@ -340,11 +344,15 @@ fn print_table(r: &Report) {
         r.baselines.memcpy_gib_s, r.baselines.zero_fill_gib_s, r.baselines.uffd_copy_gib_s
     );
     if let Some(row) = r.results.iter().find(|x| x.ok) {
-        if r.baselines.uffd_copy_gib_s > 0.0 {
+        let ms = |gib_s: f64| row.touched_mib / 1024.0 / gib_s * 1000.0;
+        if r.baselines.uffd_copy_gib_s > 0.0 && r.baselines.uffd_copy_4k_gib_s > 0.0 {
             println!(
-                "copy ceiling for the {:.1} MiB touched: {:.1} ms",
+                "copy ceiling for the {:.1} MiB touched: {:.1} ms in 1 MiB pieces, {:.1} ms a \
+                 4 KiB page at a time ({:.2} GiB/s)",
                 row.touched_mib,
-                row.touched_mib / 1024.0 / r.baselines.uffd_copy_gib_s * 1000.0
+                ms(r.baselines.uffd_copy_gib_s),
+                ms(r.baselines.uffd_copy_4k_gib_s),
+                r.baselines.uffd_copy_4k_gib_s
             );
         }
     }
@@ -488,9 +496,11 @@ fn memcpy_gib_s(size: usize) -> f64 {
 }
 
 /// The copy ceiling: one thread mapping `size` bytes of registered memory
-/// with UFFDIO_COPY in 1 MiB pieces, nothing else (no faults, no reads).
-fn uffd_copy_gib_s(size: usize) -> anyhow::Result<f64> {
+/// with UFFDIO_COPY in pieces of `piece` bytes, nothing else (no faults, no
+/// reads).
+fn uffd_copy_gib_s(size: usize, piece: usize) -> anyhow::Result<f64> {
     const PIECE: usize = 1 << 20;
+    let piece = piece.clamp(4096, PIECE);
     let mem = crate::check::Mapping::new(size)?;
     let uffd = uffd::Uffd::open().context("opening a userfaultfd for the copy ceiling")?;
     uffd.api(uffd::Features::empty())
@@ -499,8 +509,8 @@ fn uffd_copy_gib_s(size: usize) -> anyhow::Result<f64> {
         .context("registering memory for the copy ceiling")?;
     let src: Vec<u8> = (0..PIECE).map(|i| (i % 251) as u8 | 1).collect();
     let t = Instant::now();
-    for off in (0..size).step_by(PIECE) {
-        let len = PIECE.min(size - off);
+    for off in (0..size).step_by(piece) {
+        let len = piece.min(size - off);
         uffd.copy(
             mem.addr() + off as u64,
             &src[..len],
