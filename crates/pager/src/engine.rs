@@ -449,6 +449,13 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, entry.clone());
+        // `shutdown` sets `stopping`, then ends the sessions it finds under
+        // the lock: one inserted after that must end itself, or nothing
+        // would serve it and no report would say so.
+        if self.stopping.load(Ordering::Acquire) {
+            self.end(id, EndReason::Stopped);
+            return Err(EngineError::Stopping);
+        }
         let one_shot = epoll::EventFlags::ONESHOT;
         let added = (|| {
             epoll::add(

@@ -413,7 +413,7 @@ impl Session {
             .map(|r| Mutex::new(record::Recorder::new(r, source.len(), started)));
         let prefetch = config.prefetch.as_ref().map(|p| {
             prefetch::Prefetch::new(p, source.len(), started, &stats, |o| {
-                prefetch::in_huge_region(&layout, o)
+                prefetch::in_small_region(&layout, o)
             })
         });
         Session {

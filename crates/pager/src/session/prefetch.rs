@@ -3,7 +3,7 @@
 //!
 //! The set is a list of 4 KiB source offsets in the order the guest first
 //! touched them. It is taken in batches of [`BATCH_PAGES`], each sorted by
-//! address and cut into runs of nearby pages (at most 1 MiB), each read from
+//! address and cut into runs of nearby pages (at most a step), each read from
 //! the source once and mapped with as few ioctls as the run allows.
 //! Prefetch is queued work of lower priority than faults: a serving thread
 //! maps at most [`STEP_BYTES`] of it before it looks at epoll again, and a
@@ -49,8 +49,6 @@ const STEP_RUNS: usize = 256;
 /// Bytes at most between two pages of one run: the gap is read from the
 /// source with them (not mapped), which is cheaper than another read.
 const MAX_GAP_BYTES: usize = 4 << 10;
-/// Bytes at most per run.
-const MAX_RUN_BYTES: usize = 1 << 20;
 /// Samples wanted: one page of the set in 64, and at most about 64 of them
 /// (a hit rate from 64 samples is within about six points; more samples
 /// only cost faults: a 15k-page set would make 230).
@@ -111,12 +109,13 @@ impl Bits {
             .is_some_and(|w| w.fetch_or(bit, Ordering::AcqRel) & bit == 0)
     }
 
-    /// Clears the bit; returns whether it was set.
+    /// Clears the bit; returns whether it was set. A load first: most
+    /// calls find it clear, and need not take the cache line.
     fn clear(&self, page: u64) -> bool {
         let bit = 1u64 << (page % 64);
-        self.0
-            .get((page / 64) as usize)
-            .is_some_and(|w| w.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
+        self.0.get((page / 64) as usize).is_some_and(|w| {
+            w.load(Ordering::Acquire) & bit != 0 && w.fetch_and(!bit, Ordering::AcqRel) & bit != 0
+        })
     }
 }
 
@@ -149,14 +148,14 @@ pub(super) struct Prefetch {
 }
 
 impl Prefetch {
-    /// Samples lie in 4 KiB regions only: `huge(offset)` says whether the
-    /// source page at `offset` is served in a 2 MiB region.
+    /// Samples lie in 4 KiB regions only: `small(offset)` says whether the
+    /// source page at `offset` is served in one.
     pub fn new(
         set: &PrefetchSet,
         source_len: u64,
         started: Instant,
         stats: &Stats,
-        huge: impl Fn(u64) -> bool,
+        small: impl Fn(u64) -> bool,
     ) -> Prefetch {
         let in_set = Bits::new(source_len);
         let samples = Bits::new(source_len);
@@ -164,7 +163,7 @@ impl Prefetch {
         let mut n_samples = 0;
         for &o in set.offsets.iter() {
             let page = o / 4096;
-            if in_set.set(page) && is_sample(page, every) && !huge(o) {
+            if in_set.set(page) && is_sample(page, every) && small(o) {
                 samples.set(page);
                 n_samples += 1;
             }
@@ -277,6 +276,11 @@ impl Session {
         let mut served = None;
         let mut run = RUN.with(|r| std::mem::take(&mut *r.borrow_mut()));
         for _ in 0..STEP_RUNS {
+            // Another thread's run may have met lasting EAGAIN meanwhile:
+            // its pause holds for every thread (one load while none is).
+            if self.paused.load(Ordering::Acquire) && self.unprompted_paused() {
+                break;
+            }
             run.clear();
             let Some((id, ps)) = self.next_run(p, &mut run, budget) else {
                 break;
@@ -305,8 +309,9 @@ impl Session {
                 // the run waits at the front of the queue for the pause.
                 self.requeue(p, id, ps, &run);
             }
-            if p.inflight.fetch_sub(1, Ordering::AcqRel) == 1 && !p.pending.load(Ordering::Acquire)
-            {
+            // SeqCst here and in `next_run`: each side writes one counter
+            // and reads the other's.
+            if p.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && !p.pending.load(Ordering::SeqCst) {
                 self.prefetch_done(p);
             }
             match s {
@@ -377,7 +382,7 @@ impl Session {
             q.batch.extend(q.staging.drain(..));
         }
         let Some(&(id, first, ps)) = q.batch.front() else {
-            if p.pending.swap(false, Ordering::AcqRel) && p.inflight.load(Ordering::Acquire) == 0 {
+            if p.pending.swap(false, Ordering::SeqCst) && p.inflight.load(Ordering::SeqCst) == 0 {
                 self.prefetch_done(p);
             }
             return None;
@@ -385,7 +390,7 @@ impl Session {
         p.inflight.fetch_add(1, Ordering::AcqRel);
         // One region, ascending, small gaps, bounded.
         let max_gap = MAX_GAP_BYTES / ps + 1;
-        let max_pages = (MAX_RUN_BYTES.min(budget) / ps).max(1);
+        let max_pages = (budget / ps).max(1);
         let mut last = first;
         while let Some(&(rid, page, _)) = q.batch.front() {
             if rid != id || page < last || page - last > max_gap || page - first >= max_pages {
@@ -399,11 +404,11 @@ impl Session {
     }
 }
 
-/// Whether the 4 KiB source page at `offset` is served in a 2 MiB region
+/// Whether the 4 KiB source page at `offset` is served in a 4 KiB region
 /// of `layout`.
-pub(super) fn in_huge_region(layout: &Layout, offset: u64) -> bool {
+pub(super) fn in_small_region(layout: &Layout, offset: u64) -> bool {
     layout.regions.iter().any(|r| {
-        r.region.page_size == PageSize::Huge2M
+        r.region.page_size == PageSize::Base4K
             && (r.region.source_offset..r.region.source_offset + r.region.len).contains(&offset)
     })
 }

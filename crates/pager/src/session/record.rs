@@ -145,11 +145,16 @@ impl Session {
     /// fault's page, or with `inferred` pages readahead or fault-around
     /// mapped), while the window is open.
     pub(super) fn record_touch(&self, offset: u64, len: u64, thread: u32, inferred: bool) {
-        if !self.recording_window_open() {
+        if !self.recording.load(Ordering::Acquire) {
             return;
         }
         let Some(rec) = &self.recorder else { return };
+        // One clock read for the window and the touch's time.
         let now = Instant::now();
+        if self.record_until.is_some_and(|end| now >= end) {
+            self.recording.store(false, Ordering::Release);
+            return;
+        }
         let mut rec = rec.lock().unwrap_or_else(|e| e.into_inner());
         rec.touch(offset, len, thread, inferred, now);
     }
