@@ -89,10 +89,11 @@ impl Recorder {
             seen: vec![0; pages.div_ceil(64)],
             recording: Recording {
                 window_ms: config.window.map_or(0, |w| w.as_millis() as u64),
-                // Room for a start-up's pages: the list grows on a serving
-                // thread otherwise (allocation there is safe but for a
-                // served process that forks while it is recorded).
-                touches: Vec::with_capacity(pages.min(1 << 16)),
+                // Room for 16 MiB of pages up front (384 KiB per recording
+                // VM); past it the list grows on a serving thread, which is
+                // safe but for an in-process session whose process forks
+                // while it is recorded (see `engine::Scratch`).
+                touches: Vec::with_capacity(pages.min(1 << 12)),
                 ..Recording::default()
             },
         }
