@@ -89,7 +89,7 @@ impl Recorder {
             seen: vec![0; pages.div_ceil(64)],
             recording: Recording {
                 window_ms: config.window.map_or(0, |w| w.as_millis() as u64),
-                // Room for 16 MiB of pages up front (384 KiB per recording
+                // Room for 16 MiB of pages up front (96 KiB per recording
                 // VM); past it the list grows on a serving thread, which is
                 // safe but for an in-process session whose process forks
                 // while it is recorded (see `engine::Scratch`).
