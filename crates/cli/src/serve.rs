@@ -55,8 +55,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub fixed_cluster: bool,
     /// Record each VM's working set (the pages it touches, in order) into
-    /// this directory, as `vm-<n>-pid<pid>.pwws` when the VM ends. While a
-    /// VM records, every page it touches outside a sequential stream faults.
+    /// this directory, as `vm-<n>-pid<pid>.pwws` when the VM ends (or the
+    /// server stops). See --record-mode for what it costs.
     #[arg(long)]
     pub record: Option<PathBuf>,
     #[command(flatten)]
