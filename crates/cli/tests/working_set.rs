@@ -120,7 +120,11 @@ fn recorded_merged_and_prefetched_every_byte_checked() {
 
     // Prefetched: every byte right, and only the samples fault.
     let set = merged.to_string_lossy().to_string();
-    let (r, st) = serve_once(dir.path(), "replay", &mem, &["--prefetch", &set], &hot("1"));
+    // Replayed into a VM whose memory is laid out in three regions (the set
+    // names file offsets, not addresses).
+    let mut three = hot("1").to_vec();
+    three.extend_from_slice(&["--regions", "3"]);
+    let (r, st) = serve_once(dir.path(), "replay", &mem, &["--prefetch", &set], &three);
     assert_eq!(r["pages_touched"].as_u64(), Some(touched), "{r}");
     assert!(
         st["pages_prefetched"].as_u64().unwrap_or(0) > touched / 2,
