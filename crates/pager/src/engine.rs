@@ -492,8 +492,7 @@ impl Shared {
         let prefetch = entry.session.prefetch_pending();
         for (wanted, flag) in [(background, &self.background), (prefetch, &self.prefetch)] {
             if wanted {
-                let _ =
-                    flag.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some((v + 2) | 1));
+                raise(flag);
                 // Wake a worker that may be asleep with nothing to wait for.
                 let _ = rustix::io::write(&self.control, &1u64.to_ne_bytes());
             }
@@ -618,8 +617,7 @@ impl Shared {
             (entry.session.take_prefetch_added(), &self.prefetch),
         ] {
             if added {
-                let _ =
-                    flag.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some((v + 2) | 1));
+                raise(flag);
                 // Wake an idle thread to share the copying.
                 let _ = rustix::io::write(&self.control, &1u64.to_ne_bytes());
             }
@@ -719,8 +717,7 @@ impl Shared {
             entry.session.take_put_aside(&mut scratch.faults);
             self.serve_faults(&entry, scratch);
             for flag in [&self.background, &self.readahead, &self.prefetch] {
-                let _ =
-                    flag.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some((v + 2) | 1));
+                raise(flag);
             }
         }
     }
@@ -879,12 +876,7 @@ fn worker(shared: &Shared) {
         if ahead {
             nice.serving();
             if !shared.readahead_round(&mut scratch) {
-                let _ = shared.readahead.compare_exchange(
-                    readahead,
-                    readahead & !1,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
+                settle(&shared.readahead, readahead);
             }
             continue;
         }
@@ -894,12 +886,7 @@ fn worker(shared: &Shared) {
             // waiting for that now).
             nice.serving();
             if !shared.prefetch_round(&mut scratch) {
-                let _ = shared.prefetch.compare_exchange(
-                    prefetch,
-                    prefetch & !1,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
+                settle(&shared.prefetch, prefetch);
             }
             continue;
         }
@@ -907,15 +894,22 @@ fn worker(shared: &Shared) {
             nice.populating();
         }
         if populate && !shared.background_round(&mut scratch) {
-            let _ = shared.background.compare_exchange(
-                background,
-                background & !1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            settle(&shared.background, background);
             shared.populators.keep(&mut holds_token, false);
         }
     }
+}
+
+/// Queued work of one kind (`Shared::readahead`, `prefetch`, `background`:
+/// `epoch << 1 | pending`) was added: sets `pending` and bumps the epoch.
+fn raise(flag: &AtomicU64) {
+    let _ = flag.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| Some((v + 2) | 1));
+}
+
+/// A round found none of that work: clears `pending`, unless work was added
+/// since the flag read `seen`.
+fn settle(flag: &AtomicU64, seen: u64) {
+    let _ = flag.compare_exchange(seen, seen & !1, Ordering::AcqRel, Ordering::Acquire);
 }
 
 /// At most so many serving threads doing one kind of queued work at once:
