@@ -282,7 +282,7 @@ fn sigterm_ends_every_vm_with_its_report() {
     let dir = tempfile::tempdir().expect("tmp");
     let mem = mem_file(dir.path(), 4 * MIB);
     let mut server = Server::start(dir.path(), &mem, &[]);
-    let held = client(&server, &mem, &["--hold-ms", "5000"])
+    let mut held = client(&server, &mem, &["--hold-ms", "5000"])
         .spawn()
         .expect("client");
     server.wait_log("VM connected");
@@ -294,5 +294,8 @@ fn sigterm_ends_every_vm_with_its_report() {
     assert_eq!(stats.len(), 1, "{stats:?}");
     assert_eq!(stats[0]["reason"], "stopped");
     assert!(!server.socket.exists(), "socket removed");
-    drop(held);
+    // Its server is gone: the client waits on its next missing page for
+    // ever (it keeps its userfaultfd, as a VMM does). Do not leave it.
+    let _ = held.kill();
+    let _ = held.wait();
 }
