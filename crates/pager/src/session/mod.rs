@@ -977,17 +977,10 @@ impl Session {
     /// the aligned block of its region's fault-around window
     /// (`fault_around.rs`), its own page mapped first on its own.
     fn extend_claims(&self, r: &RegionState, page: usize, claims: &mut Vec<Claim>) -> bool {
-        let (start, end, sequential, zero_only) = match self.follow_stream(r, page) {
-            Some((start, end)) => (start, end, true, false),
-            None => {
-                let b = self.fault_block(r, page);
-                self.note_block(r, b.start, b.end);
-                (b.start, b.end, false, b.zero_only)
-            }
-        };
-        for q in start..end {
+        let (b, sequential) = self.follow_stream(r, page, || self.fault_block(r, page));
+        for q in b.start..b.end {
             if q != page
-                && (!zero_only || r.known_zero(q))
+                && (!b.zero_only || r.known_zero(q))
                 && r.transition(q, PageState::Missing, PageState::Claimed)
             {
                 claims.push(Claim::new(q, r.known_zero(q)));

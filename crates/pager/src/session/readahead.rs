@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 
 use uffd::Event;
 
+use super::fault_around::Block;
 use super::{claim_run, pages_of, with_claims, Ctx, Faults, Origin, Served, Session};
 use crate::layout::RegionState;
 
@@ -41,20 +42,32 @@ impl Stream {
 }
 
 impl Session {
-    /// The pages to map with a fault at `page` if it continues a stream
-    /// (`Some(start..end)`, from the faulting page on), else `None`.
-    pub(super) fn follow_stream(&self, r: &RegionState, page: usize) -> Option<(usize, usize)> {
+    /// The pages to map with a fault at `page`: from it onwards if it
+    /// continues a stream (`true`), otherwise the block `around` gives (then
+    /// a new stream may start after it; an active one is left alone:
+    /// another thread's random fault must not end it). One hold of the
+    /// stream's lock per fault.
+    pub(super) fn follow_stream(
+        &self,
+        r: &RegionState,
+        page: usize,
+        around: impl FnOnce() -> Block,
+    ) -> (Block, bool) {
         let cluster = pages_of(self.config.cluster_pages, r.region.page_size);
         let max = pages_of(self.config.max_readahead_pages, r.region.page_size);
-        if cluster <= 1 || max <= cluster {
-            return None;
-        }
         let addr = r.page_addr(page);
         let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         let active = stream.active(r.id);
         let in_window = active && page >= stream.ahead && page <= stream.ahead_end;
-        if stream.next != addr && !in_window {
-            return None;
+        let streams = cluster > 1 && max > cluster;
+        if !streams || (stream.next != addr && !in_window) {
+            let b = around();
+            if !active {
+                stream.window = cluster;
+                stream.next = r.page_addr(b.end);
+                stream.origin = Some((r.id, b.start));
+            }
+            return (b, false);
         }
         stream.window = (stream.window * 2).clamp(cluster, max);
         let end = (page + cluster).min(r.pages());
@@ -70,20 +83,12 @@ impl Session {
         if stream.ahead < stream.ahead_end {
             self.ahead_added.store(true, Ordering::Release);
         }
-        Some((page, end))
-    }
-
-    /// A fault that is not sequential mapped `start..end`: a new stream may
-    /// start after it. (An active one is left alone: another thread's random
-    /// fault must not end it.)
-    pub(super) fn note_block(&self, r: &RegionState, start: usize, end: usize) {
-        let cluster = pages_of(self.config.cluster_pages, r.region.page_size);
-        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        if !stream.active(r.id) {
-            stream.window = cluster;
-            stream.next = r.page_addr(end);
-            stream.origin = Some((r.id, start));
-        }
+        let b = Block {
+            start: page,
+            end,
+            zero_only: false,
+        };
+        (b, true)
     }
 
     /// A fault on a page being mapped: if it is in the readahead window,
