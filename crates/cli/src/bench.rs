@@ -639,16 +639,7 @@ fn record_set(exe: &Path, dir: &Path, mem: &Path, args: &BenchArgs) -> anyhow::R
     let _ = std::fs::remove_dir_all(&rec);
     let row = external(exe, dir, mem, args, "serve", None, None, Some(&rec))?;
     anyhow::ensure!(row.ok, "the recording run failed: {:?}", row.error);
-    let found = std::fs::read_dir(&rec)
-        .with_context(|| format!("reading {}", rec.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "pwws"));
-    found.with_context(|| {
-        format!(
-            "the recording run wrote no working set into {}",
-            rec.display()
-        )
-    })
+    crate::sets::find_recording(&rec)
 }
 
 fn embedded(

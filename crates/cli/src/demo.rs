@@ -167,7 +167,7 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<ExitCode> {
         a.record_mode.clone().into(),
     ];
     rows.push(serve_restore(&exe, &dir, &mem, &base, "serve+rec", &record));
-    let set = recorded_set(&rec_dir);
+    let set = crate::sets::find_recording(&rec_dir);
     if let (Ok(path), Some(row)) = (&set, rows.last_mut()) {
         if let (Ok(ws), Some(r)) = (workset::WorkingSet::read(path), row.report.as_mut()) {
             r.recorded_pages = Some(ws.pages());
@@ -376,17 +376,6 @@ fn serve_restore(
     let _ = server.kill();
     let _ = server.wait();
     serve_row
-}
-
-/// The one recording `serve --record` wrote into `dir`.
-fn recorded_set(dir: &Path) -> anyhow::Result<PathBuf> {
-    let mut found = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "pwws"));
-    found
-        .next()
-        .with_context(|| format!("no .pwws file in {}", dir.display()))
 }
 
 fn start_server(
