@@ -254,16 +254,19 @@ mod tests {
 
     #[test]
     fn merge_then_inspect_against_the_snapshot() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("tempdir");
         let mem = dir.path().join("memory.bin");
-        std::fs::write(&mem, vec![7u8; 64 * 4096]).unwrap();
-        let id = SnapshotId::of_file(&std::fs::File::open(&mem).unwrap()).unwrap();
+        std::fs::write(&mem, vec![7u8; 64 * 4096]).expect("write");
+        let id =
+            SnapshotId::of_file(&std::fs::File::open(&mem).expect("open")).expect("fingerprint");
         let inputs: Vec<PathBuf> = [[1, 2, 3], [2, 3, 4], [3, 2, 5]]
             .iter()
             .enumerate()
             .map(|(i, pages)| {
                 let p = dir.path().join(format!("run{i}.pwws"));
-                recording(id, pages).write(&p).unwrap();
+                recording(id, pages)
+                    .write(&p)
+                    .expect("write the working set");
                 p
             })
             .collect();
@@ -273,9 +276,9 @@ mod tests {
             min_runs: None,
             files: inputs.clone(),
         }))
-        .unwrap();
+        .expect("ws command");
         assert_eq!(code, ExitCode::SUCCESS);
-        let merged = WorkingSet::read(&out).unwrap();
+        let merged = WorkingSet::read(&out).expect("read the working set");
         let pages: Vec<u64> = merged.touches.iter().map(|t| t.page).collect();
         assert_eq!(pages, [2, 3], "majority of 3 runs is 2");
 
@@ -285,17 +288,20 @@ mod tests {
                 json: false,
                 snapshot,
             }))
-            .unwrap()
+            .expect("ws command")
         };
         assert_eq!(inspect(Some(mem.clone())), ExitCode::SUCCESS);
         let other = dir.path().join("other.bin");
-        std::fs::write(&other, vec![8u8; 64 * 4096]).unwrap();
+        std::fs::write(&other, vec![8u8; 64 * 4096]).expect("write");
         assert_eq!(inspect(Some(other.clone())), ExitCode::from(1));
 
         // A recording of another snapshot is refused, naming both files.
         let foreign = dir.path().join("foreign.pwws");
-        let other_id = SnapshotId::of_file(&std::fs::File::open(&other).unwrap()).unwrap();
-        recording(other_id, &[1]).write(&foreign).unwrap();
+        let other_id =
+            SnapshotId::of_file(&std::fs::File::open(&other).expect("open")).expect("open");
+        recording(other_id, &[1])
+            .write(&foreign)
+            .expect("write the working set");
         let err = run(&WsCommand::Merge(MergeArgs {
             output: dir.path().join("x.pwws"),
             min_runs: None,

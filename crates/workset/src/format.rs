@@ -257,23 +257,26 @@ mod tests {
         let ws = sample();
         let bytes = ws.encode();
         assert_eq!(bytes.len(), HEADER + 50 * ENTRY + TRAILER);
-        assert_eq!(WorkingSet::decode(&bytes).unwrap(), ws);
+        assert_eq!(WorkingSet::decode(&bytes).expect("decode"), ws);
         let empty = WorkingSet {
             touches: vec![],
             ..sample()
         };
-        assert_eq!(WorkingSet::decode(&empty.encode()).unwrap(), empty);
+        assert_eq!(WorkingSet::decode(&empty.encode()).expect("decode"), empty);
     }
 
     #[test]
     fn write_then_read() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("a.pwws");
-        sample().write(&path).unwrap();
-        sample().write(&path).unwrap(); // replaces
-        assert_eq!(WorkingSet::read(&path).unwrap(), sample());
+        sample().write(&path).expect("write the working set");
+        sample().write(&path).expect("write the working set"); // replaces
         assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
+            WorkingSet::read(&path).expect("read the working set"),
+            sample()
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("read_dir").count(),
             1,
             "no temp file left"
         );

@@ -259,9 +259,9 @@ mod tests {
     use std::io::Write;
 
     fn file_with(bytes: &[u8]) -> tempfile::NamedTempFile {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        f.write_all(bytes).unwrap();
-        f.flush().unwrap();
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(bytes).expect("write");
+        f.flush().expect("flush");
         f
     }
 
@@ -269,8 +269,8 @@ mod tests {
     fn snapshot_id_equal_files_equal_differing_sampled_page_differs() {
         let len = 1024 * PAGE as usize + 100; // partial last page
         let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
-        let a = SnapshotId::of_file(file_with(&data).as_file()).unwrap();
-        let b = SnapshotId::of_file(file_with(&data).as_file()).unwrap();
+        let a = SnapshotId::of_file(file_with(&data).as_file()).expect("fingerprint");
+        let b = SnapshotId::of_file(file_with(&data).as_file()).expect("fingerprint");
         assert_eq!(a, b);
         assert_eq!(a.len, len as u64);
         assert_eq!(a.short().len(), 16);
@@ -278,23 +278,24 @@ mod tests {
         // pages = 1025, step = 4: page 8 is sampled, page 9 is not.
         let mut sampled = data.clone();
         sampled[8 * PAGE as usize + 17] ^= 1;
-        let c = SnapshotId::of_file(file_with(&sampled).as_file()).unwrap();
+        let c = SnapshotId::of_file(file_with(&sampled).as_file()).expect("fingerprint");
         assert_ne!(a, c);
         let mut unsampled = data.clone();
         unsampled[9 * PAGE as usize + 17] ^= 1;
-        let d = SnapshotId::of_file(file_with(&unsampled).as_file()).unwrap();
+        let d = SnapshotId::of_file(file_with(&unsampled).as_file()).expect("fingerprint");
         assert_eq!(
             a, d,
             "a page between samples is not part of the fingerprint"
         );
 
-        let shorter = SnapshotId::of_file(file_with(&data[..len - 1]).as_file()).unwrap();
+        let shorter =
+            SnapshotId::of_file(file_with(&data[..len - 1]).as_file()).expect("fingerprint");
         assert_ne!(a, shorter);
     }
 
     #[test]
     fn snapshot_id_small_and_empty() {
-        let empty = SnapshotId::of_file(file_with(&[]).as_file()).unwrap();
+        let empty = SnapshotId::of_file(file_with(&[]).as_file()).expect("fingerprint");
         assert_eq!(empty.len, 0);
         let mut reads = 0;
         let small = SnapshotId::of_reader(3 * PAGE, |_, buf| {
@@ -302,7 +303,7 @@ mod tests {
             buf.fill(1);
             Ok(())
         })
-        .unwrap();
+        .expect("fingerprint");
         assert_eq!(reads, 3 * PAGE as usize);
         assert_ne!(empty, small);
         let failing = SnapshotId::of_reader(PAGE, |_, _| Err(std::io::ErrorKind::Other.into()));
@@ -316,7 +317,7 @@ mod tests {
             reads += buf.len();
             Ok(())
         })
-        .unwrap();
+        .expect("fingerprint");
         assert_eq!(reads, 1 << 20);
     }
 
@@ -332,7 +333,7 @@ mod tests {
             window_ms: 0,
             touches: vec![],
         };
-        ws.check_snapshot(&id).unwrap();
+        ws.check_snapshot(&id).expect("the same snapshot");
         let other = SnapshotId {
             len: 2 << 20,
             fingerprint: [2; 32],

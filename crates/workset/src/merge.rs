@@ -183,9 +183,9 @@ mod tests {
 
     #[test]
     fn merge_keeps_majority_pages_at_median_time() {
-        let merged = merge(&runs(), 2).unwrap();
+        let merged = merge(&runs(), 2).expect("merge");
         assert_eq!(merged.runs, 3);
-        merged.validate().unwrap();
+        merged.validate().expect("a valid set");
         // Pages 40, 41, 42 were seen in one run each: dropped.
         // 10: times 0, 300, 20 → median 20, earliest thread 1
         // 11: 100, 50, 500 → 100, earliest (50) thread 3
@@ -198,17 +198,17 @@ mod tests {
             .collect();
         assert_eq!(got, expect);
         // All of them with k = 1, in median-time order.
-        let all = merge(&runs(), 1).unwrap();
+        let all = merge(&runs(), 1).expect("merge");
         let order: Vec<u64> = all.touches.iter().map(|t| t.page).collect();
         assert_eq!(order, [10, 11, 12, 40, 41, 42]);
-        assert_eq!(merge(&runs(), 3).unwrap().pages(), 3);
+        assert_eq!(merge(&runs(), 3).expect("merge").pages(), 3);
     }
 
     #[test]
     fn merge_orders_by_median_then_page_and_takes_lower_median() {
         let a = rec(&[(5, 100, 1), (6, 100, 1)]);
         let b = rec(&[(6, 100, 2), (5, 300, 2)]);
-        let merged = merge(&[a, b], 2).unwrap();
+        let merged = merge(&[a, b], 2).expect("merge");
         // Even counts: lower median. 5: {100, 300} → 100; 6: {100, 100} → 100; ties by page.
         let got: Vec<_> = merged.touches.iter().map(|t| (t.page, t.t_us)).collect();
         assert_eq!(got, [(5, 100), (6, 100)]);
@@ -217,9 +217,9 @@ mod tests {
     #[test]
     fn merge_of_merges_sums_runs_and_seen() {
         let rs = runs();
-        let first_two = merge(&rs[..2], 1).unwrap();
+        let first_two = merge(&rs[..2], 1).expect("merge");
         assert_eq!(first_two.runs, 2);
-        let all = merge(&[first_two, rs[2].clone()], 2).unwrap();
+        let all = merge(&[first_two, rs[2].clone()], 2).expect("merge");
         assert_eq!(all.runs, 3);
         // The medians are over the inputs, not the runs inside them:
         // 10: {0, 20} → 0; 11: {50, 500} → 50; 12: {200, 10} → 10.
