@@ -27,6 +27,7 @@ use serde::Serialize;
 use uffd::Uffd;
 
 use crate::layout::PageState;
+use crate::persist::PageStateFile;
 use crate::region::{validate, Region, RegionError};
 use crate::session::{Faults, Recording, Served, Session, SessionConfig};
 use crate::source::PageSource;
@@ -43,6 +44,10 @@ pub enum EngineError {
     Os { what: &'static str, errno: Errno },
     #[error("the engine is shutting down")]
     Stopping,
+    #[error("the page-state file describes other regions than the session's")]
+    StateMismatch,
+    #[error("the page-state file no longer describes the memory (the peer unmapped or moved part of it)")]
+    LayoutChanged,
 }
 
 /// What a failed `pidfd_open` most likely means.
@@ -116,6 +121,14 @@ pub struct SessionSpec {
     /// The session also ends when this fd hangs up (a peer's socket).
     pub hangup: Option<OwnedFd>,
     pub config: SessionConfig,
+    /// Keep page states in this file (made with `regions`, or adopted from
+    /// an earlier server), so that the session can be handed on
+    /// (`persist.rs`).
+    pub state: Option<Arc<PageStateFile>>,
+    /// The session was served by an earlier process: wake every region once
+    /// it is served, since faults that process read and never served are not
+    /// sent again.
+    pub adopted: bool,
 }
 
 /// Why a session ended.
@@ -235,6 +248,16 @@ impl SessionHandle {
         self.entry.session.stats.snapshot()
     }
 
+    /// The session's name (as given in its spec).
+    pub fn name(&self) -> &str {
+        self.entry.session.name()
+    }
+
+    /// The watched process.
+    pub fn pid(&self) -> Option<u32> {
+        self.entry.pid
+    }
+
     /// The state of the page holding `addr`.
     pub fn page_state(&self, addr: u64) -> Option<PageState> {
         self.entry.session.page_state(addr)
@@ -334,6 +357,14 @@ impl Engine {
             return Err(EngineError::Stopping);
         }
         validate(&spec.regions, spec.source.len())?;
+        if let Some(f) = &spec.state {
+            if f.regions() != spec.regions.as_slice() {
+                return Err(EngineError::StateMismatch);
+            }
+            if f.layout_changed() {
+                return Err(EngineError::LayoutChanged);
+            }
+        }
         let pidfd = match spec.pid {
             Some(pid) => {
                 let p = rustix::process::Pid::from_raw(pid as i32).ok_or(EngineError::Pidfd {
@@ -355,8 +386,10 @@ impl Engine {
             &spec.regions,
             spec.source,
             spec.config,
+            spec.state,
         );
-        self.shared.insert(
+        let adopted = spec.adopted;
+        let handle = self.shared.insert(
             Arc::new(session),
             spec.pid,
             pidfd,
@@ -364,7 +397,11 @@ impl Engine {
             None,
             regions,
             bytes,
-        )
+        )?;
+        if adopted {
+            handle.entry.session.wake_all();
+        }
+        Ok(handle)
     }
 
     /// Ends a session now (its memory is no longer served).
@@ -384,6 +421,18 @@ impl Engine {
             .filter(|e| e.session.recording_open())
             .map(|e| e.session.end_recording())
             .count()
+    }
+
+    /// Every session being served now (for metrics).
+    pub fn sessions(&self) -> Vec<SessionHandle> {
+        self.shared.sessions.lock().map_or_else(
+            |_| Vec::new(),
+            |m| {
+                m.values()
+                    .map(|e| SessionHandle { entry: e.clone() })
+                    .collect()
+            },
+        )
     }
 
     /// Sessions being served.

@@ -6,10 +6,37 @@
 //! UNMAP and REMAP before anyone can issue another resolving ioctl (see
 //! `session.rs` for why that ordering is what keeps stale pages out).
 
-use std::ops::Range;
+use std::ops::{Deref, Range};
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
+use crate::persist::PageStateFile;
 use crate::region::Region;
+
+/// Where a region's page states live: the heap, or a page-state file that
+/// outlives the process (`persist.rs`).
+#[derive(Debug)]
+pub(crate) enum States {
+    Owned(Box<[AtomicU8]>),
+    /// Region `.1` of the file.
+    Shared(Arc<PageStateFile>, usize),
+}
+
+impl Deref for States {
+    type Target = [AtomicU8];
+    fn deref(&self) -> &[AtomicU8] {
+        match self {
+            States::Owned(b) => b,
+            States::Shared(f, i) => f.states(*i),
+        }
+    }
+}
+
+impl From<Box<[AtomicU8]>> for States {
+    fn from(b: Box<[AtomicU8]>) -> States {
+        States::Owned(b)
+    }
+}
 
 /// The state of one page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +76,7 @@ pub(crate) struct RegionState {
     /// Stable while the region exists (REMAP moves it without a new id).
     pub id: u64,
     pub region: Region,
-    states: Box<[AtomicU8]>,
+    states: States,
     /// Pages known from the source to be all zero (holes).
     known_zero: Box<[bool]>,
 }
@@ -78,11 +105,37 @@ impl RegionState {
         RegionState {
             id,
             region,
-            states: (0..n)
-                .map(|_| AtomicU8::new(PageState::Missing as u8))
-                .collect(),
+            states: States::Owned(
+                (0..n)
+                    .map(|_| AtomicU8::new(PageState::Missing as u8))
+                    .collect(),
+            ),
             known_zero,
         }
+    }
+
+    /// A region whose states live in region `index` of `file`, taken over
+    /// from an earlier server: in-flight claims are let go (see
+    /// `persist.rs`). Returns it and how many claims were let go.
+    fn adopted(
+        id: u64,
+        file: &Arc<PageStateFile>,
+        index: usize,
+        zero_ranges: &[Range<u64>],
+    ) -> (RegionState, u64) {
+        let region = file.regions()[index];
+        let mut r = RegionState::new(id, region, zero_ranges);
+        r.states = States::Shared(file.clone(), index);
+        let mut let_go = 0;
+        for p in 0..r.pages() {
+            match r.state(p) {
+                PageState::Claimed => r.set(p, PageState::Missing),
+                PageState::ClaimedDiscarded => r.set(p, PageState::Discarded),
+                _ => continue,
+            }
+            let_go += 1;
+        }
+        (r, let_go)
     }
 
     pub fn pages(&self) -> usize {
@@ -142,15 +195,17 @@ impl RegionState {
             })
             .collect();
         let known_zero = self.known_zero[page..].to_vec().into_boxed_slice();
-        self.states = self.states[..page]
-            .iter()
-            .map(|s| AtomicU8::new(s.load(Ordering::Acquire)))
-            .collect();
+        self.states = States::Owned(
+            self.states[..page]
+                .iter()
+                .map(|s| AtomicU8::new(s.load(Ordering::Acquire)))
+                .collect(),
+        );
         self.known_zero = self.known_zero[..page].to_vec().into_boxed_slice();
         RegionState {
             id,
             region: right,
-            states: states.into_boxed_slice(),
+            states: States::Owned(states.into_boxed_slice()),
             known_zero,
         }
     }
@@ -161,16 +216,18 @@ impl RegionState {
         RegionState {
             id: self.id,
             region: self.region,
-            states: (0..self.pages())
-                .map(|p| {
-                    let s = match self.state(p) {
-                        PageState::Claimed => PageState::Missing,
-                        PageState::ClaimedDiscarded => PageState::Discarded,
-                        other => other,
-                    };
-                    AtomicU8::new(s as u8)
-                })
-                .collect(),
+            states: States::Owned(
+                (0..self.pages())
+                    .map(|p| {
+                        let s = match self.state(p) {
+                            PageState::Claimed => PageState::Missing,
+                            PageState::ClaimedDiscarded => PageState::Discarded,
+                            other => other,
+                        };
+                        AtomicU8::new(s as u8)
+                    })
+                    .collect(),
+            ),
             known_zero: self.known_zero.clone(),
         }
     }
@@ -192,6 +249,22 @@ impl Layout {
         }
         l.regions.sort_by_key(|r| r.region.host_base);
         l
+    }
+
+    /// The layout of a session whose states live in `file` (new, or
+    /// adopted from an earlier server); also returns how many in-flight
+    /// claims were let go.
+    pub fn shared(file: &Arc<PageStateFile>, zero_ranges: &[Range<u64>]) -> (Layout, u64) {
+        let mut l = Layout::default();
+        let mut let_go = 0;
+        for i in 0..file.regions().len() {
+            let id = l.fresh_id();
+            let (r, n) = RegionState::adopted(id, file, i, zero_ranges);
+            l.regions.push(r);
+            let_go += n;
+        }
+        l.regions.sort_by_key(|r| r.region.host_base);
+        (l, let_go)
     }
 
     pub fn fork_copy(&self) -> Layout {

@@ -14,6 +14,7 @@
 
 mod engine;
 mod layout;
+pub mod persist;
 pub mod ratelimit;
 pub mod region;
 mod session;
@@ -25,13 +26,14 @@ pub use engine::{
     DEFAULT_NICE,
 };
 pub use layout::PageState;
+pub use persist::{PageStateFile, PersistError};
 pub use region::{PageSize, Region, RegionError};
 pub use session::{
     PrefetchSet, RecordConfig, RecordedTouch, Recording, Session, SessionConfig,
     DEFAULT_CLUSTER_PAGES,
 };
 pub use source::{Bytes, MemFile, PageSource, SourceError};
-pub use stats::{LatencySummary, StatsSnapshot};
+pub use stats::{LatencyBucket, LatencySummary, StatsSnapshot, ThreadBlocktime, Timeline};
 
 /// Entry points for `cargo fuzz` (`fuzz/`): the engine's handling of
 /// userfaultfd messages on a layout of regions, without a kernel.

@@ -65,6 +65,17 @@ impl MemFile {
             error,
         };
         let file = File::open(path).map_err(io)?;
+        Self::from_file(file, path)
+    }
+
+    /// A memory file already open (handed over by an earlier server, so
+    /// that its VMs keep the very bytes they started with); `path` is for
+    /// logs.
+    pub fn from_file(file: File, path: &Path) -> Result<MemFile, SourceError> {
+        let io = |error| SourceError::Io {
+            path: path.display().to_string(),
+            error,
+        };
         let meta = file.metadata().map_err(io)?;
         if !meta.is_file() {
             return Err(io(std::io::Error::new(
@@ -84,6 +95,11 @@ impl MemFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The open file (to hand over to a successor).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 }
 

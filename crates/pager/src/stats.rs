@@ -1,8 +1,9 @@
 //! Per-session statistics: counters, and a first-touch latency histogram.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -34,7 +35,68 @@ pub struct Stats {
     pub prefetch_sample_hits: AtomicU64,
     pub faults_outside_set: AtomicU64,
     pub prefetch_done_us: AtomicU64,
+    pub pages_readahead: AtomicU64,
+    /// Sum of first-touch latencies: how long the session's threads waited
+    /// on missing pages, from the fault being read to its page mapped.
+    pub blocktime_ns: AtomicU64,
     latency: Mutex<hdrhistogram::Histogram<u64>>,
+    /// Blocktime per faulting thread, when the kernel reports thread ids.
+    blocktime_by_thread: Mutex<HashMap<u32, u64>>,
+    timeline: Mutex<TimelineBuf>,
+}
+
+/// What mapped pages, for the timeline.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Cause {
+    /// A fault message (not a page).
+    Fault,
+    OnDemand,
+    FaultAround,
+    Readahead,
+    Background,
+    Prefetch,
+}
+
+/// Most buckets a timeline keeps: past it, neighbours merge and the bucket
+/// doubles, so a session of any length costs at most this much.
+const TIMELINE_BUCKETS: usize = 512;
+
+#[derive(Debug)]
+struct TimelineBuf {
+    started: Instant,
+    bucket_us: u64,
+    /// Per bucket: faults, on demand, fault-around, readahead, background,
+    /// prefetch.
+    counts: Vec<[u64; 6]>,
+}
+
+impl TimelineBuf {
+    fn add(&mut self, cause: Cause, n: u64) {
+        let us = self.started.elapsed().as_micros() as u64;
+        let mut i = (us / self.bucket_us) as usize;
+        while i >= TIMELINE_BUCKETS {
+            let merged: Vec<[u64; 6]> = self
+                .counts
+                .chunks(2)
+                .map(|c| {
+                    let mut m = c[0];
+                    if let Some(b) = c.get(1) {
+                        for k in 0..6 {
+                            m[k] += b[k];
+                        }
+                    }
+                    m
+                })
+                .collect();
+            self.counts = merged;
+            self.bucket_us *= 2;
+            i = (us / self.bucket_us) as usize;
+        }
+        if self.counts.len() <= i {
+            self.counts.resize(i + 1, [0; 6]);
+        }
+        self.counts[i][cause as usize] += n;
+    }
 }
 
 impl Default for Stats {
@@ -64,7 +126,17 @@ impl Default for Stats {
             prefetch_sample_hits: AtomicU64::new(0),
             faults_outside_set: AtomicU64::new(0),
             prefetch_done_us: AtomicU64::new(0),
+            pages_readahead: AtomicU64::new(0),
+            blocktime_ns: AtomicU64::new(0),
             latency: Mutex::new(latency_histogram()),
+            blocktime_by_thread: Mutex::new(HashMap::new()),
+            timeline: Mutex::new(TimelineBuf {
+                started: Instant::now(),
+                // 1 ms: a restore's first milliseconds are what matter; a
+                // long session's buckets grow as it goes.
+                bucket_us: 1000,
+                counts: Vec::with_capacity(TIMELINE_BUCKETS),
+            }),
         }
     }
 }
@@ -83,11 +155,27 @@ impl Stats {
         counter.fetch_add(n, Relaxed);
     }
 
-    /// Records the time from reading a fault to its page being mapped.
-    pub(crate) fn record_latency(&self, d: Duration) {
+    /// Records the time from reading a fault to its page being mapped, for
+    /// the faulting thread (0: unknown).
+    pub(crate) fn record_latency(&self, d: Duration, thread: u32) {
         let ns = (d.as_nanos() as u64).max(1);
+        self.blocktime_ns.fetch_add(ns, Relaxed);
         if let Ok(mut h) = self.latency.lock() {
             h.saturating_record(ns);
+        }
+        if thread != 0 {
+            if let Ok(mut m) = self.blocktime_by_thread.lock() {
+                // Bounded: a process has finitely many threads, and a
+                // session ends with its process.
+                *m.entry(thread).or_insert(0) += ns;
+            }
+        }
+    }
+
+    /// Counts `n` for `cause` in the timeline.
+    pub(crate) fn timeline(&self, cause: Cause, n: u64) {
+        if let Ok(mut t) = self.timeline.lock() {
+            t.add(cause, n);
         }
     }
 
@@ -107,6 +195,21 @@ impl Stats {
             .latency
             .lock()
             .map(|h| LatencySummary::of(&h))
+            .unwrap_or_default();
+        let mut by_thread: Vec<ThreadBlocktime> = self
+            .blocktime_by_thread
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(&tid, &ns)| ThreadBlocktime { tid, us: ns / 1000 })
+                    .collect()
+            })
+            .unwrap_or_default();
+        by_thread.sort_by_key(|t| t.tid);
+        let timeline = self
+            .timeline
+            .lock()
+            .map(|t| Timeline::of(&t))
             .unwrap_or_default();
         StatsSnapshot {
             faults: g(&self.faults),
@@ -139,9 +242,14 @@ impl Stats {
             prefetch_hits_est: None,
             prefetch_waste_est: None,
             pages_unasked: g(&self.pages_fault_around)
+                + g(&self.pages_readahead)
                 + g(&self.pages_background)
                 + g(&self.pages_prefetched),
+            pages_readahead: g(&self.pages_readahead),
+            blocktime_us: g(&self.blocktime_ns) / 1000,
+            blocktime_by_thread: by_thread,
             first_touch_latency: latency,
+            timeline,
         }
     }
 }
@@ -169,8 +277,10 @@ pub struct StatsSnapshot {
     pub bytes_copied: u64,
     /// Pages served because a thread faulted on them.
     pub pages_on_demand: u64,
-    /// Pages served around a fault (cluster).
+    /// Pages served around a fault (its fault-around block).
     pub pages_fault_around: u64,
+    /// Pages mapped ahead of a sequential stream.
+    pub pages_readahead: u64,
     /// Pages served by background population.
     pub pages_background: u64,
     /// Resolving ioctls retried after EAGAIN (queued events).
@@ -208,9 +318,72 @@ pub struct StatsSnapshot {
     /// readahead, background population and prefetch. What a guest may pay
     /// in memory for pages it never touches.
     pub pages_unasked: u64,
+    /// How long the session's threads waited on missing pages: the sum of
+    /// first-touch latencies (from the fault message being read to its page
+    /// mapped; the time before the read is not seen), as QEMU's post-copy
+    /// blocktime. Microseconds.
+    pub blocktime_us: u64,
+    /// The same per faulting thread, when the peer's userfaultfd reports
+    /// thread ids (UFFD_FEATURE_THREAD_ID; Firecracker's does not).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocktime_by_thread: Vec<ThreadBlocktime>,
     /// From reading a fault message to the faulting page being mapped.
     pub first_touch_latency: LatencySummary,
+    /// Faults and pages mapped over time, by cause.
+    pub timeline: Timeline,
 }
+
+/// Blocktime of one thread.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ThreadBlocktime {
+    pub tid: u32,
+    pub us: u64,
+}
+
+/// Faults and pages mapped per interval since the session started, by
+/// cause: bucket `i` covers `[i * bucket_ms, (i + 1) * bucket_ms)`. Buckets
+/// start at 1 ms and double (neighbours merged) whenever there would be
+/// more than 512, so a long session stays small.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Timeline {
+    pub bucket_ms: f64,
+    /// Fault messages read.
+    pub faults: Vec<u64>,
+    /// Pages mapped because a thread faulted on them.
+    pub on_demand: Vec<u64>,
+    pub fault_around: Vec<u64>,
+    pub readahead: Vec<u64>,
+    pub background: Vec<u64>,
+    pub prefetch: Vec<u64>,
+}
+
+impl Timeline {
+    fn of(t: &TimelineBuf) -> Timeline {
+        let col = |k: usize| t.counts.iter().map(|c| c[k]).collect();
+        Timeline {
+            bucket_ms: t.bucket_us as f64 / 1000.0,
+            faults: col(0),
+            on_demand: col(1),
+            fault_around: col(2),
+            readahead: col(3),
+            background: col(4),
+            prefetch: col(5),
+        }
+    }
+}
+
+/// One bucket of the latency distribution: `count` values in
+/// `(previous le_us, le_us]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LatencyBucket {
+    pub le_us: f64,
+    pub count: u64,
+}
+
+/// Buckets of powers of two: 1 µs .. 2^27 µs (134 s, above the histogram's
+/// 100 s ceiling).
+const LATENCY_BUCKETS: u32 = 28;
 
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -221,6 +394,32 @@ pub struct LatencySummary {
     pub p90_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
+    /// The whole distribution, non-cumulative, on power-of-two bounds (for
+    /// Prometheus and `pagewire report`).
+    #[serde(default)]
+    pub buckets: Vec<LatencyBucket>,
+}
+
+/// The histogram's counts on power-of-two microsecond bounds; each
+/// recorded value counted once (in the bucket of its highest equivalent
+/// value).
+fn log2_buckets(h: &hdrhistogram::Histogram<u64>) -> Vec<LatencyBucket> {
+    let mut counts = vec![0u64; LATENCY_BUCKETS as usize];
+    for v in h.iter_recorded() {
+        let ns = v.value_iterated_to();
+        let us = ns.div_ceil(1000).max(1);
+        // The smallest k with 2^k >= us.
+        let k = (64 - (us - 1).leading_zeros()).min(LATENCY_BUCKETS - 1);
+        counts[k as usize] += v.count_at_value();
+    }
+    counts
+        .into_iter()
+        .enumerate()
+        .map(|(k, count)| LatencyBucket {
+            le_us: (1u64 << k) as f64,
+            count,
+        })
+        .collect()
 }
 
 impl LatencySummary {
@@ -236,6 +435,7 @@ impl LatencySummary {
             p90_us: us(h.value_at_quantile(0.9)),
             p99_us: us(h.value_at_quantile(0.99)),
             max_us: us(h.max()),
+            buckets: log2_buckets(h),
         }
     }
 }

@@ -334,6 +334,8 @@ fn pid_that_does_not_exist_is_refused() {
             pid: Some(0x3fff_fff0),
             hangup: None,
             config: SessionConfig::default(),
+            state: None,
+            adopted: false,
         })
         .err()
         .expect("refused");

@@ -587,6 +587,8 @@ fn start_peer(engine: &Engine, spec: PeerSpec, config: SessionConfig) -> Running
             pid: Some(child.id()),
             hangup: Some(ours.into()),
             config: config.clone(),
+            state: None,
+            adopted: false,
         })
         .expect("session");
     Running {

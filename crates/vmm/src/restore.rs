@@ -285,6 +285,8 @@ pub fn restore(
                         prefetch: opts.prefetch.clone(),
                         ..SessionConfig::default()
                     },
+                    state: None,
+                    adopted: false,
                 })
                 .map_err(|e| Error::Engine(e.to_string()))?;
             tracing::debug!(at = ?started.elapsed(), "session added");

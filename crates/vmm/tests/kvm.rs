@@ -187,6 +187,8 @@ fn start_server(dir: &std::path::Path, mem: std::path::PathBuf) -> std::path::Pa
                 pid: None,
                 hangup: Some(stream.try_clone().expect("clone").into()),
                 config: pager::SessionConfig::default(),
+                state: None,
+                adopted: false,
             })
             .expect("session");
         let _ = tx.send(());

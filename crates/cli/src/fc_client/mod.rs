@@ -1536,6 +1536,8 @@ impl Embedded {
                     prefetch,
                     ..SessionConfig::default()
                 },
+                state: None,
+                adopted: false,
             })
             .context("adding the session to the embedded engine")?;
         debug!(threads = args.serve_threads(), "embedded engine serving");

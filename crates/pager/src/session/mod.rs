@@ -46,9 +46,10 @@ use rustix::io::Errno;
 use uffd::{CopyMode, Error as UffdError, Event, FaultFlags, Uffd};
 
 use crate::layout::{Layout, PageState, RegionState};
+use crate::persist::PageStateFile;
 use crate::region::{PageSize, Region};
 use crate::source::PageSource;
-use crate::stats::Stats;
+use crate::stats::{Cause, Stats};
 
 mod background;
 mod fault_around;
@@ -200,6 +201,8 @@ enum Origin {
 struct Ctx {
     origin: Origin,
     read_at: Option<Instant>,
+    /// The faulting thread (0: unknown).
+    thread: u32,
     /// Read and map the faulting page on its own, before the rest of its
     /// cluster is read: its thread waits for one page.
     fault_alone: bool,
@@ -214,6 +217,7 @@ impl Ctx {
         Ctx {
             origin,
             read_at: None,
+            thread: 0,
             fault_alone: false,
             quick_retries,
         }
@@ -265,6 +269,9 @@ pub struct Session {
     prefetch: Option<prefetch::Prefetch>,
     prefetch_added: AtomicBool,
     ended: AtomicBool,
+    /// Where page states live when the session may be handed to another
+    /// server (`persist.rs`); told when the layout stops matching it.
+    state_file: Option<Arc<PageStateFile>>,
     /// Userfaultfds of forked children, read but not yet taken by the engine.
     /// With each, when forks are served, the page state the child starts
     /// from: taken as the FORK event is read, under the write lock, when
@@ -380,9 +387,52 @@ impl Session {
         regions: &[Region],
         source: Arc<dyn PageSource>,
         config: SessionConfig,
+        state: Option<Arc<PageStateFile>>,
     ) -> Session {
-        let layout = Layout::new(regions, source.zero_ranges());
-        Self::with_layout(name, uffd, layout, source, config)
+        let (layout, let_go) = match &state {
+            Some(file) => Layout::shared(file, source.zero_ranges()),
+            None => (Layout::new(regions, source.zero_ranges()), 0),
+        };
+        if let_go > 0 {
+            tracing::info!(
+                session = %name,
+                pages = let_go,
+                "pages the previous server had claimed but may not have mapped are missing \
+                 again (a copy onto one that was mapped finds it there)"
+            );
+        }
+        let mut s = Self::with_layout(name, uffd, layout, source, config);
+        s.state_file = state;
+        s
+    }
+
+    /// UNMAP or REMAP: the page-state file no longer describes the memory.
+    fn layout_changes(&self) {
+        if let Some(f) = &self.state_file {
+            if !f.layout_changed() {
+                f.mark_layout_changed();
+                tracing::warn!(
+                    session = %self.name,
+                    "the peer unmapped or moved registered memory: this VM can no longer be \
+                     handed to another server process"
+                );
+            }
+        }
+    }
+
+    /// Wakes every thread waiting on a fault in any region: faults a
+    /// previous server read but never served are not sent again, so their
+    /// threads must fault anew (a thread whose page is there just goes on).
+    pub(crate) fn wake_all(&self) -> usize {
+        let layout = self.read_layout();
+        let mut failed = 0;
+        for r in &layout.regions {
+            if let Err(e) = self.uffd.wake(r.region.host_base, r.region.len as usize) {
+                failed += 1;
+                crate::limited!(warn, session = %self.name, "waking a region after a take-over: {e}");
+            }
+        }
+        layout.regions.len() - failed
     }
 
     /// A session for the child of a fork of this one, from the page state
@@ -438,6 +488,7 @@ impl Session {
             prefetch_added: AtomicBool::new(false),
             config,
             ended: AtomicBool::new(false),
+            state_file: None,
             forks: Mutex::new(Vec::new()),
             stream: Mutex::new(readahead::Stream::default()),
             ahead_added: AtomicBool::new(false),
@@ -535,10 +586,12 @@ impl Session {
                         }
                         Event::Unmap { start, end } => {
                             Stats::add(&self.stats.events_unmap, 1);
+                            self.layout_changes();
                             layout.unmap(start, end, &mut wake);
                             tracing::debug!(session = %self.name, start, end, "unmap");
                         }
                         Event::Remap { from, to, len } => {
+                            self.layout_changes();
                             Stats::add(&self.stats.events_remap, 1);
                             layout.remap(from, to, len, &mut wake);
                             tracing::debug!(session = %self.name, from, to, len, "remap");
@@ -742,6 +795,7 @@ impl Session {
     ) -> Served {
         if !fault.again {
             Stats::add(&self.stats.faults, 1);
+            self.stats.timeline(Cause::Fault, 1);
         }
         if fault.flags.intersects(FaultFlags::WP | FaultFlags::MINOR) {
             return self.serve_other_mode(fault);
@@ -958,6 +1012,7 @@ impl Session {
         let ctx = Ctx {
             origin: Origin::Fault,
             read_at: Some(fault.read_at),
+            thread: fault.thread,
             fault_alone: !sequential,
             quick_retries: if fault.again {
                 0
@@ -1270,7 +1325,7 @@ impl Session {
         fault_page: Option<usize>,
         first_only: bool,
     ) -> MapResult {
-        let (origin, read_at) = (ctx.origin, ctx.read_at);
+        let (origin, read_at, thread) = (ctx.origin, ctx.read_at, ctx.thread);
         let alone = if ctx.fault_alone { fault_page } else { None };
         let ps = r.region.page_size.bytes();
         let hugetlb = r.region.page_size == PageSize::Huge2M;
@@ -1371,19 +1426,40 @@ impl Session {
                 if n == 0 && Some(c.page) == fault_page {
                     on_demand = 1;
                     if let Some(t) = read_at {
-                        self.stats.record_latency(t.elapsed());
+                        self.stats.record_latency(t.elapsed(), thread);
                     }
                 }
             }
             let done = done_pages as u64;
-            match origin {
-                Origin::Background => Stats::add(&self.stats.pages_background, done),
-                Origin::Prefetch => Stats::add(&self.stats.pages_prefetched, done),
-                Origin::Readahead => Stats::add(&self.stats.pages_fault_around, done),
+            let cause = match origin {
+                Origin::Background => {
+                    Stats::add(&self.stats.pages_background, done);
+                    Cause::Background
+                }
+                Origin::Prefetch => {
+                    Stats::add(&self.stats.pages_prefetched, done);
+                    Cause::Prefetch
+                }
+                Origin::Readahead => {
+                    Stats::add(&self.stats.pages_readahead, done);
+                    Cause::Readahead
+                }
                 Origin::Fault => {
                     Stats::add(&self.stats.pages_on_demand, on_demand);
                     Stats::add(&self.stats.pages_fault_around, done - on_demand);
+                    if on_demand > 0 {
+                        self.stats.timeline(Cause::OnDemand, on_demand);
+                    }
+                    Cause::FaultAround
                 }
+            };
+            let pages_of_cause = if matches!(origin, Origin::Fault) {
+                done - on_demand
+            } else {
+                done
+            };
+            if pages_of_cause > 0 {
+                self.stats.timeline(cause, pages_of_cause);
             }
             // While recording, pages with data mapped with a fault are
             // those of a sequential stream, or (recording fast, not

@@ -145,6 +145,8 @@ pub fn spec(
         pid: None,
         hangup: None,
         config,
+        state: None,
+        adopted: false,
     }
 }
 

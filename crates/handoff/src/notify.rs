@@ -1,0 +1,85 @@
+//! systemd's notification protocol, both ways: telling the keeper (systemd
+//! or pagewire's supervisor) what to keep, and taking back what it kept.
+
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use sd_notify::NotifyState;
+
+use crate::{HandoffError, Named};
+
+/// Set by pagewire's supervisor for its child: the child cannot know its
+/// own pid before `exec`, so instead of `LISTEN_PID` it is told to take the
+/// descriptors as its own.
+pub const LISTEN_PID_SELF: &str = "PAGEWIRE_LISTEN_PID_SELF";
+
+/// The keeper of descriptors this process reports to (`NOTIFY_SOCKET`).
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    _private: (),
+}
+
+impl Notifier {
+    /// The keeper named by `NOTIFY_SOCKET`, if there is one.
+    pub fn from_env() -> Option<Notifier> {
+        std::env::var_os("NOTIFY_SOCKET").map(|_| Notifier { _private: () })
+    }
+
+    /// Asks the keeper to keep `fd` under `name` (a name may hold several).
+    pub fn store(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), HandoffError> {
+        sd_notify::notify_with_fds(
+            false,
+            &[NotifyState::FdStore, NotifyState::FdName(name)],
+            &[fd],
+        )
+        .map_err(HandoffError::io(format!("storing {name} with the keeper")))
+    }
+
+    /// Asks the keeper to close what it keeps under `name`.
+    pub fn remove(&self, name: &str) -> Result<(), HandoffError> {
+        sd_notify::notify(
+            false,
+            &[NotifyState::FdStoreRemove, NotifyState::FdName(name)],
+        )
+        .map_err(HandoffError::io(format!("removing {name} from the keeper")))
+    }
+
+    /// Start-up is complete (the keeper's restart is done).
+    pub fn ready(&self, status: &str) -> Result<(), HandoffError> {
+        sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status(status)])
+            .map_err(HandoffError::io("telling the keeper we are ready"))
+    }
+
+    /// A line for `systemctl status`.
+    pub fn status(&self, status: &str) -> Result<(), HandoffError> {
+        sd_notify::notify(false, &[NotifyState::Status(status)])
+            .map_err(HandoffError::io("sending status to the keeper"))
+    }
+}
+
+/// Descriptors handed to this process by systemd (socket activation and the
+/// fd store) or by pagewire's supervisor, with their names; close-on-exec,
+/// and the variables are removed so that children do not see them.
+pub fn inherited() -> Result<Vec<Named>, HandoffError> {
+    if std::env::var_os(LISTEN_PID_SELF).is_some() {
+        // Before any thread exists (called first thing in `serve`): the
+        // environment is not read concurrently.
+        std::env::set_var("LISTEN_PID", std::process::id().to_string());
+        std::env::remove_var(LISTEN_PID_SELF);
+    }
+    let fds = sd_notify::listen_fds_with_names(true)
+        .map_err(HandoffError::io("reading LISTEN_FDS/LISTEN_FDNAMES"))?;
+    let mut out = Vec::new();
+    for (raw, name) in fds {
+        // SAFETY: systemd's protocol hands this process descriptors
+        // 3..3+LISTEN_FDS, ours to own, each taken once here (the variables
+        // are unset, so no later call sees them again).
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        out.push(Named { name, fd });
+    }
+    Ok(out)
+}
+
+/// Borrows each descriptor of `named`.
+pub fn borrow_all(named: &[Named]) -> Vec<BorrowedFd<'_>> {
+    named.iter().map(|n| n.fd.as_fd()).collect()
+}

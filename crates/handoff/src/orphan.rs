@@ -1,0 +1,100 @@
+//! Failing closed: what happens to a VM no server serves.
+//!
+//! A VM whose page server is gone blocks on its next missing page, for
+//! ever, and nothing tells anyone (Firecracker's documentation says as
+//! much). Closing its userfaultfd is worse: the kernel then fills its
+//! missing memory with zeros, silently. So a VM left without a server is
+//! either killed (through a pidfd, so the signal cannot reach a process that
+//! reused its pid) or left waiting with a loud log line, as the operator
+//! chose. Its descriptors are never closed while it lives, except by
+//! dropping them, which leaves the VMM's own copy of the userfaultfd alive.
+
+use std::os::fd::AsFd;
+
+use crate::{hung_up, peer_pid, VmFds};
+
+/// What to do with a VM no server took back in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrphanAction {
+    /// Kill the VMM with SIGKILL through a pidfd (the default: a VM that
+    /// cannot be served is better dead than silently hung).
+    Kill,
+    /// Leave it waiting, and say so loudly.
+    Wait,
+}
+
+impl std::str::FromStr for OrphanAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kill" => Ok(OrphanAction::Kill),
+            "wait" => Ok(OrphanAction::Wait),
+            _ => Err(format!("unknown orphan action {s:?} (kill or wait)")),
+        }
+    }
+}
+
+/// What became of an orphan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The VMM had exited already.
+    Gone,
+    Killed(u32),
+    LeftWaiting(Option<u32>),
+    /// It could not be killed (why).
+    KillFailed(Option<u32>, String),
+}
+
+/// Applies `action` to the VM with these descriptors; `key` and `why` are
+/// for the log line.
+pub fn handle(key: &str, vm: &VmFds, action: OrphanAction, why: &str) -> Outcome {
+    let pid = vm.conn.as_ref().and_then(|c| peer_pid(c.as_fd()));
+    if vm.conn.as_ref().is_some_and(hung_up) {
+        tracing::info!(vm = key, pid, "orphaned VM had exited already");
+        return Outcome::Gone;
+    }
+    match action {
+        OrphanAction::Wait => {
+            tracing::error!(
+                vm = key,
+                pid,
+                "VM has no page server ({why}): it is left waiting (--orphan-action wait) and \
+                 will hang on its next missing page until a server takes it over or it is \
+                 killed"
+            );
+            Outcome::LeftWaiting(pid)
+        }
+        OrphanAction::Kill => {
+            let Some(pid) = pid else {
+                tracing::error!(
+                    vm = key,
+                    "VM has no page server ({why}) and its process is unknown (no connection): \
+                     it cannot be killed and will hang on its next missing page"
+                );
+                return Outcome::KillFailed(None, "process unknown".into());
+            };
+            match kill(pid) {
+                Ok(()) => {
+                    tracing::error!(
+                        vm = key,
+                        pid,
+                        "VM killed: no page server took it over ({why}); killed rather than \
+                         left to hang on its next missing page (--orphan-action)"
+                    );
+                    Outcome::Killed(pid)
+                }
+                Err(e) => {
+                    tracing::error!(vm = key, pid, "VM has no page server ({why}) and killing it failed: {e}");
+                    Outcome::KillFailed(Some(pid), e.to_string())
+                }
+            }
+        }
+    }
+}
+
+/// SIGKILL through a pidfd.
+pub fn kill(pid: u32) -> Result<(), rustix::io::Errno> {
+    let p = rustix::process::Pid::from_raw(pid as i32).ok_or(rustix::io::Errno::INVAL)?;
+    let fd = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())?;
+    rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL)
+}

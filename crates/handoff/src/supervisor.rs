@@ -1,0 +1,371 @@
+//! pagewire's own keeper of descriptors, for hosts without systemd (and
+//! under systemd, to fail closed: see below).
+//!
+//! The supervisor is the parent of the server. It speaks systemd's side of
+//! the notification protocol to its child: a datagram socket named by
+//! `NOTIFY_SOCKET` receives `FDSTORE=1`/`FDNAME=` (with descriptors),
+//! `FDSTOREREMOVE=1` and `READY=1`; a restarted child gets everything kept
+//! as `LISTEN_FDS`/`LISTEN_FDNAMES`. So the server has one code path for
+//! systemd and for this.
+//!
+//! - The child dies (crash, SIGKILL): it is started again at once (backing
+//!   off up to 5 s if it keeps dying), with every descriptor kept.
+//! - `SIGUSR2`: upgrade. The child is asked to stop (SIGTERM: a server that
+//!   has a keeper exits leaving its VMs to it) and started again from the
+//!   executable's path, which may hold a new binary by now.
+//! - `SIGHUP`, `SIGUSR1`: passed to the child (reload, end recordings).
+//! - `SIGTERM`, `SIGINT`: the child is stopped and the supervisor exits.
+//! - **Fail closed**: VMs kept while no child has said `READY=1` for the
+//!   orphan timeout (or left behind when the supervisor stops) are handled
+//!   as the operator chose ([`OrphanAction`]): killed through a pidfd by
+//!   default, never silently left hanging, their descriptors never closed
+//!   while they may live.
+//!
+//! Under systemd, run the supervisor as the service (`Type=notify`): it
+//! forwards `READY=1` and its store to systemd, so that even a restart of
+//! the supervisor keeps every VM.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::orphan::{self, OrphanAction};
+use crate::{msg, HandoffError, Inherited, Named, Notifier};
+
+/// How the supervisor runs its server.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The server's executable and arguments.
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    /// How long VMs may be without a ready server before `orphan_action`.
+    pub orphan_timeout: Duration,
+    pub orphan_action: OrphanAction,
+    /// Directory for the notification socket (made private to the owner).
+    pub runtime_dir: PathBuf,
+}
+
+/// What the supervisor keeps, in the order it was stored.
+#[derive(Default)]
+struct Store {
+    fds: Vec<Named>,
+    ready: bool,
+}
+
+impl Store {
+    fn put(&mut self, name: String, fd: OwnedFd) {
+        self.fds.retain(|n| n.name != name);
+        self.fds.push(Named { name, fd });
+    }
+    fn remove(&mut self, name: &str) {
+        self.fds.retain(|n| n.name != name);
+    }
+}
+
+enum Event {
+    Signal(i32),
+}
+
+/// Runs the server under supervision until SIGTERM/SIGINT; returns the
+/// exit status to use.
+pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffError> {
+    let upstream = Notifier::from_env();
+    // Descriptors a previous supervisor kept with systemd come back here.
+    let mut initial = crate::inherited()?;
+    std::fs::create_dir_all(&opts.runtime_dir)
+        .map_err(HandoffError::io(format!("creating {}", opts.runtime_dir.display())))?;
+    let dir = opts
+        .runtime_dir
+        .join(format!("pagewire-supervisor-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).map_err(HandoffError::io(format!("creating {}", dir.display())))?;
+    let _ = rustix::fs::chmod(&dir, rustix::fs::Mode::from_raw_mode(0o700));
+    let sock_path = dir.join("notify");
+    let sock = UnixDatagram::bind(&sock_path)
+        .map_err(HandoffError::io(format!("binding {}", sock_path.display())))?;
+    let store = Arc::new(Mutex::new(Store::default()));
+    {
+        let mut s = lock(&store);
+        for n in initial.drain(..) {
+            s.put(n.name, n.fd);
+        }
+        if !s.fds.is_empty() {
+            tracing::info!(fds = s.fds.len(), "supervisor: descriptors kept by systemd are back");
+        }
+    }
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    {
+        let store = store.clone();
+        let upstream = upstream.clone();
+        std::thread::Builder::new()
+            .name("pagewire-supervisor-notify".into())
+            .spawn(move || receive(&sock, &store, upstream.as_ref(), &ready_tx))
+            .map_err(HandoffError::io("spawning the notify thread"))?;
+    }
+    let _ = signals_events(&signals);
+    let mut backoff = Duration::from_millis(100);
+    let mut orphaned_since: Option<Instant> = None;
+    let mut stopping = false;
+    let mut child = spawn(opts, &sock_path, &store)?;
+    let mut started = Instant::now();
+    loop {
+        // Events: readiness, signals; and the child's exit.
+        while ready_rx.try_recv().is_ok() {
+            if orphaned_since.take().is_some() {
+                tracing::info!("supervisor: the server is back and serves every kept VM");
+            }
+            backoff = Duration::from_millis(100);
+        }
+        for Event::Signal(sig) in signals_events(&signals) {
+            use signal_hook::consts::*;
+            match sig {
+                SIGTERM | SIGINT => {
+                    tracing::info!(signal = sig, "supervisor: stopping the server and exiting");
+                    stopping = true;
+                    send_signal(&child, rustix::process::Signal::TERM);
+                }
+                SIGUSR2 => {
+                    tracing::info!("supervisor: SIGUSR2: restarting the server (upgrade)");
+                    send_signal(&child, rustix::process::Signal::TERM);
+                }
+                SIGHUP => send_signal(&child, rustix::process::Signal::HUP),
+                SIGUSR1 => send_signal(&child, rustix::process::Signal::USR1),
+                _ => {}
+            }
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                lock(&store).ready = false;
+                if stopping {
+                    let n = orphan_all(&store, opts.orphan_action, "the supervisor was stopped");
+                    if n > 0 {
+                        tracing::warn!(vms = n, "supervisor: VMs left without a server at exit");
+                    }
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Ok(status.code().unwrap_or(0));
+                }
+                tracing::warn!(
+                    %status,
+                    vms = vm_count(&store),
+                    "supervisor: the server exited; starting it again with every kept descriptor"
+                );
+                orphaned_since.get_or_insert_with(Instant::now);
+                if started.elapsed() < Duration::from_secs(1) {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                match spawn(opts, &sock_path, &store) {
+                    Ok(c) => {
+                        child = c;
+                        started = Instant::now();
+                    }
+                    Err(e) => {
+                        tracing::error!("supervisor: cannot start the server: {e}");
+                        std::thread::sleep(backoff);
+                        continue;
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!("supervisor: waiting for the server: {e}"),
+        }
+        if let Some(since) = orphaned_since {
+            if since.elapsed() >= opts.orphan_timeout {
+                let n = orphan_all(
+                    &store,
+                    opts.orphan_action,
+                    &format!(
+                        "no server was ready within the orphan timeout of {:?}",
+                        opts.orphan_timeout
+                    ),
+                );
+                if n > 0 {
+                    tracing::error!(vms = n, "supervisor: orphaned VMs handled");
+                }
+                orphaned_since = None;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn lock(s: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn signals_events(rx: &mpsc::Receiver<i32>) -> Vec<Event> {
+    rx.try_iter().map(Event::Signal).collect()
+}
+
+fn send_signal(child: &Child, sig: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+fn vm_count(store: &Mutex<Store>) -> usize {
+    lock(store)
+        .fds
+        .iter()
+        .filter(|n| n.name.ends_with(".uffd"))
+        .count()
+}
+
+/// Applies the orphan action to every kept VM and forgets them (their
+/// descriptors are dropped: the VMM keeps its own userfaultfd). Returns how
+/// many there were.
+fn orphan_all(store: &Mutex<Store>, action: OrphanAction, why: &str) -> usize {
+    let mut s = lock(store);
+    let fds = std::mem::take(&mut s.fds);
+    let sorted = Inherited::sort(fds);
+    let n = sorted.vms.len();
+    for (key, vm) in &sorted.vms {
+        orphan::handle(key, vm, action, why);
+    }
+    // Listeners and sources stay for the next server.
+    for (name, fd) in sorted.listeners {
+        s.put(format!("listen.{name}"), fd);
+    }
+    for (name, fd) in sorted.sources {
+        s.put(format!("source.{name}"), fd);
+    }
+    for o in sorted.other {
+        s.put(o.name, o.fd);
+    }
+    if action == OrphanAction::Wait {
+        // Left waiting: a server that comes back later may still take them;
+        // they were dropped from the store, so say so.
+        tracing::error!(
+            vms = n,
+            "orphaned VMs left waiting were dropped from the store: restart them by hand"
+        );
+    }
+    n
+}
+
+/// Starts the server with every kept descriptor as fds 3.. and
+/// `LISTEN_FDS`/`LISTEN_FDNAMES`.
+fn spawn(
+    opts: &Options,
+    sock_path: &std::path::Path,
+    store: &Mutex<Store>,
+) -> Result<Child, HandoffError> {
+    let s = lock(store);
+    let n = s.fds.len();
+    // Duplicates above the target range, close-on-exec, so that moving them
+    // to 3.. in the child cannot overwrite one not yet moved.
+    let floor = 3 + n as i32 + 16;
+    let mut high: Vec<OwnedFd> = Vec::with_capacity(n);
+    for named in &s.fds {
+        let d = rustix::io::fcntl_dupfd_cloexec(&named.fd, floor)
+            .map_err(HandoffError::errno("duplicating a kept descriptor"))?;
+        high.push(d);
+    }
+    let names: Vec<&str> = s.fds.iter().map(|n| n.name.as_str()).collect();
+    let mut cmd = Command::new(&opts.program);
+    cmd.args(&opts.args)
+        .env("NOTIFY_SOCKET", sock_path)
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_FDNAMES");
+    if n > 0 {
+        cmd.env("LISTEN_FDS", n.to_string())
+            .env("LISTEN_FDNAMES", names.join(":"))
+            .env(crate::notify::LISTEN_PID_SELF, "1");
+    }
+    let raws: Vec<i32> = high.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls dup2, which is async-signal-safe; it allocates nothing (`raws`
+    // was built before the fork and is only read).
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, &fd) in raws.iter().enumerate() {
+                if libc_dup2(fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(HandoffError::io(format!("starting {}", opts.program.display())))?;
+    drop(high);
+    tracing::info!(pid = child.id(), fds = n, "supervisor: server started");
+    Ok(child)
+}
+
+/// dup2 without a libc dependency (rustix's `dup2` needs owned targets).
+fn libc_dup2(from: i32, to: i32) -> i32 {
+    // SAFETY: plain syscall on integer descriptors; `from` is open (kept
+    // alive by the parent's `high` until after spawn), `to` may be anything.
+    unsafe {
+        let from = BorrowedFd::borrow_raw(from);
+        let mut to_fd = std::mem::ManuallyDrop::new(<OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(to));
+        match rustix::io::dup2(from, &mut to_fd) {
+            Ok(()) => 0,
+            Err(_) => -1,
+        }
+    }
+}
+
+/// Receives the child's notifications, keeps what it stores, forwards to
+/// systemd when there is one above.
+fn receive(
+    sock: &UnixDatagram,
+    store: &Mutex<Store>,
+    upstream: Option<&Notifier>,
+    ready: &mpsc::Sender<()>,
+) {
+    loop {
+        let (text, mut fds) = match msg::recv(sock.as_fd()) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!("supervisor: a notification could not be read: {e}");
+                continue;
+            }
+        };
+        let text = String::from_utf8_lossy(&text).into_owned();
+        let mut kv: BTreeMap<&str, &str> = BTreeMap::new();
+        for line in text.lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                kv.insert(k, v);
+            }
+        }
+        let name = kv.get("FDNAME").copied().unwrap_or("stored");
+        if kv.get("FDSTORE") == Some(&"1") {
+            for fd in fds.drain(..) {
+                if let Some(up) = upstream {
+                    if let Err(e) = up.store(name, fd.as_fd()) {
+                        tracing::warn!("supervisor: forwarding {name} to systemd: {e}");
+                    }
+                }
+                lock(store).put(name.to_string(), fd);
+            }
+        }
+        if kv.get("FDSTOREREMOVE") == Some(&"1") {
+            lock(store).remove(name);
+            if let Some(up) = upstream {
+                let _ = up.remove(name);
+            }
+        }
+        if kv.get("READY") == Some(&"1") {
+            lock(store).ready = true;
+            let _ = ready.send(());
+            if let Some(up) = upstream {
+                let _ = up.ready(kv.get("STATUS").copied().unwrap_or("serving"));
+            }
+        } else if let (Some(st), Some(up)) = (kv.get("STATUS"), upstream) {
+            let _ = up.status(st);
+        }
+        // Descriptors sent without FDSTORE=1 are not kept.
+        drop(fds);
+    }
+}
