@@ -16,6 +16,10 @@ mod ws;
 #[derive(Parser)]
 #[command(name = "pagewire", version, about)]
 struct Cli {
+    /// Log lines as `text` or as `json` objects (one a line, for log
+    /// shippers). PAGEWIRE_LOG sets the level filter.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"], env = "PAGEWIRE_LOG_FORMAT")]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,12 +46,55 @@ enum Command {
     /// Run the same work against several handlers and the physical
     /// baselines, and print a table.
     Bench(bench::BenchArgs),
+    /// Draw what restores did, from `serve --stats-json` lines: per VM,
+    /// pages mapped over time by cause and the fault-latency distribution.
+    Report(ReportArgs),
     /// Working sets: merge recordings, inspect one.
     #[command(subcommand)]
     Ws(ws::WsCommand),
     /// The minimal one-page-per-fault handler `bench` measures as the floor.
     #[command(name = "bench-floor", hide = true)]
     BenchFloor(bench::FloorArgs),
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// The statistics, one JSON line per VM (`serve --stats-json`).
+    stats: std::path::PathBuf,
+    /// The picture to write (SVG).
+    #[arg(short, long, default_value = "report.svg")]
+    output: std::path::PathBuf,
+    /// Most VMs drawn (the header counts all).
+    #[arg(long, default_value_t = 16)]
+    max_vms: usize,
+    /// Skip malformed lines instead of stopping at the first.
+    #[arg(long)]
+    skip_malformed: bool,
+}
+
+fn report(args: &ReportArgs) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let input = std::fs::read_to_string(&args.stats)
+        .with_context(|| format!("reading {}", args.stats.display()))?;
+    let opts = report::Options {
+        max_vms: args.max_vms,
+        skip_malformed: args.skip_malformed,
+        ..report::Options::default()
+    };
+    let summary = report::render_svg(&input, &args.output, &opts)
+        .with_context(|| format!("drawing {}", args.stats.display()))?;
+    println!(
+        "{}: {} VMs drawn of {}{}",
+        args.output.display(),
+        summary.drawn,
+        summary.sessions,
+        if summary.skipped_lines.is_empty() {
+            String::new()
+        } else {
+            format!(", {} malformed lines skipped", summary.skipped_lines.len())
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -58,14 +105,18 @@ fn main() -> ExitCode {
         Command::Demo(_) => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PAGEWIRE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PAGEWIRE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Vm(cmd) => vm::run(&cmd),
@@ -75,6 +126,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::BenchFloor(args) => bench::floor(&args),
         Command::Ws(cmd) => ws::run(&cmd),
+        Command::Report(args) => report(&args),
     };
     match result {
         Ok(code) => code,

@@ -112,6 +112,7 @@ pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffE
     let mut backoff = Duration::from_millis(100);
     let mut orphaned_since: Option<Instant> = None;
     let mut stopping = false;
+    let mut fast_deaths = 0u32;
     let mut child = spawn(opts, &sock_path, &store)?;
     let mut started = Instant::now();
     loop {
@@ -156,9 +157,16 @@ pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffE
                     "supervisor: the server exited; starting it again with every kept descriptor"
                 );
                 orphaned_since.get_or_insert_with(Instant::now);
+                // At once the first time: every VM waits meanwhile. A
+                // server that keeps dying right after its start backs off.
                 if started.elapsed() < Duration::from_secs(1) {
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    if fast_deaths > 0 {
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    fast_deaths += 1;
+                } else {
+                    fast_deaths = 0;
                 }
                 match spawn(opts, &sock_path, &store) {
                     Ok(c) => {
@@ -281,10 +289,16 @@ fn spawn(
     }
     let raws: Vec<i32> = high.iter().map(|f| f.as_raw_fd()).collect();
     // SAFETY: the closure runs in the child between fork and exec and only
-    // calls dup2, which is async-signal-safe; it allocates nothing (`raws`
-    // was built before the fork and is only read).
+    // makes system calls that are async-signal-safe (prctl, dup2); it
+    // allocates nothing (`raws` was built before the fork and is only read).
     unsafe {
         cmd.pre_exec(move || {
+            // The server dies with its supervisor: whoever restarts the
+            // supervisor (systemd, with the store it was forwarded) starts a
+            // new server, and two must never serve one VM.
+            rustix::process::set_parent_process_death_signal(Some(
+                rustix::process::Signal::KILL,
+            ))?;
             for (i, &fd) in raws.iter().enumerate() {
                 if libc_dup2(fd, 3 + i as i32) < 0 {
                     return Err(std::io::Error::last_os_error());

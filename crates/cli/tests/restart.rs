@@ -1,0 +1,383 @@
+//! `serve` in production: VMs served through a SIGKILL of the server and
+//! through a live take-over, with faults in flight at the switch, every
+//! byte checked; the orphan timeout; socket activation; two snapshots in
+//! one server; the metrics endpoint and the report picture.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::server::{client, mem_file, report, Server, BIN, MIB};
+
+/// The longest time one page access of the client waited.
+fn longest_stall_ms(r: &serde_json::Value) -> f64 {
+    r["waited_latency"]["max_us"].as_f64().unwrap_or(0.0) / 1000.0
+}
+
+/// A client touching every page of 256 MiB in random order, one page per
+/// fault (the server maps no more), so that it is mid-touch for seconds.
+fn slow_client(server: &Server, mem: &Path, extra: &[&str]) -> Child {
+    client(server, mem, &["--threads", "2", "--timeout-s", "60"])
+        .args(extra)
+        .spawn()
+        .expect("spawn client")
+}
+
+fn finish(c: Child, server: &Server) -> serde_json::Value {
+    let out = c.wait_with_output().expect("client");
+    let r = report(&out);
+    assert!(
+        out.status.success(),
+        "client failed: {r}\nstderr {}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    assert_eq!(r["mismatched_pages"], 0, "{r}");
+    assert_eq!(r["pages_verified"], r["pages_total"], "{r}");
+    r
+}
+
+/// The children of `pid` (the supervisor's server).
+fn children(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .arg("-P")
+        .arg(pid.to_string())
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+const ONE_PAGE: [&str; 3] = ["--fixed-cluster", "--cluster-pages", "1"];
+
+#[test]
+fn a_vm_is_served_through_a_sigkill_of_its_server() {
+    if !common::have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = mem_file(dir.path(), 256 * MIB);
+    let mut args = vec!["--supervise", "--orphan-timeout-s", "20"];
+    args.extend(ONE_PAGE);
+    let mut sup = Server::start(dir.path(), &mem, &args);
+    let c = slow_client(&sup, &mem, &["--balloon", "16M:8M"]);
+    sup.wait_log("session started");
+    std::thread::sleep(Duration::from_millis(300));
+    let first = wait_for("the supervised server", || {
+        children(sup.child.id()).first().copied()
+    });
+    // Threads of the client are blocked on pages right now.
+    Command::new("kill")
+        .args(["-9", &first.to_string()])
+        .status()
+        .expect("kill");
+    let r = finish(c, &sup);
+    let log = sup.log();
+    assert!(log.contains("VM served on"), "{log}");
+    assert!(log.contains("starting it again"), "{log}");
+    assert_eq!(r["balloon_pages_nonzero"], 0, "{r}");
+    eprintln!(
+        "served through SIGKILL: longest stall {:.1} ms, touch {:.0} ms",
+        longest_stall_ms(&r),
+        r["touch_ms"].as_f64().unwrap_or(0.0)
+    );
+    let _ = sup.child.kill();
+}
+
+#[test]
+fn a_vm_is_served_through_a_live_take_over() {
+    if !common::have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = mem_file(dir.path(), 256 * MIB);
+    let mut old = Server::start(dir.path(), &mem, &ONE_PAGE);
+    // The first VM is mid-touch at the switch; the second has released part
+    // of its memory before it (its discards must survive the hand-over).
+    let c = slow_client(&old, &mem, &[]);
+    old.wait_log("session started");
+    std::thread::sleep(Duration::from_millis(300));
+    let control = old.socket.with_extension("sock.control");
+    let new_log = dir.path().join("new.log");
+    let mut new = Command::new(BIN)
+        .arg("serve")
+        .arg("--socket")
+        .arg(&old.socket)
+        .arg("--mem-file")
+        .arg(&mem)
+        .args(ONE_PAGE)
+        .arg("--take-over")
+        .arg(&control)
+        .env("PAGEWIRE_LOG", "info")
+        .stderr(std::fs::File::create(&new_log).expect("log"))
+        .spawn()
+        .expect("spawn the successor");
+    let status = old.child.wait().expect("old server");
+    assert!(status.success(), "the old server exits after handing over: {status}");
+    let r = finish(c, &old);
+    let log = std::fs::read_to_string(&new_log).unwrap_or_default();
+    assert!(log.contains("VM served on"), "{log}");
+    eprintln!(
+        "served through a take-over: longest stall {:.1} ms",
+        longest_stall_ms(&r)
+    );
+    // The successor accepts new VMs on the same socket.
+    let out = client(&old, &mem, &["--balloon", "0:4M"])
+        .output()
+        .expect("client");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(report(&out)["mismatched_pages"], 0);
+    let _ = new.kill();
+    let _ = new.wait();
+}
+
+#[test]
+fn a_vm_no_server_takes_back_is_killed_after_the_orphan_timeout() {
+    if !common::have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = mem_file(dir.path(), 256 * MIB);
+    let mut args = vec!["--supervise", "--orphan-timeout-s", "1"];
+    args.extend(ONE_PAGE);
+    let mut sup = Server::start(dir.path(), &mem, &args);
+    let c = slow_client(&sup, &mem, &[]);
+    sup.wait_log("session started");
+    // The server cannot come back: its memory file is gone.
+    std::fs::rename(&mem, dir.path().join("moved")).expect("rename");
+    let first = wait_for("the supervised server", || {
+        children(sup.child.id()).first().copied()
+    });
+    Command::new("kill")
+        .args(["-9", &first.to_string()])
+        .status()
+        .expect("kill");
+    let started = Instant::now();
+    let out = c.wait_with_output().expect("client");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "the VMM is killed, not left hanging: {:?}\n{}",
+        out.status,
+        sup.log()
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    sup.wait_log("VM killed: no page server took it over");
+    let _ = sup.child.kill();
+}
+
+#[test]
+fn socket_activation_by_systemd_socket_activate() {
+    if !common::have_uffd() {
+        return;
+    }
+    if Command::new("systemd-socket-activate")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("systemd-socket-activate required (apt-get install systemd)");
+        }
+        eprintln!("SKIPPED: systemd-socket-activate is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = mem_file(dir.path(), 16 * MIB);
+    let socket = dir.path().join("activated.sock");
+    let log = dir.path().join("serve.log");
+    // The socket is systemd's: it exists before the server runs, and the
+    // server gets it as LISTEN_FDS=1 with LISTEN_FDNAMES.
+    let mut act = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&socket)
+        .arg("--fdname=listen.default")
+        .arg(BIN)
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.path().join("unused.sock"))
+        .arg("--mem-file")
+        .arg(&mem)
+        .env("PAGEWIRE_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("systemd-socket-activate");
+    wait_for("the activated socket", || socket.exists().then_some(()));
+    let out = Command::new(BIN)
+        .arg("fc-client")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--mem-file")
+        .arg(&mem)
+        .output()
+        .expect("client");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(out.status.success(), "{}\n{text}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(report(&out)["mismatched_pages"], 0);
+    assert!(
+        !dir.path().join("unused.sock").exists(),
+        "the activated socket was used, not a new one:\n{text}"
+    );
+    let _ = act.kill();
+    let _ = act.wait();
+}
+
+/// A second memory file, unlike the first.
+fn other_mem(dir: &Path, bytes: usize) -> std::path::PathBuf {
+    let p = dir.join("other.mem");
+    let data: Vec<u8> = (0..bytes).map(|i| (i * 7 + i / 4096) as u8).collect();
+    std::fs::write(&p, data).expect("write");
+    p
+}
+
+#[test]
+fn two_snapshots_are_served_by_one_server_to_two_vms_at_once() {
+    if !common::have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snaps = dir.path().join("snapshots");
+    std::fs::create_dir(&snaps).expect("mkdir");
+    let a = mem_file(dir.path(), 32 * MIB);
+    std::fs::rename(&a, snaps.join("alpha.mem")).expect("move");
+    let b = other_mem(dir.path(), 16 * MIB);
+    std::fs::rename(&b, snaps.join("beta.mem")).expect("move");
+    let socks = dir.path().join("sockets");
+    let log = dir.path().join("serve.log");
+    let metrics = free_port();
+    let stats = dir.path().join("stats.jsonl");
+    let mut server = Command::new(BIN)
+        .arg("serve")
+        .arg("--snapshot-dir")
+        .arg(&snaps)
+        .arg("--socket-dir")
+        .arg(&socks)
+        .arg("--metrics")
+        .arg(format!("127.0.0.1:{metrics}"))
+        .arg("--stats-json")
+        .arg(&stats)
+        .env("PAGEWIRE_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("serve");
+    let (sa, sb) = (socks.join("alpha.sock"), socks.join("beta.sock"));
+    wait_for("both sockets", || (sa.exists() && sb.exists()).then_some(()));
+    let run = |sock: &Path, mem: &Path, hold: &str| {
+        Command::new(BIN)
+            .arg("fc-client")
+            .arg("--socket")
+            .arg(sock)
+            .arg("--mem-file")
+            .arg(mem)
+            .args(["--hold-ms", hold])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("client")
+    };
+    let ca = run(&sa, &snaps.join("alpha.mem"), "1500");
+    let cb = run(&sb, &snaps.join("beta.mem"), "1500");
+    // Both VMs are alive now (they hold after verifying): scrape.
+    std::thread::sleep(Duration::from_millis(900));
+    let text = scrape(metrics);
+    let m = parse_metrics(&text);
+    let vms = m
+        .iter()
+        .filter(|(n, _, _)| n == "pagewire_vm_faults_total")
+        .collect::<Vec<_>>();
+    assert_eq!(vms.len(), 2, "two VMs in the metrics:\n{text}");
+    for (_, labels, v) in &vms {
+        assert!(*v > 0.0, "{labels} faulted");
+    }
+    assert!(vms.iter().any(|(_, l, _)| l.contains("snapshot=\"alpha\"")));
+    assert!(vms.iter().any(|(_, l, _)| l.contains("snapshot=\"beta\"")));
+    let count = m
+        .iter()
+        .find(|(n, l, _)| n == "pagewire_fault_latency_seconds_count" && l.is_empty())
+        .map(|x| x.2)
+        .expect("latency count");
+    let inf = m
+        .iter()
+        .find(|(n, l, _)| n == "pagewire_fault_latency_seconds_bucket" && l.contains("+Inf"))
+        .map(|x| x.2)
+        .expect("+Inf bucket");
+    assert_eq!(count, inf, "{text}");
+    for c in [ca, cb] {
+        let out = c.wait_with_output().expect("client");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(out.status.success(), "{}\n{text}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(report(&out)["mismatched_pages"], 0);
+    }
+    // The picture of what the two restores did.
+    wait_for("two stats lines", || {
+        let s = std::fs::read_to_string(&stats).unwrap_or_default();
+        (s.lines().count() >= 2).then_some(())
+    });
+    let svg = dir.path().join("report.svg");
+    let out = Command::new(BIN)
+        .arg("report")
+        .arg(&stats)
+        .arg("-o")
+        .arg(&svg)
+        .output()
+        .expect("report");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let picture = std::fs::read_to_string(&svg).expect("svg");
+    assert!(picture.contains("<svg") && picture.contains("alpha") && picture.contains("beta"));
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default()
+}
+
+/// Samples of the text format: (name, labels, value).
+fn parse_metrics(text: &str) -> Vec<(String, String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').expect("a sample line");
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n.to_string(), rest.trim_end_matches('}').to_string()),
+                None => (series.to_string(), String::new()),
+            };
+            let v = match value {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().unwrap_or_else(|_| panic!("value of {l:?}")),
+            };
+            (name, labels, v)
+        })
+        .collect()
+}
