@@ -1,5 +1,5 @@
-//! `pagewire bench`: the same work against several handlers in one run, with
-//! the physical baselines measured alongside.
+//! The same work against several page-fault handlers in one run, with the
+//! physical baselines measured alongside (`pagewire bench`).
 //!
 //! A memory file is generated (or given); then, for each handler, a client
 //! process (`pagewire fc-client`) performs Firecracker's handshake, touches
@@ -9,82 +9,66 @@
 //! - `floor`: `pagewire bench-floor`, one page per fault on one thread with
 //!   the file already in memory: the kernel mechanism with nothing added;
 //! - any `--handler-cmd 'CMD {socket} {mem_file}'`.
+//!
+//! [`run`] drives the `pagewire` binary named in [`Config::exe`] (its
+//! `serve`, `bench-floor` and `fc-client` commands) and returns the
+//! [`Report`]; [`Table`] prints it as the table. [`floor`] is the floor
+//! handler itself.
 
-use std::io::Write;
+use std::fmt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use serde::Serialize;
+use testbed::{bail, chain, ensure, Context as _, Error, Mapping, TempDir};
 
-#[derive(clap::Args, Debug)]
-pub struct BenchArgs {
+pub use testbed::Result;
+
+/// What to run: the `pagewire bench` flags, one field each (the binary
+/// fills it from them), and the binary to run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The `pagewire` binary whose `serve`, `bench-floor` and `fc-client`
+    /// run the handlers and the clients.
+    pub exe: PathBuf,
     /// Guest memory size (K, M, G suffixes).
-    #[arg(long, default_value = "256M", value_parser = crate::fc_client::parse_size_2m)]
     pub size: u64,
     /// Access pattern: seq, random, strided, hotset, trace:FILE.
-    #[arg(long, default_value = "seq")]
     pub pattern: String,
     /// Client threads touching memory at once.
-    #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Handlers to compare, comma separated: serve, embedded, floor, and
     /// serve-ws, embedded-ws (with a recorded working set, see --prefetch).
-    #[arg(long, value_delimiter = ',', default_value = "floor,serve,embedded")]
     pub handlers: Vec<String>,
     /// Another handler to compare: a shell command in which {socket} and
     /// {mem_file} are replaced; it must listen on {socket} and speak
     /// Firecracker's UFFD handshake. May be given several times.
-    #[arg(long)]
     pub handler_cmd: Vec<String>,
     /// Pages served around each fault by serve and embedded.
-    #[arg(long, default_value_t = pager::DEFAULT_CLUSTER_PAGES)]
     pub cluster_pages: usize,
     /// Background population in serve and embedded.
-    #[arg(long)]
     pub background: bool,
     /// Keep the fault-around window of serve and embedded at
     /// --cluster-pages instead of following the guest.
-    #[arg(long)]
     pub fixed_cluster: bool,
     /// serve and embedded prefetch this recorded working set (`.pwws`,
     /// recorded on the same memory file: give --mem-file, or the generated
     /// file of the same --size and --zero-every). Without it, the handlers
     /// `serve-ws` and `embedded-ws` prefetch a recording that `serve`
     /// makes of one untimed run of the same pattern first.
-    #[arg(long)]
     pub prefetch: Option<PathBuf>,
     /// Serving threads for serve and embedded.
-    #[arg(long, default_value_t = 2)]
     pub serve_threads: usize,
     /// Use this memory file instead of generating one.
-    #[arg(long)]
     pub mem_file: Option<PathBuf>,
     /// In the generated file, every Nth page is zero (0: none).
-    #[arg(long, default_value_t = 4)]
     pub zero_every: usize,
     /// Run every handler this many times, interleaved (round by round),
     /// and add a summary of medians: on a noisy machine one run's figures
     /// can be off by 2x, and ratios are only fair within a round.
-    #[arg(long, default_value_t = 1)]
     pub runs: usize,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// `pagewire bench-floor`: the minimal handler (hidden).
-#[derive(clap::Args, Debug)]
-pub struct FloorArgs {
-    #[arg(long)]
-    pub socket: PathBuf,
-    #[arg(long)]
-    pub mem_file: PathBuf,
-    /// Write `{faults, pages_copied}` here when the VM ends.
-    #[arg(long)]
-    pub stats_json: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -127,8 +111,10 @@ struct Row {
     mismatched_pages: u64,
 }
 
+/// A bench run: the settings, the baselines, every handler's rows and,
+/// with several runs, their medians.
 #[derive(Debug, Serialize)]
-struct Report {
+pub struct Report {
     size: u64,
     pattern: String,
     threads: usize,
@@ -220,15 +206,25 @@ fn summarize(rows: &[Row]) -> Vec<Summary> {
         .collect()
 }
 
-pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
-    let exe = std::env::current_exe().context("finding the pagewire binary")?;
+impl Report {
+    /// Every run of every handler succeeded and served the right bytes.
+    pub fn all_ok(&self) -> bool {
+        self.results.iter().all(|r| r.ok)
+    }
+}
+
+/// Generates the memory file (unless given), measures the baselines, and
+/// runs every handler `runs` times, round by round. A handler that fails
+/// makes a row with its error, not an error of the run.
+pub fn run(args: &Config) -> Result<Report> {
+    ensure!(args.runs >= 1, "--runs must be at least 1");
+    let exe = args.exe.clone();
     let dir = TempDir::new()?;
     let mem = match &args.mem_file {
         Some(p) => p.clone(),
         None => {
             let p = dir.path().join("mem");
-            generate(&p, args.size, args.zero_every)?;
+            testbed::generate(&p, args.size, args.zero_every)?;
             p
         }
     };
@@ -274,9 +270,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
                         ..r
                     })
                 }),
-                other => Err(anyhow::anyhow!(
+                other => Err(Error::Invalid(format!(
                     "unknown handler {other:?} (serve, embedded, floor, serve-ws, embedded-ws)"
-                )),
+                ))),
             };
             results.push(Row {
                 run,
@@ -292,7 +288,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             });
         }
     }
-    let all_ok = results.iter().all(|r| r.ok);
     let summary = if args.runs > 1 {
         summarize(&results)
     } else {
@@ -309,56 +304,54 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         results,
         summary,
     };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_table(&report);
-    }
-    Ok(if all_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(report)
 }
 
-fn failed(handler: &str, e: anyhow::Error) -> Row {
+fn failed(handler: &str, e: Error) -> Row {
     Row {
         handler: handler.to_string(),
-        error: Some(format!("{e:#}")),
+        error: Some(chain(&e)),
         ..Row::default()
     }
 }
 
-fn print_table(r: &Report) {
-    println!(
-        "pagewire bench: {} MiB, pattern {}, {} client thread(s), cluster {} pages{}",
-        r.size >> 20,
-        r.pattern,
-        r.threads,
-        r.cluster_pages,
-        if r.background { ", background" } else { "" }
-    );
-    println!(
-        "baselines: memcpy {:.2} GiB/s, kernel zero-fill faults {:.2} GiB/s, copy ceiling \
+/// A report as the table `pagewire bench` prints.
+pub struct Table<'a>(pub &'a Report);
+
+impl fmt::Display for Table<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.0;
+        writeln!(
+            f,
+            "pagewire bench: {} MiB, pattern {}, {} client thread(s), cluster {} pages{}",
+            r.size >> 20,
+            r.pattern,
+            r.threads,
+            r.cluster_pages,
+            if r.background { ", background" } else { "" }
+        )?;
+        writeln!(
+            f,
+            "baselines: memcpy {:.2} GiB/s, kernel zero-fill faults {:.2} GiB/s, copy ceiling \
          (UFFDIO_COPY of 1 MiB pieces, one thread) {:.2} GiB/s",
-        r.baselines.memcpy_gib_s, r.baselines.zero_fill_gib_s, r.baselines.uffd_copy_gib_s
-    );
-    if let Some(row) = r.results.iter().find(|x| x.ok) {
-        let ms = |gib_s: f64| row.touched_mib / 1024.0 / gib_s * 1000.0;
-        if r.baselines.uffd_copy_gib_s > 0.0 && r.baselines.uffd_copy_4k_gib_s > 0.0 {
-            println!(
-                "copy ceiling for the {:.1} MiB touched: {:.1} ms in 1 MiB pieces, {:.1} ms a \
+            r.baselines.memcpy_gib_s, r.baselines.zero_fill_gib_s, r.baselines.uffd_copy_gib_s
+        )?;
+        if let Some(row) = r.results.iter().find(|x| x.ok) {
+            let ms = |gib_s: f64| row.touched_mib / 1024.0 / gib_s * 1000.0;
+            if r.baselines.uffd_copy_gib_s > 0.0 && r.baselines.uffd_copy_4k_gib_s > 0.0 {
+                writeln!(
+                    f,
+                    "copy ceiling for the {:.1} MiB touched: {:.1} ms in 1 MiB pieces, {:.1} ms a \
                  4 KiB page at a time ({:.2} GiB/s)",
-                row.touched_mib,
-                ms(r.baselines.uffd_copy_gib_s),
-                ms(r.baselines.uffd_copy_4k_gib_s),
-                r.baselines.uffd_copy_4k_gib_s
-            );
+                    row.touched_mib,
+                    ms(r.baselines.uffd_copy_gib_s),
+                    ms(r.baselines.uffd_copy_4k_gib_s),
+                    r.baselines.uffd_copy_4k_gib_s
+                )?;
+            }
         }
-    }
-    let runs = r.runs > 1;
-    println!(
-        "{:<10}{} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>13}  verified",
+        let runs = r.runs > 1;
+        writeln!(f, "{:<10}{} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>13}  verified",
         "handler",
         if runs { " run" } else { "" },
         "wall ms",
@@ -373,20 +366,19 @@ fn print_table(r: &Report) {
         "zeroed",
         "cpu ms",
         "rss/touched"
-    );
-    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-    for row in &r.results {
-        let run = if runs {
-            format!(" {:>3}", row.run)
-        } else {
-            String::new()
-        };
-        if let Some(e) = &row.error {
-            println!("{:<10}{run} failed: {e}", row.handler);
-            continue;
-        }
-        println!(
-            "{:<10}{run} {:>9.1} {:>7.3} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>10.1} {:>8} {:>8} {:>8} {:>9} {:>13}  {}",
+    )?;
+        let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        for row in &r.results {
+            let run = if runs {
+                format!(" {:>3}", row.run)
+            } else {
+                String::new()
+            };
+            if let Some(e) = &row.error {
+                writeln!(f, "{:<10}{run} failed: {e}", row.handler)?;
+                continue;
+            }
+            writeln!(f, "{:<10}{run} {:>9.1} {:>7.3} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>10.1} {:>8} {:>8} {:>8} {:>9} {:>13}  {}",
             row.handler,
             row.wall_ms,
             row.gib_s,
@@ -409,76 +401,56 @@ fn print_table(r: &Report) {
             } else {
                 "NO"
             }
-        );
-    }
-    if !r.summary.is_empty() {
-        println!(
-            "\nmedians of {} runs (ratios within each round, then their median)",
-            r.runs
-        );
-        println!(
-            "{:<10} {:>4} {:>7} {:>15} {:>9} {:>10} {:>8} {:>17} {:>8}",
-            "handler",
-            "ok",
-            "GiB/s",
-            "GiB/s range",
-            "p99 us",
-            "wait p99",
-            "x floor",
-            "wait p99/floor p50",
-            "rss MiB"
-        );
-        let x = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
-        for s in &r.summary {
-            println!(
-                "{:<10} {:>4} {:>7.3} {:>15} {:>9.1} {:>10.1} {:>8} {:>17} {:>8}",
-                s.handler,
-                s.runs_ok,
-                s.gib_s_median,
-                format!("{:.3}-{:.3}", s.gib_s_min, s.gib_s_max),
-                s.p99_us_median,
-                s.waited_p99_us_median,
-                x(s.x_floor_median),
-                x(s.waited_p99_over_floor_p50_median),
-                s.resident_mib_median
-                    .map_or("-".to_string(), |v| format!("{v:.0}")),
-            );
+        )?;
         }
-        return;
-    }
-    if let (Some(f), Some(s)) = (
-        r.results.iter().find(|x| x.handler == "floor" && x.ok),
-        r.results.iter().find(|x| x.handler == "serve" && x.ok),
-    ) {
-        if f.gib_s > 0.0 {
-            println!("serve / floor throughput: {:.1}x", s.gib_s / f.gib_s);
+        if !r.summary.is_empty() {
+            writeln!(
+                f,
+                "\nmedians of {} runs (ratios within each round, then their median)",
+                r.runs
+            )?;
+            writeln!(
+                f,
+                "{:<10} {:>4} {:>7} {:>15} {:>9} {:>10} {:>8} {:>17} {:>8}",
+                "handler",
+                "ok",
+                "GiB/s",
+                "GiB/s range",
+                "p99 us",
+                "wait p99",
+                "x floor",
+                "wait p99/floor p50",
+                "rss MiB"
+            )?;
+            let x = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+            for s in &r.summary {
+                writeln!(
+                    f,
+                    "{:<10} {:>4} {:>7.3} {:>15} {:>9.1} {:>10.1} {:>8} {:>17} {:>8}",
+                    s.handler,
+                    s.runs_ok,
+                    s.gib_s_median,
+                    format!("{:.3}-{:.3}", s.gib_s_min, s.gib_s_max),
+                    s.p99_us_median,
+                    s.waited_p99_us_median,
+                    x(s.x_floor_median),
+                    x(s.waited_p99_over_floor_p50_median),
+                    s.resident_mib_median
+                        .map_or("-".to_string(), |v| format!("{v:.0}")),
+                )?;
+            }
+            return Ok(());
         }
-    }
-}
-
-/// Fills `path` with `size` bytes of pseudo-random pages, every
-/// `zero_every`th page zero.
-pub(crate) fn generate(path: &Path, size: u64, zero_every: usize) -> anyhow::Result<()> {
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-    );
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let mut page = vec![0u8; 4096];
-    for i in 0..size / 4096 {
-        if zero_every > 0 && i as usize % zero_every == zero_every - 1 {
-            page.fill(0);
-        } else {
-            for w in page.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_ne_bytes());
+        if let (Some(fl), Some(s)) = (
+            r.results.iter().find(|x| x.handler == "floor" && x.ok),
+            r.results.iter().find(|x| x.handler == "serve" && x.ok),
+        ) {
+            if fl.gib_s > 0.0 {
+                writeln!(f, "serve / floor throughput: {:.1}x", s.gib_s / fl.gib_s)?;
             }
         }
-        f.write_all(&page)?;
+        Ok(())
     }
-    f.flush()?;
-    Ok(())
 }
 
 fn memcpy_gib_s(size: usize) -> f64 {
@@ -498,10 +470,10 @@ fn memcpy_gib_s(size: usize) -> f64 {
 /// The copy ceiling: one thread mapping `size` bytes of registered memory
 /// with UFFDIO_COPY in pieces of `piece` bytes, nothing else (no faults, no
 /// reads).
-fn uffd_copy_gib_s(size: usize, piece: usize) -> anyhow::Result<f64> {
+fn uffd_copy_gib_s(size: usize, piece: usize) -> Result<f64> {
     const PIECE: usize = 1 << 20;
     let piece = piece.clamp(4096, PIECE);
-    let mem = crate::check::Mapping::new(size)?;
+    let mem = Mapping::new(size)?;
     let uffd = uffd::Uffd::open().context("opening a userfaultfd for the copy ceiling")?;
     uffd.api(uffd::Features::empty())
         .context("UFFDIO_API for the copy ceiling")?;
@@ -542,12 +514,12 @@ fn external(
     exe: &Path,
     dir: &Path,
     mem: &Path,
-    args: &BenchArgs,
+    args: &Config,
     name: &str,
     cmd: Option<&String>,
     prefetch: Option<&Path>,
     record: Option<&Path>,
-) -> anyhow::Result<Row> {
+) -> Result<Row> {
     let socket = dir.join(format!("{name}.sock"));
     let stats = dir.join(format!("{name}.stats"));
     let _ = std::fs::remove_file(&socket);
@@ -599,7 +571,7 @@ fn external(
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting handler {name}"))?;
-    wait_listening(&mut child, &socket, name)?;
+    testbed::wait_listening(&mut child, &socket, name)?;
     let client = client_command(exe, mem, args)
         .arg("--socket")
         .arg(&socket)
@@ -634,20 +606,15 @@ fn external(
 
 /// One untimed run of the pattern through `serve --record`: the working
 /// set the `-ws` handlers prefetch.
-fn record_set(exe: &Path, dir: &Path, mem: &Path, args: &BenchArgs) -> anyhow::Result<PathBuf> {
+fn record_set(exe: &Path, dir: &Path, mem: &Path, args: &Config) -> Result<PathBuf> {
     let rec = dir.join("recorded");
     let _ = std::fs::remove_dir_all(&rec);
     let row = external(exe, dir, mem, args, "serve", None, None, Some(&rec))?;
-    anyhow::ensure!(row.ok, "the recording run failed: {:?}", row.error);
-    crate::sets::find_recording(&rec)
+    ensure!(row.ok, "the recording run failed: {:?}", row.error);
+    testbed::find_recording(&rec)
 }
 
-fn embedded(
-    exe: &Path,
-    mem: &Path,
-    args: &BenchArgs,
-    prefetch: Option<&Path>,
-) -> anyhow::Result<Row> {
+fn embedded(exe: &Path, mem: &Path, args: &Config, prefetch: Option<&Path>) -> Result<Row> {
     let mut c = client_command(exe, mem, args);
     c.arg("--embedded")
         .arg("--serve-threads")
@@ -667,7 +634,7 @@ fn embedded(
 }
 
 /// The engine's tuning, for `serve` and the embedded client alike.
-fn engine_flags(c: &mut Command, args: &BenchArgs, prefetch: Option<&Path>) {
+fn engine_flags(c: &mut Command, args: &Config, prefetch: Option<&Path>) {
     if args.background {
         c.arg("--background");
     }
@@ -679,7 +646,7 @@ fn engine_flags(c: &mut Command, args: &BenchArgs, prefetch: Option<&Path>) {
     }
 }
 
-fn client_command(exe: &Path, mem: &Path, args: &BenchArgs) -> Command {
+fn client_command(exe: &Path, mem: &Path, args: &Config) -> Command {
     let mut c = Command::new(exe);
     c.arg("fc-client")
         .arg("--mem-file")
@@ -692,7 +659,7 @@ fn client_command(exe: &Path, mem: &Path, args: &BenchArgs) -> Command {
     c
 }
 
-fn row_from_client(name: &str, out: &std::process::Output) -> anyhow::Result<Row> {
+fn row_from_client(name: &str, out: &std::process::Output) -> Result<Row> {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "the client's report is not JSON (exit {}): {}",
@@ -723,26 +690,6 @@ fn row_from_client(name: &str, out: &std::process::Output) -> anyhow::Result<Row
     })
 }
 
-/// Waits until a handler started as `child` creates `socket` (20 s at
-/// most); fails early if it exits first, and kills it on timeout.
-pub(crate) fn wait_listening(child: &mut Child, socket: &Path, name: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            bail!("handler {name} exited before listening ({status})");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!(
-                "handler {name} did not listen on {} within 20 s",
-                socket.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
 /// Waits for a handler to exit (killing it after `limit`) and returns the
 /// CPU time it used, user + system, from wait4's rusage.
 fn wait_cpu_ms(child: &mut Child, limit: Duration) -> Option<f64> {
@@ -768,42 +715,22 @@ fn wait_cpu_ms(child: &mut Child, limit: Duration) -> Option<f64> {
     }
 }
 
-/// A temporary directory removed on drop.
-pub(crate) struct TempDir(PathBuf);
-
-impl TempDir {
-    pub(crate) fn new() -> anyhow::Result<TempDir> {
-        TempDir::named("bench")
-    }
-
-    pub(crate) fn named(what: &str) -> anyhow::Result<TempDir> {
-        let p = std::env::temp_dir().join(format!("pagewire-{what}.{}", std::process::id()));
-        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
-        Ok(TempDir(p))
-    }
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The floor: one connection, one thread, one page per fault, the file
-/// already in memory. Exits when the VM hangs up.
-pub fn floor(args: &FloorArgs) -> anyhow::Result<ExitCode> {
-    let data = std::fs::read(&args.mem_file)
-        .with_context(|| format!("reading {}", args.mem_file.display()))?;
-    let listener: UnixListener = crate::serve::bind(&args.socket)?;
+/// The floor (`pagewire bench-floor`): one connection on `listener`
+/// (bound at `socket`, removed once connected), one thread, one page per
+/// fault, the memory file already in memory as `data`. Returns when the VM
+/// hangs up, after writing `{faults, pages_copied}` to `stats_json`.
+pub fn floor(
+    data: &[u8],
+    listener: UnixListener,
+    socket: &Path,
+    stats_json: Option<&Path>,
+) -> Result<()> {
     let (stream, _) = listener.accept().context("accept")?;
     let (fc, uffd) = wire::firecracker::read_handshake(&stream, Duration::from_secs(5), 1 << 20)
-        .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
+        .map_err(|e| Error::Failed(format!("handshake: {e}")))?;
     let regions = wire::firecracker::to_regions(&fc, data.len() as u64, usize::MAX)
-        .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
-    let _ = std::fs::remove_file(&args.socket);
+        .map_err(|e| Error::Failed(format!("handshake: {e}")))?;
+    let _ = std::fs::remove_file(socket);
     let mut faults = 0u64;
     let mut copied = 0u64;
     let mut events = Vec::with_capacity(uffd::MAX_BATCH);
@@ -853,12 +780,12 @@ pub fn floor(args: &FloorArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    if let Some(p) = &args.stats_json {
+    if let Some(p) = stats_json {
         std::fs::write(
             p,
             format!("{{\"faults\":{faults},\"pages_copied\":{copied}}}\n"),
         )
         .with_context(|| format!("writing {}", p.display()))?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

@@ -1,5 +1,7 @@
-//! `pagewire check`: report the kernel's userfaultfd features and test, live,
-//! which ways of touching userfaultfd-registered memory reach a handler.
+//! Probes of a host's userfaultfd (`pagewire check`): the kernel's
+//! features, and a live test of which ways of touching userfaultfd-registered
+//! memory reach a handler. A VMM can call [`collect`] to check a host before
+//! it relies on lazy restore.
 //!
 //! For each access path a fresh userfaultfd (not user-mode-only) covers a few
 //! pages of anonymous private memory in MISSING mode. A handler thread reads
@@ -14,23 +16,17 @@ use std::io::Write as _;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
 use serde::Serialize;
+use testbed::{bail, chain, Context as _, Mapping};
 use tracing::debug;
 use uffd::{CopyMode, Event, Features, Ioctls, RegisterMode, Uffd};
 
-#[derive(clap::Args)]
-pub struct CheckArgs {
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
+pub use testbed::{Error, Result};
 
 /// How long an access may take before it is reported as hung.
 const ACCESS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,26 +48,13 @@ const KVM_UFFD_GPA: u64 = 0x1_0000;
 /// Offset inside the registered slot that the guest loads a word from.
 const KVM_LOAD_OFFSET: usize = 0x1234;
 
-pub fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
-    let report = collect()?;
-    if args.json {
-        let text = serde_json::to_string_pretty(&report).context("serialising the report")?;
-        println!("{text}");
-    } else {
-        print!("{}", Human(&report));
-    }
-    Ok(if report.all_required_as_expected {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
-}
-
 // ---------------------------------------------------------------------------
 // Report
 
+/// What [`collect`] found. `Serialize` gives the JSON of `pagewire check
+/// --json`; [`Human`] the text.
 #[derive(Serialize)]
-struct Report {
+pub struct Report {
     /// Kernel release (`uname -r`).
     kernel: String,
     features: Vec<FlagRow>,
@@ -85,7 +68,8 @@ struct Report {
     range_ioctls_bits: String,
     open_paths: OpenPaths,
     paths: Vec<PathRow>,
-    all_required_as_expected: bool,
+    /// Every required path behaved as expected: lazy restore works here.
+    pub all_required_as_expected: bool,
 }
 
 #[derive(Serialize)]
@@ -111,7 +95,7 @@ struct OpenResult {
 }
 
 impl OpenResult {
-    fn from_result(r: anyhow::Result<String>) -> Self {
+    fn from_result(r: Result<String>) -> Self {
         match r {
             Ok(detail) => OpenResult {
                 works: true,
@@ -119,7 +103,7 @@ impl OpenResult {
             },
             Err(e) => OpenResult {
                 works: false,
-                detail: format!("{e:#}"),
+                detail: chain(&e),
             },
         }
     }
@@ -189,7 +173,9 @@ enum Expect {
 // ---------------------------------------------------------------------------
 // Collection
 
-fn collect() -> anyhow::Result<Report> {
+/// Reports the kernel's userfaultfd features and runs every access path
+/// (about a second; a path that hangs costs its timeout, 5 s).
+pub fn collect() -> Result<Report> {
     let page = rustix::param::page_size();
     if page != DIO_ALIGN {
         bail!("pagewire check assumes 4 KiB pages; this system uses {page}-byte pages");
@@ -219,8 +205,8 @@ fn collect() -> anyhow::Result<Report> {
     let (range_ioctls, range_ioctls_bits) = match range_ioctls_probe() {
         Ok(i) => (ioctl_rows(i), format!("{:#x}", i.bits())),
         Err(e) => {
-            debug!(error = %format!("{e:#}"), "range ioctl probe failed");
-            (Vec::new(), format!("unknown: {e:#}"))
+            debug!(error = %chain(&e), "range ioctl probe failed");
+            (Vec::new(), format!("unknown: {}", chain(&e)))
         }
     };
 
@@ -357,19 +343,19 @@ fn flag_rows<F: bitflags::Flags<Bits = u64>>(offered: F) -> Vec<FlagRow> {
 
 /// The ioctls the kernel allows on one page of anonymous private memory
 /// registered in MISSING mode.
-fn range_ioctls_probe() -> anyhow::Result<Ioctls> {
+fn range_ioctls_probe() -> Result<Ioctls> {
     let uffd = Uffd::open().context("creating a userfaultfd")?;
     uffd.api(Features::empty()).context("UFFDIO_API")?;
     let mem = Mapping::new(DIO_ALIGN)?;
     let ioctls = uffd
-        .register(mem.addr(), mem.len, RegisterMode::MISSING)
+        .register(mem.addr(), mem.len(), RegisterMode::MISSING)
         .context("UFFDIO_REGISTER (MISSING)")?;
     drop(uffd);
     Ok(ioctls)
 }
 
 /// Checks that a freshly created userfaultfd completes the API handshake.
-fn handshake(fd: OwnedFd) -> anyhow::Result<String> {
+fn handshake(fd: OwnedFd) -> Result<String> {
     let uffd = Uffd::from_fd(fd);
     let info = uffd
         .api(Features::empty())
@@ -380,7 +366,7 @@ fn handshake(fd: OwnedFd) -> anyhow::Result<String> {
     ))
 }
 
-fn open_via_device() -> anyhow::Result<String> {
+fn open_via_device() -> Result<String> {
     let dev = OpenOptions::new()
         .read(true)
         .write(true)
@@ -399,7 +385,7 @@ fn open_via_device() -> anyhow::Result<String> {
     handshake(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn open_via_syscall() -> anyhow::Result<String> {
+fn open_via_syscall() -> Result<String> {
     let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
     // SAFETY: userfaultfd(2) takes only flags and touches no memory of ours.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
@@ -414,73 +400,6 @@ fn open_via_syscall() -> anyhow::Result<String> {
 
 // ---------------------------------------------------------------------------
 // Memory, pattern and handler
-
-/// An anonymous private mapping, unmapped on drop. Shared with `Arc` so that
-/// a hung access keeps it alive instead of faulting on freed memory.
-pub(crate) struct Mapping {
-    addr: usize,
-    len: usize,
-}
-
-impl Mapping {
-    pub(crate) fn new(len: usize) -> anyhow::Result<Mapping> {
-        use rustix::mm::{MapFlags, ProtFlags};
-        // SAFETY: a fresh anonymous mapping at an address the kernel picks
-        // overlaps nothing that exists.
-        let ptr = unsafe {
-            rustix::mm::mmap_anonymous(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE,
-            )
-        }
-        .with_context(|| format!("mmap of {len} bytes of anonymous memory"))?;
-        Ok(Mapping {
-            addr: ptr as usize,
-            len,
-        })
-    }
-
-    pub(crate) fn addr(&self) -> u64 {
-        self.addr as u64
-    }
-
-    fn ptr(&self) -> *mut u8 {
-        self.addr as *mut u8
-    }
-
-    /// Copies `out.len()` bytes at `offset` out of the mapping (faulting in
-    /// missing pages as an ordinary thread load).
-    fn read(&self, offset: usize, out: &mut [u8]) {
-        assert!(offset <= self.len && out.len() <= self.len - offset);
-        // SAFETY: the range is inside the mapping, which lives as long as
-        // `self`; `out` is a distinct, writable buffer. Nothing in this
-        // program holds a Rust reference into the mapping; the kernel may
-        // populate pages concurrently, but only atomically (UFFDIO_COPY).
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr().add(offset), out.as_mut_ptr(), out.len())
-        }
-    }
-
-    /// Copies `data` into the mapping at `offset`.
-    fn write(&self, offset: usize, data: &[u8]) {
-        assert!(offset <= self.len && data.len() <= self.len - offset);
-        // SAFETY: the range is inside the mapping, which lives as long as
-        // `self`; nothing else reads or writes it while this runs.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr().add(offset), data.len()) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created by `Mapping::new` with this length
-        // and no reference into it outlives `self`.
-        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr().cast(), self.len) } {
-            debug!(error = %e, "munmap failed");
-        }
-    }
-}
 
 /// The byte at `offset` of page `page` in the pattern with `seed`: never
 /// zero, different from page to page.
@@ -504,7 +423,7 @@ struct Handler {
 }
 
 impl Handler {
-    fn spawn(uffd: Arc<Uffd>, base: u64, len: usize) -> anyhow::Result<Handler> {
+    fn spawn(uffd: Arc<Uffd>, base: u64, len: usize) -> Result<Handler> {
         let stop = Arc::new(AtomicBool::new(false));
         let faults = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
@@ -622,19 +541,19 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new(pages: usize) -> anyhow::Result<Fixture> {
+    fn new(pages: usize) -> Result<Fixture> {
         let uffd = Uffd::open().context("creating a userfaultfd")?;
         uffd.api(Features::empty()).context("UFFDIO_API")?;
         let mem = Mapping::new(pages * DIO_ALIGN)?;
-        uffd.register(mem.addr(), mem.len, RegisterMode::MISSING)
+        uffd.register(mem.addr(), mem.len(), RegisterMode::MISSING)
             .context("UFFDIO_REGISTER (MISSING)")?;
         debug!(
             base = format_args!("{:#x}", mem.addr()),
-            len = mem.len,
+            len = mem.len(),
             "registered"
         );
         let uffd = Arc::new(uffd);
-        let handler = Handler::spawn(uffd.clone(), mem.addr(), mem.len)?;
+        let handler = Handler::spawn(uffd.clone(), mem.addr(), mem.len())?;
         Ok(Fixture {
             uffd,
             mem: Arc::new(mem),
@@ -781,7 +700,7 @@ fn with_timeout<T: Send + 'static>(
     name: &str,
     timeout: Duration,
     f: impl FnOnce() -> T + Send + 'static,
-) -> anyhow::Result<Option<T>> {
+) -> Result<Option<T>> {
     let (tx, rx) = mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name(format!("access-{name}"))
@@ -801,11 +720,11 @@ fn with_timeout<T: Send + 'static>(
 // The access paths
 
 fn access_thread(mem: &Mapping) -> Access {
-    let mut buf = vec![0u8; mem.len];
+    let mut buf = vec![0u8; mem.len()];
     mem.read(0, &mut buf);
     Access::compare(
         &buf,
-        &pattern(UFFD_SEED, 0, mem.len),
+        &pattern(UFFD_SEED, 0, mem.len()),
         "loaded match the served pattern",
     )
 }
@@ -861,7 +780,7 @@ impl Drop for ScratchFile {
 
 /// `pread(2)` into the mapping at `offset`.
 fn pread_into(file: &File, mem: &Mapping, offset: usize, len: usize) -> std::io::Result<usize> {
-    assert!(offset <= mem.len && len <= mem.len - offset);
+    assert!(offset <= mem.len() && len <= mem.len() - offset);
     // SAFETY: the kernel writes at most `len` bytes inside the mapping, which
     // `mem` keeps alive for the whole call; no Rust reference points into it.
     let n = unsafe { libc::pread(file.as_raw_fd(), mem.ptr().add(offset).cast(), len, 0) };
@@ -922,14 +841,14 @@ fn access_o_direct(mem: &Mapping) -> Access {
 }
 
 fn access_process_vm_readv(mem: &Mapping) -> Access {
-    let mut buf = vec![0u8; mem.len];
+    let mut buf = vec![0u8; mem.len()];
     let local = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
     let remote = libc::iovec {
         iov_base: mem.ptr().cast(),
-        iov_len: mem.len,
+        iov_len: mem.len(),
     };
     let pid = std::process::id() as libc::pid_t;
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, which
@@ -942,7 +861,7 @@ fn access_process_vm_readv(mem: &Mapping) -> Access {
     let n = n as usize;
     Access::compare(
         &buf[..n],
-        &pattern(UFFD_SEED, 0, mem.len),
+        &pattern(UFFD_SEED, 0, mem.len()),
         "read match the served pattern",
     )
 }
@@ -1121,14 +1040,14 @@ fn access_kvm(mem: &Mapping) -> Access {
             slot: 0,
             flags: 0,
             guest_phys_addr: 0,
-            memory_size: low.len as u64,
+            memory_size: low.len() as u64,
             userspace_addr: low.addr(),
         },
         kvm_userspace_memory_region {
             slot: 1,
             flags: 0,
             guest_phys_addr: KVM_UFFD_GPA,
-            memory_size: mem.len as u64,
+            memory_size: mem.len() as u64,
             userspace_addr: mem.addr(),
         },
     ];
@@ -1216,7 +1135,8 @@ fn errno_name(errno: i32) -> String {
     name.to_owned()
 }
 
-struct Human<'a>(&'a Report);
+/// The report as text.
+pub struct Human<'a>(pub &'a Report);
 
 fn yes_no(b: bool) -> &'static str {
     if b {

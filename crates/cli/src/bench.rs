@@ -1,0 +1,115 @@
+//! `pagewire bench` and `pagewire bench-floor`: the command line of the
+//! `bench` crate (the same work against several handlers, with the physical
+//! baselines), and the printing of its report.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Guest memory size (K, M, G suffixes).
+    #[arg(long, default_value = "256M", value_parser = testbed::parse_size_2m)]
+    pub size: u64,
+    /// Access pattern: seq, random, strided, hotset, trace:FILE.
+    #[arg(long, default_value = "seq")]
+    pub pattern: String,
+    /// Client threads touching memory at once.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Handlers to compare, comma separated: serve, embedded, floor, and
+    /// serve-ws, embedded-ws (with a recorded working set, see --prefetch).
+    #[arg(long, value_delimiter = ',', default_value = "floor,serve,embedded")]
+    pub handlers: Vec<String>,
+    /// Another handler to compare: a shell command in which {socket} and
+    /// {mem_file} are replaced; it must listen on {socket} and speak
+    /// Firecracker's UFFD handshake. May be given several times.
+    #[arg(long)]
+    pub handler_cmd: Vec<String>,
+    /// Pages served around each fault by serve and embedded.
+    #[arg(long, default_value_t = pager::DEFAULT_CLUSTER_PAGES)]
+    pub cluster_pages: usize,
+    /// Background population in serve and embedded.
+    #[arg(long)]
+    pub background: bool,
+    /// Keep the fault-around window of serve and embedded at
+    /// --cluster-pages instead of following the guest.
+    #[arg(long)]
+    pub fixed_cluster: bool,
+    /// serve and embedded prefetch this recorded working set (`.pwws`,
+    /// recorded on the same memory file: give --mem-file, or the generated
+    /// file of the same --size and --zero-every). Without it, the handlers
+    /// `serve-ws` and `embedded-ws` prefetch a recording that `serve`
+    /// makes of one untimed run of the same pattern first.
+    #[arg(long)]
+    pub prefetch: Option<PathBuf>,
+    /// Serving threads for serve and embedded.
+    #[arg(long, default_value_t = 2)]
+    pub serve_threads: usize,
+    /// Use this memory file instead of generating one.
+    #[arg(long)]
+    pub mem_file: Option<PathBuf>,
+    /// In the generated file, every Nth page is zero (0: none).
+    #[arg(long, default_value_t = 4)]
+    pub zero_every: usize,
+    /// Run every handler this many times, interleaved (round by round),
+    /// and add a summary of medians: on a noisy machine one run's figures
+    /// can be off by 2x, and ratios are only fair within a round.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pagewire bench-floor`: the minimal handler (hidden).
+#[derive(clap::Args, Debug)]
+pub struct FloorArgs {
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[arg(long)]
+    pub mem_file: PathBuf,
+    /// Write `{faults, pages_copied}` here when the VM ends.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("finding the pagewire binary")?;
+    let report = bench::run(&bench::Config {
+        exe,
+        size: args.size,
+        pattern: args.pattern.clone(),
+        threads: args.threads,
+        handlers: args.handlers.clone(),
+        handler_cmd: args.handler_cmd.clone(),
+        cluster_pages: args.cluster_pages,
+        background: args.background,
+        fixed_cluster: args.fixed_cluster,
+        prefetch: args.prefetch.clone(),
+        serve_threads: args.serve_threads,
+        mem_file: args.mem_file.clone(),
+        zero_every: args.zero_every,
+        runs: args.runs,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", bench::Table(&report));
+    }
+    Ok(if report.all_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// The floor handler: the memory file read whole, then one connection.
+pub fn floor(args: &FloorArgs) -> anyhow::Result<ExitCode> {
+    let data = std::fs::read(&args.mem_file)
+        .with_context(|| format!("reading {}", args.mem_file.display()))?;
+    let listener = crate::serve::bind(&args.socket)?;
+    bench::floor(&data, listener, &args.socket, args.stats_json.as_deref())?;
+    Ok(ExitCode::SUCCESS)
+}
