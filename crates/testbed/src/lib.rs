@@ -216,3 +216,54 @@ impl Drop for Mapping {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("8K"), Ok(8 << 10));
+        assert_eq!(parse_size("2m"), Ok(2 << 20));
+        assert_eq!(parse_size("0x1000"), Ok(0x1000));
+        assert_eq!(parse_size(" 1G "), Ok(1 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999G").is_err());
+        assert_eq!(parse_size_2m("4M"), Ok(4 << 20));
+        assert!(parse_size_2m("3M").is_err());
+        assert!(parse_size_2m("0").is_err());
+    }
+
+    #[test]
+    fn errors_chain_like_anyhow() {
+        let io = std::io::Error::from_raw_os_error(2);
+        let e = Err::<(), _>(io)
+            .context("opening x")
+            .context("loading y")
+            .expect_err("an error");
+        assert!(matches!(e, Error::Step { .. }));
+        let text = chain(&e);
+        assert!(text.starts_with("loading y: opening x: "), "{text}");
+        let e = None::<u8>.context("no value").expect_err("an error");
+        assert_eq!(chain(&e), "no value");
+        let e = Err::<(), _>(rustix::io::Errno::NOENT)
+            .context("stat")
+            .expect_err("an error");
+        assert!(matches!(e, Error::Io { .. }));
+    }
+
+    #[test]
+    fn temp_dir_goes_away() {
+        let d = TempDir::named("testbed-unit").expect("a temporary directory");
+        let p = d.path().to_path_buf();
+        generate(&p.join("mem"), 3 * 4096, 3).expect("a memory file");
+        let bytes = std::fs::read(p.join("mem")).expect("the memory file");
+        assert_eq!(bytes.len(), 3 * 4096);
+        assert!(bytes[2 * 4096..].iter().all(|&b| b == 0));
+        assert!(bytes[..4096].iter().any(|&b| b != 0));
+        assert!(find_recording(&p).is_err());
+        drop(d);
+        assert!(!p.exists());
+    }
+}
