@@ -17,13 +17,13 @@ use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
-use crate::bench::TempDir;
 use crate::vm::{GuestArgs, RestoreArgs, RestoreReport};
+use testbed::TempDir;
 
 #[derive(Args)]
 pub struct DemoArgs {
     /// Guest memory.
-    #[arg(long, default_value = "512M", value_parser = crate::fc_client::parse_size_2m)]
+    #[arg(long, default_value = "512M", value_parser = testbed::parse_size_2m)]
     pub mem: u64,
     #[arg(long, default_value_t = 2)]
     pub vcpus: u32,
@@ -31,7 +31,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "sparse")]
     pub guest: String,
     /// Memory every vCPU reads each pass (so vCPUs fault on the same pages).
-    #[arg(long, default_value = "8M", value_parser = crate::fc_client::parse_size)]
+    #[arg(long, default_value = "8M", value_parser = testbed::parse_size)]
     pub shared: u64,
     /// Keep the snapshot in this directory instead of a temporary one.
     #[arg(long)]
@@ -400,7 +400,7 @@ fn start_server(
         .stdin(Stdio::null())
         .spawn()
         .context("starting pagewire serve")?;
-    crate::bench::wait_listening(&mut child, socket, "pagewire serve")?;
+    testbed::wait_listening(&mut child, socket, "pagewire serve")?;
     Ok(child)
 }
 
@@ -431,7 +431,7 @@ fn process_demo() -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("finding the pagewire binary")?;
     let tmp = TempDir::named("demo")?;
     let mem = tmp.path().join("memory.bin");
-    crate::bench::generate(&mem, 256 << 20, 4)?;
+    testbed::generate(&mem, 256 << 20, 4)?;
     let socket = tmp.path().join("uffd.sock");
     let stats = tmp.path().join("serve.jsonl");
     let mut server = start_server(&exe, &socket, &mem, &stats, &[])?;

@@ -51,11 +51,7 @@ pub fn save(rec: &Recording, snapshot: SnapshotId, out: &Path) -> anyhow::Result
 
 /// The recording `serve --record` wrote into `dir` (the first one found).
 pub fn find_recording(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let found = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "pwws"));
-    found.with_context(|| format!("no working set (.pwws) in {}", dir.display()))
+    Ok(testbed::find_recording(dir)?)
 }
 
 /// Reads the working set at `path` for the snapshot `snapshot` (refused,

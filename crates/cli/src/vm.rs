@@ -28,7 +28,7 @@ pub enum VmCommand {
 #[derive(Args, Clone)]
 pub struct GuestArgs {
     /// Guest memory (a multiple of 2 MiB; K/M/G suffixes).
-    #[arg(long, default_value = "64M", value_parser = crate::fc_client::parse_size_2m)]
+    #[arg(long, default_value = "64M", value_parser = testbed::parse_size_2m)]
     pub mem: u64,
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
@@ -38,7 +38,7 @@ pub struct GuestArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Memory at the top that every vCPU reads each pass (K/M suffixes).
-    #[arg(long, default_value = "0", value_parser = crate::fc_client::parse_size)]
+    #[arg(long, default_value = "0", value_parser = testbed::parse_size)]
     pub shared: u64,
     /// anonymous (as Firecracker), memfd or hugetlb (2 MiB pages).
     #[arg(long, default_value = "anonymous", value_parser = parse_backing)]

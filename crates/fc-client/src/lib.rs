@@ -1,5 +1,13 @@
-//! `pagewire fc-client`: plays Firecracker's side of the UFFD snapshot-restore
-//! handshake against a page-fault handler, then checks every byte it serves.
+//! Firecracker's side of the UFFD snapshot-restore handshake, played against
+//! a page-fault handler, then a check of every byte it serves (`pagewire
+//! fc-client`).
+//!
+//! Why a crate of its own and not `wire`: `wire` holds the protocol, both
+//! sides of it (`send_handshake` is what this crate sends with). This crate
+//! is a stand-in VMM and a load generator: it maps guest memory, touches it
+//! in patterns, times the faults, verifies the bytes, misbehaves on demand
+//! ([`hostile`]) and can run the engine in-process (`embedded`); none of
+//! that is protocol, and `wire` stays small enough for a handler to link.
 //!
 //! It does what Firecracker does on `PUT /snapshot/load` with a `Uffd` memory
 //! backend: maps each guest memory region anonymous private (2 MiB hugetlb
@@ -11,8 +19,9 @@
 //!
 //! Then threads touch guest pages and compare each with the memory file
 //! (read with `pread`), balloon ranges are released with `MADV_DONTNEED` (and
-//! must read as zero afterwards), and a JSON report goes to stdout. A watchdog
-//! exits with code 3 when a page access (or a balloon madvise) does not finish
+//! must read as zero afterwards), and [`run`] returns a report (which the
+//! binary prints as JSON). A watchdog exits the process with code 3
+//! ([`EXIT_HUNG`]) when a page access (or a balloon madvise) does not finish
 //! in time, naming the page.
 //!
 //! `--pattern` picks the access pattern of the touch phase (sequential,
@@ -31,22 +40,23 @@ use std::io::{BufWriter, Write as _};
 use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context as _};
 use pager::{
     Engine, EngineConfig, PageSize, SessionConfig, SessionHandle, SessionSpec, StatsSnapshot,
 };
 use rustix::mm::{Advice, MapFlags, ProtFlags};
 use serde::Serialize;
+use testbed::{bail, ensure, Context as _};
 use tracing::debug;
 use uffd::{Features, RegisterMode, Uffd};
 use wire::firecracker::Mapping;
 
-mod hostile;
+pub mod hostile;
+
+pub use testbed::{Error, Result};
 
 /// Page size of `--huge` (MAP_HUGE_2MB).
 const HUGE_PAGE_SIZE: usize = 2 << 20;
@@ -55,7 +65,7 @@ const MAX_LISTED_MISMATCHES: usize = 8;
 /// How many pages `--write-check` writes.
 const WRITE_CHECK_PAGES: usize = 8;
 /// Exit code when a page access hung.
-const EXIT_HUNG: i32 = 3;
+pub const EXIT_HUNG: i32 = 3;
 const MIB: f64 = (1u64 << 20) as f64;
 /// The hot set of `--pattern hotset` is one page in this many (10%).
 const HOTSET_FRACTION_DIVISOR: usize = 10;
@@ -63,35 +73,27 @@ const HOTSET_FRACTION_DIVISOR: usize = 10;
 /// 15 bytes by the kernel).
 const SERVING_THREAD_PREFIX: &str = "pagewire-serv";
 
-#[derive(clap::Args, Debug)]
-pub struct FcClientArgs {
+/// What a run does. The command line's `pagewire fc-client` flags, one
+/// field each (the binary fills it from them).
+#[derive(Clone, Debug)]
+pub struct Config {
     /// Listening Unix socket of the page-fault handler (required unless
     /// --embedded).
-    #[arg(
-        long,
-        required_unless_present = "embedded",
-        conflicts_with = "embedded"
-    )]
     pub socket: Option<PathBuf>,
     /// Snapshot memory file: the guest's regions end to end, and the truth
     /// every served page is compared against.
-    #[arg(long)]
     pub mem_file: PathBuf,
     /// Split the file into this many guest memory regions, each mapped (and
     /// registered) separately at non-contiguous host addresses.
-    #[arg(long, default_value_t = 1)]
     pub regions: usize,
     /// Back guest memory with 2 MiB huge pages (MAP_HUGETLB|MAP_HUGE_2MB);
     /// the file size must be a multiple of 2 MiB and enough huge pages must
     /// be reserved in /proc/sys/vm/nr_hugepages.
-    #[arg(long)]
     pub huge: bool,
     /// Threads touching pages concurrently.
-    #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// Order in which pages are touched (random: a deterministic permutation).
     /// --pattern overrides it.
-    #[arg(long, value_enum, default_value_t = Order::Random)]
     pub order: Order,
     /// Access pattern of the touch phase; overrides --order. `seq` and
     /// `random` are --order sequential and random; `strided` visits pages 0,
@@ -100,66 +102,47 @@ pub struct FcClientArgs {
     /// times, each pass in the same shuffled order; `trace:FILE` replays a
     /// trace: one page index of the flat layout (file offset / page size) a
     /// line, in order, repeats allowed, lines starting with `#` ignored.
-    #[arg(long, value_parser = parse_pattern)]
     pub pattern: Option<Pattern>,
     /// Stride in pages of `--pattern strided`.
-    #[arg(long, default_value_t = pager::DEFAULT_CLUSTER_PAGES)]
     pub stride: usize,
     /// Passes over the hot set of `--pattern hotset`.
-    #[arg(long, default_value_t = 10)]
     pub passes: usize,
     /// Write the pages the touch phase touched first, in the order they
     /// were handed out to the touching threads, as a trace for
     /// `--pattern trace:FILE`.
-    #[arg(long)]
     pub record_trace: Option<PathBuf>,
     /// Seed of the random order (and of the hot set).
-    #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,
     /// Touch only this fraction (0..=1) of the pages, the first ones in the
     /// chosen order (of one pass's sequence, for hotset and trace).
-    #[arg(long, default_value_t = 1.0)]
     pub touch_fraction: f64,
     /// After the touch phase, release OFFSET:LEN (bytes of the guest's flat
     /// layout, i.e. file offsets; page aligned; K/M/G suffixes and 0x hex
     /// accepted) with MADV_DONTNEED, as the balloon device does. Repeatable.
     /// Every page there must then read zero.
-    #[arg(long, value_parser = parse_balloon)]
     pub balloon: Vec<BalloonRange>,
     /// Touch this many pages (one thread), then exit at once with code 0
     /// without any cleanup (a VM dying mid-serve).
-    #[arg(long)]
     pub exit_after: Option<usize>,
     /// After verification, write a byte to a few pages and read it back.
-    #[arg(long)]
     pub write_check: bool,
-    /// Sleep this long (after printing the report) before exiting.
-    #[arg(long, default_value_t = 0)]
-    pub hold_ms: u64,
     /// Exit with code 3 when a page access makes no progress for this long.
-    #[arg(long, default_value_t = 30.0)]
     pub timeout_s: f64,
     /// Serve this process's own memory with an in-process `pager::Engine`
     /// instead of sending the userfaultfd to a handler (no --socket).
-    #[arg(long)]
     pub embedded: bool,
     /// Serving threads of the embedded engine [default: 2].
-    #[arg(long)]
     pub serve_threads: Option<usize>,
     /// Pages the embedded engine serves around each fault [default: 16].
-    #[arg(long)]
     pub cluster_pages: Option<usize>,
     /// Let the embedded engine populate memory in the background.
-    #[arg(long)]
     pub background: bool,
     /// Keep the embedded engine's fault-around window at --cluster-pages.
-    #[arg(long)]
     pub fixed_cluster: bool,
-    /// The embedded engine prefetches this recorded working set (`.pwws`).
-    #[arg(long, requires = "embedded")]
-    pub prefetch: Option<PathBuf>,
+    /// The embedded engine prefetches this working set (recorded on the
+    /// memory file: the caller loads it and checks that it was).
+    pub prefetch: Option<pager::PrefetchSet>,
     /// Pages per background step of the embedded engine [default: 64].
-    #[arg(long)]
     pub background_chunk: Option<usize>,
     /// Misbehave as a broken or hostile VMM would (tests of `serve`):
     /// `blocking-uffd` (no O_NONBLOCK), `no-api` (no UFFDIO_API; waits for
@@ -168,18 +151,16 @@ pub struct FcClientArgs {
     /// `declare-less:BYTES` (the last region declared shorter than
     /// registered), `split-vmas` (regions split into VMAs after
     /// registering).
-    #[arg(long, value_parser = hostile::parse_misbehave)]
     pub misbehave: Option<hostile::Misbehave>,
     /// Before the touch phase, for this many milliseconds: threads read
     /// random pages while another discards random runs of them
     /// (MADV_DONTNEED), mostly in a small shared window. Every byte read
     /// must be the file's or zero, and every discarded page zero from then
     /// on (checked in the verify phase).
-    #[arg(long)]
     pub balloon_race: Option<u64>,
 }
 
-impl FcClientArgs {
+impl Config {
     fn serve_threads(&self) -> usize {
         self.serve_threads.unwrap_or(2)
     }
@@ -217,7 +198,9 @@ impl Pattern {
     }
 }
 
-fn parse_pattern(s: &str) -> Result<Pattern, String> {
+/// Parses a `--pattern`: `seq`, `random`, `strided`, `hotset` or
+/// `trace:FILE`.
+pub fn parse_pattern(s: &str) -> Result<Pattern, String> {
     match s {
         "seq" | "sequential" => Ok(Pattern::Seq),
         "random" => Ok(Pattern::Random),
@@ -233,7 +216,8 @@ fn parse_pattern(s: &str) -> Result<Pattern, String> {
     }
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+/// The order of the touch phase without a [`Pattern`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Order {
     Sequential,
     Random,
@@ -246,49 +230,16 @@ pub struct BalloonRange {
     pub len: u64,
 }
 
-/// A size that must be a positive multiple of 2 MiB (memory files, guests).
-pub(crate) fn parse_size_2m(s: &str) -> Result<u64, String> {
-    let bytes = parse_size(s)?;
-    if bytes == 0 || !bytes.is_multiple_of(2 << 20) {
-        return Err(format!(
-            "{s:?}: the size must be a positive multiple of 2 MiB"
-        ));
-    }
-    Ok(bytes)
-}
-
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, mult) = match s.as_bytes().last().map(u8::to_ascii_uppercase) {
-        Some(b'K') => (&s[..s.len() - 1], 1u64 << 10),
-        Some(b'M') => (&s[..s.len() - 1], 1 << 20),
-        Some(b'G') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let n = match digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => digits.parse::<u64>(),
-    }
-    .map_err(|e| format!("{s:?} is not a size: {e}"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
-fn parse_balloon(s: &str) -> Result<BalloonRange, String> {
+/// Parses a `--balloon` range: `OFFSET:LEN`, each a size ([`testbed::parse_size`]).
+pub fn parse_balloon(s: &str) -> Result<BalloonRange, String> {
     let (offset, len) = s
         .split_once(':')
         .ok_or_else(|| format!("{s:?}: expected OFFSET:LEN"))?;
     Ok(BalloonRange {
-        offset: parse_size(offset)?,
-        len: parse_size(len)?,
+        offset: testbed::parse_size(offset)?,
+        len: testbed::parse_size(len)?,
     })
 }
-
-// ---------------------------------------------------------------------------
-// The handshake message
 
 // ---------------------------------------------------------------------------
 // Guest memory
@@ -328,7 +279,7 @@ impl Layout {
     /// size, the last taking the remainder) and maps each separately inside
     /// one PROT_NONE reservation, with a one-page guard gap before, between
     /// and after them, so that the host addresses are not contiguous.
-    fn map(file_size: u64, n: usize, huge: bool) -> anyhow::Result<Layout> {
+    fn map(file_size: u64, n: usize, huge: bool) -> Result<Layout> {
         let page_size = if huge {
             HUGE_PAGE_SIZE
         } else {
@@ -621,18 +572,18 @@ const MISMATCH: u8 = 2;
 const TOUCHED: u8 = 4;
 
 #[derive(Serialize, Clone, Debug)]
-struct Mismatch {
-    phase: &'static str,
-    region: usize,
+pub struct Mismatch {
+    pub phase: &'static str,
+    pub region: usize,
     /// Bytes from the region's start.
-    page_offset: u64,
-    file_offset: u64,
+    pub page_offset: u64,
+    pub file_offset: u64,
     /// "file" or "zero" (a ballooned page).
-    expected: &'static str,
+    pub expected: &'static str,
     /// First differing byte within the page.
-    first_diff_at: usize,
-    expected_byte: u8,
-    actual_byte: u8,
+    pub first_diff_at: usize,
+    pub expected_byte: u8,
+    pub actual_byte: u8,
 }
 
 struct Checker<'a> {
@@ -665,10 +616,10 @@ impl Checker<'_> {
         threads: usize,
         phase: Phase,
         after_balloon: bool,
-    ) -> anyhow::Result<PassResult> {
+    ) -> Result<PassResult> {
         let cursor = AtomicUsize::new(0);
         let start = Instant::now();
-        let results: Vec<anyhow::Result<PassResult>> = std::thread::scope(|s| {
+        let results: Vec<Result<PassResult>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads)
                 .map(|slot| {
                     let cursor = &cursor;
@@ -679,7 +630,7 @@ impl Checker<'_> {
                 .into_iter()
                 .map(|h| {
                     h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a checking thread panicked")))
+                        .unwrap_or_else(|_| Err(Error::Failed("a checking thread panicked".into())))
                 })
                 .collect()
         });
@@ -703,7 +654,7 @@ impl Checker<'_> {
         cursor: &AtomicUsize,
         phase: Phase,
         after_balloon: bool,
-    ) -> anyhow::Result<PassResult> {
+    ) -> Result<PassResult> {
         let page_size = self.layout.page_size;
         let mut expected = vec![0u8; page_size];
         let mut actual = vec![0u8; page_size];
@@ -837,7 +788,7 @@ fn strided_order(n: usize, stride: usize) -> Vec<usize> {
 /// A recorded working set (`.pwws`, from `serve --record`) is a trace too:
 /// its pages in first-touch order (4 KiB pages of the memory file, taken
 /// in pages of `page_size`).
-fn read_trace(path: &Path, pages_total: usize, page_size: usize) -> anyhow::Result<Vec<usize>> {
+fn read_trace(path: &Path, pages_total: usize, page_size: usize) -> Result<Vec<usize>> {
     let bytes =
         std::fs::read(path).with_context(|| format!("reading the trace {}", path.display()))?;
     if bytes.starts_with(b"PWWSET") {
@@ -872,11 +823,11 @@ fn read_trace(path: &Path, pages_total: usize, page_size: usize) -> anyhow::Resu
             continue;
         }
         let page: usize = line.parse().map_err(|e| {
-            anyhow!(
+            Error::Invalid(format!(
                 "{}:{}: {line:?} is not a page index: {e}",
                 path.display(),
                 i + 1
-            )
+            ))
         })?;
         ensure!(
             page < pages_total,
@@ -899,7 +850,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(args: &FcClientArgs, pages_total: usize, page_size: usize) -> anyhow::Result<Plan> {
+    fn new(args: &Config, pages_total: usize, page_size: usize) -> Result<Plan> {
         let pattern = args.pattern.clone().unwrap_or(match args.order {
             Order::Sequential => Pattern::Seq,
             Order::Random => Pattern::Random,
@@ -935,7 +886,7 @@ fn write_trace(
     pages_total: usize,
     page_size: usize,
     pattern: &str,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let write = || -> std::io::Result<()> {
         let mut out = BufWriter::new(File::create(path)?);
         writeln!(
@@ -971,7 +922,7 @@ fn rss_anon_kib() -> Option<u64> {
 }
 
 /// CPU time (user + system) of this whole process, in milliseconds.
-fn process_cpu_ms() -> anyhow::Result<f64> {
+fn process_cpu_ms() -> Result<f64> {
     let mut usage = MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: `usage` is writable memory of the size and alignment of a
     // `struct rusage`, which is all getrusage writes.
@@ -989,7 +940,7 @@ fn process_cpu_ms() -> anyhow::Result<f64> {
 /// CPU time (user + system) of this process's threads whose name starts with
 /// `prefix`, in milliseconds, from `/proc/self/task/*/stat` (clock-tick
 /// resolution).
-fn threads_cpu_ms(prefix: &str) -> anyhow::Result<f64> {
+fn threads_cpu_ms(prefix: &str) -> Result<f64> {
     let ticks_per_s = rustix::param::clock_ticks_per_second();
     ensure!(ticks_per_s > 0, "sysconf(_SC_CLK_TCK) returned 0");
     let mut ticks = 0u64;
@@ -1009,7 +960,7 @@ fn threads_cpu_ms(prefix: &str) -> anyhow::Result<f64> {
         // After the comm come field 3 (state) onwards: utime and stime are
         // fields 14 and 15 of the line.
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let field = |n: usize| -> anyhow::Result<u64> {
+        let field = |n: usize| -> Result<u64> {
             let text = fields
                 .get(n - 3)
                 .with_context(|| format!("{}: no field {n}", path.display()))?;
@@ -1027,12 +978,12 @@ fn threads_cpu_ms(prefix: &str) -> anyhow::Result<f64> {
 /// A first load slower than this waited for the handler.
 const WAITED_NS: u64 = 5_000;
 
-#[derive(Serialize)]
-struct Latency {
-    samples: usize,
-    p50_us: f64,
-    p99_us: f64,
-    max_us: f64,
+#[derive(Serialize, Debug)]
+pub struct Latency {
+    pub samples: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
 }
 
 impl Latency {
@@ -1054,81 +1005,103 @@ impl Latency {
     }
 }
 
-#[derive(Serialize)]
-struct WriteCheck {
-    pages: usize,
-    failed: usize,
+#[derive(Serialize, Debug)]
+pub struct WriteCheck {
+    pub pages: usize,
+    pub failed: usize,
 }
 
-#[derive(Serialize)]
-struct Report {
-    ok: bool,
-    pid: u32,
-    page_size: usize,
-    pages_total: usize,
-    pages_touched: usize,
+#[derive(Serialize, Debug)]
+pub struct Report {
+    pub ok: bool,
+    pub pid: u32,
+    pub page_size: usize,
+    pub pages_total: usize,
+    pub pages_touched: usize,
     /// Distinct pages compared at least once (touch and verify phases).
-    pages_verified: usize,
+    pub pages_verified: usize,
     /// Distinct pages that differed from the file at least once.
-    mismatched_pages: usize,
-    first_mismatches: Vec<Mismatch>,
-    balloon_pages: usize,
-    balloon_pages_zero: usize,
-    balloon_pages_nonzero: usize,
+    pub mismatched_pages: usize,
+    pub first_mismatches: Vec<Mismatch>,
+    pub balloon_pages: usize,
+    pub balloon_pages_zero: usize,
+    pub balloon_pages_nonzero: usize,
     /// With --balloon-race: reads, discards, and the first wrong byte.
     #[serde(skip_serializing_if = "Option::is_none")]
-    balloon_race: Option<serde_json::Value>,
+    pub balloon_race: Option<serde_json::Value>,
     /// The access pattern (seq, random, strided, hotset, trace).
-    pattern: &'static str,
+    pub pattern: &'static str,
     /// Threads touching pages.
-    threads: usize,
+    pub threads: usize,
     /// Passes over the pattern's sequence (more than 1 for hotset).
-    passes: usize,
+    pub passes: usize,
     /// Page accesses of the touch phase, repeats included.
-    touches: usize,
+    pub touches: usize,
     /// The whole touch phase, every pass.
-    touch_ms: f64,
+    pub touch_ms: f64,
     /// The first pass of the touch phase (all of it but for hotset).
-    first_pass_ms: f64,
+    pub first_pass_ms: f64,
     /// Bytes of the touched pages per second of the first pass.
-    touch_mib_per_s: f64,
+    pub touch_mib_per_s: f64,
     /// Anonymous memory the touch phase made resident in this process, MiB
     /// (`RssAnon` after minus before): what lazy loading costs in memory,
     /// to compare with the bytes touched.
     #[serde(skip_serializing_if = "Option::is_none")]
-    resident_mib: Option<f64>,
+    pub resident_mib: Option<f64>,
     /// Time of the first load of each page in the touch phase.
     #[serde(skip_serializing_if = "Option::is_none")]
-    faults_latency: Option<Latency>,
+    pub faults_latency: Option<Latency>,
     /// The same, for the loads that waited for the handler (slower than
     /// WAITED_NS; a load of a page already mapped takes well under 1 µs):
     /// with background population this is what a fault on a page not yet
     /// populated costs.
     #[serde(skip_serializing_if = "Option::is_none")]
-    waited_latency: Option<Latency>,
+    pub waited_latency: Option<Latency>,
     /// Comparing every touched page with the file after the touch phase
     /// (and every page after ballooning), untimed.
-    verify_ms: f64,
+    pub verify_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    write_check: Option<WriteCheck>,
+    pub write_check: Option<WriteCheck>,
     /// CPU time (user + system) of the whole client process.
-    client_cpu_ms: f64,
+    pub client_cpu_ms: f64,
     /// With --embedded: the engine's statistics.
     #[serde(skip_serializing_if = "Option::is_none")]
-    handler_stats: Option<StatsSnapshot>,
+    pub handler_stats: Option<StatsSnapshot>,
     /// With --embedded: CPU time (user + system) of the engine's serving
     /// threads.
     #[serde(skip_serializing_if = "Option::is_none")]
-    handler_cpu_ms: Option<f64>,
+    pub handler_cpu_ms: Option<f64>,
     /// The region table sent to the handler (given to the engine with
     /// --embedded).
-    regions: Vec<Mapping>,
+    pub regions: Vec<Mapping>,
 }
 
 // ---------------------------------------------------------------------------
 // Main flow
 
-pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
+/// How a run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The run's report; `ok` says whether every byte was right.
+    Report(Box<Report>),
+    /// With [`hostile::Misbehave::NoApi`]: whether the server closed the
+    /// connection within the timeout (it must).
+    ClosedByServer(bool),
+    /// With `exit_after`: the pages touched, and how many of them were
+    /// wrong. The caller is to exit at once, without cleanup, as a VM that
+    /// dies mid-serve does (the embedded engine, if any, is still running).
+    ExitedAfter { pages: usize, mismatched: usize },
+}
+
+/// Plays Firecracker's side of the handshake as `args` says, touches and
+/// checks the pages, and reports.
+///
+/// Guest memory stays mapped, and the socket and the userfaultfd open,
+/// until the process exits: the handler takes EOF as the end of the VM.
+/// A page access that makes no progress for `timeout_s` makes the watchdog
+/// print what hung on stderr and exit the process with [`EXIT_HUNG`]: the
+/// thread stuck in the fault cannot be got back.
+pub fn run(args: &Config) -> Result<Outcome> {
     ensure!(args.threads >= 1, "--threads must be at least 1");
     ensure!(
         (0.0..=1.0).contains(&args.touch_fraction),
@@ -1157,6 +1130,10 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
                 && !args.background,
             "--serve-threads, --cluster-pages, --background and --background-chunk need \
              --embedded"
+        );
+        ensure!(
+            args.prefetch.is_none(),
+            "--prefetch needs --embedded (a handler of its own prefetches its own set)"
         );
     }
     ensure!(
@@ -1229,17 +1206,13 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
     hostile::declare(misbehave, &mut messages, page_size)?;
     let embedded = match &args.socket {
         Some(socket) if !args.embedded => {
-            let stream = wire::firecracker::send_handshake(socket, &messages, &uffd)?;
+            let stream = wire::firecracker::send_handshake(socket, &messages, &uffd)
+                .map_err(Error::other)?;
             debug!(regions = messages.len(), "handshake sent");
             if misbehave == Some(hostile::Misbehave::NoApi) {
                 let closed =
                     hostile::closed_by_server(&stream, Duration::from_secs_f64(args.timeout_s));
-                println!("{}", serde_json::json!({ "closed_by_server": closed }));
-                return Ok(if closed {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                });
+                return Ok(Outcome::ClosedByServer(closed));
             }
             if misbehave == Some(hostile::Misbehave::ClearNonblock) {
                 let fd = std::os::fd::AsFd::as_fd(&uffd)
@@ -1308,15 +1281,12 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
         if let Some(path) = &args.record_trace {
             write_trace(path, &order[..n], layout.pages_total, page_size, plan.name)?;
         }
-        let line = serde_json::json!({
-            "exit_after": n,
-            "pages_touched": n,
-            "mismatched_pages": checker.count(MISMATCH),
-            "pid": std::process::id(),
+        // No cleanup: the engine keeps serving until the process exits.
+        std::mem::forget(embedded);
+        return Ok(Outcome::ExitedAfter {
+            pages: n,
+            mismatched: checker.count(MISMATCH),
         });
-        println!("{line}");
-        let _ = std::io::stdout().flush();
-        std::process::exit(0);
     }
 
     // Touch phase: the first pass faults the pages in, later ones (hotset)
@@ -1461,20 +1431,7 @@ pub fn run(args: &FcClientArgs) -> anyhow::Result<ExitCode> {
         handler_cpu_ms,
         regions: messages,
     };
-    let text = serde_json::to_string_pretty(&report).context("serialising the report")?;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{text}").context("writing the report")?;
-    stdout.flush().context("writing the report")?;
-    drop(stdout);
-
-    if args.hold_ms > 0 {
-        std::thread::sleep(Duration::from_millis(args.hold_ms));
-    }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(Outcome::Report(Box::new(report)))
 }
 
 /// The in-process engine of `--embedded`, serving this process's memory.
@@ -1486,7 +1443,7 @@ struct Embedded {
 impl Embedded {
     /// Starts the engine and gives it the userfaultfd (after its API
     /// handshake, with every region registered) and the region table.
-    fn start(args: &FcClientArgs, layout: &Layout, uffd: Uffd) -> anyhow::Result<Embedded> {
+    fn start(args: &Config, layout: &Layout, uffd: Uffd) -> Result<Embedded> {
         let page_size = PageSize::from_bytes(layout.page_size as u64).with_context(|| {
             format!(
                 "the page size {} is not one the engine serves",
@@ -1505,13 +1462,7 @@ impl Embedded {
             .collect();
         let source = pager::MemFile::open(&args.mem_file)
             .with_context(|| format!("opening {} for the engine", args.mem_file.display()))?;
-        let prefetch = match &args.prefetch {
-            Some(p) => {
-                let id = crate::sets::snapshot_id(&args.mem_file)?;
-                Some(crate::sets::load(p, &id)?.0)
-            }
-            None => None,
-        };
+        let prefetch = args.prefetch.clone();
         let engine = Engine::start(
             EngineConfig {
                 threads: args.serve_threads(),
@@ -1547,7 +1498,7 @@ impl Embedded {
     /// The session's statistics and the serving threads' CPU time in
     /// milliseconds; then stops the engine. Nothing may touch guest memory
     /// afterwards.
-    fn finish(self) -> anyhow::Result<(StatsSnapshot, f64)> {
+    fn finish(self) -> Result<(StatsSnapshot, f64)> {
         let stats = self.handle.stats();
         let cpu_ms = threads_cpu_ms(SERVING_THREAD_PREFIX)
             .context("reading the CPU time of the serving threads")?;

@@ -11,8 +11,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use rustix::mm::Advice;
+use testbed::{Context as _, Result};
 use wire::firecracker::Mapping;
 
 use super::{splitmix64 as next, Layout, Phase, Watch};
@@ -36,6 +36,7 @@ pub enum Misbehave {
     SplitVmas,
 }
 
+/// Parses a `--misbehave` kind.
 pub fn parse_misbehave(s: &str) -> Result<Misbehave, String> {
     match s {
         "blocking-uffd" => Ok(Misbehave::BlockingUffd),
@@ -43,7 +44,7 @@ pub fn parse_misbehave(s: &str) -> Result<Misbehave, String> {
         "clear-nonblock" => Ok(Misbehave::ClearNonblock),
         "split-vmas" => Ok(Misbehave::SplitVmas),
         _ => match s.strip_prefix("declare-less:") {
-            Some(n) => Ok(Misbehave::DeclareLess(super::parse_size(n)?)),
+            Some(n) => Ok(Misbehave::DeclareLess(testbed::parse_size(n)?)),
             None => Err(format!(
                 "{s:?}: expected blocking-uffd, no-api, clear-nonblock, split-vmas or \
                  declare-less:BYTES"
@@ -53,16 +54,16 @@ pub fn parse_misbehave(s: &str) -> Result<Misbehave, String> {
 }
 
 /// Declares less than is registered (`DeclareLess`).
-pub fn declare(
+pub(crate) fn declare(
     m: Option<Misbehave>,
     messages: &mut [Mapping],
     page_size: usize,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let Some(Misbehave::DeclareLess(n)) = m else {
         return Ok(());
     };
     let last = messages.last_mut().context("no regions")?;
-    anyhow::ensure!(
+    testbed::ensure!(
         n % page_size as u64 == 0 && n < last.size,
         "declare-less:{n}: a multiple of the page size, less than the last region ({} bytes)",
         last.size
@@ -76,7 +77,7 @@ pub fn declare(
 const SPLIT_RUN_PAGES: usize = 13;
 
 /// Splits registered regions into VMAs (`SplitVmas`).
-pub fn after_register(m: Option<Misbehave>, layout: &Layout) -> anyhow::Result<()> {
+pub(crate) fn after_register(m: Option<Misbehave>, layout: &Layout) -> Result<()> {
     if m != Some(Misbehave::SplitVmas) {
         return Ok(());
     }
@@ -96,7 +97,7 @@ pub fn after_register(m: Option<Misbehave>, layout: &Layout) -> anyhow::Result<(
 }
 
 /// Clears O_NONBLOCK on `fd` every millisecond, for ever (`ClearNonblock`).
-pub fn start_clearing_nonblock(fd: OwnedFd) -> anyhow::Result<()> {
+pub(crate) fn start_clearing_nonblock(fd: OwnedFd) -> Result<()> {
     std::thread::Builder::new()
         .name("fc-client-clear-nonblock".into())
         .spawn(move || loop {
@@ -110,14 +111,14 @@ pub fn start_clearing_nonblock(fd: OwnedFd) -> anyhow::Result<()> {
 }
 
 /// Waits up to `timeout` for the server to close `stream`: whether it did.
-pub fn closed_by_server(stream: &UnixStream, timeout: Duration) -> bool {
+pub(crate) fn closed_by_server(stream: &UnixStream, timeout: Duration) -> bool {
     let _ = stream.set_read_timeout(Some(timeout));
     let mut b = [0u8; 1];
     matches!((&*stream).read(&mut b), Ok(0))
 }
 
 /// What `--balloon-race` did.
-pub struct Race {
+pub(crate) struct Race {
     /// Pages discarded at least once: they must read zero from now on.
     pub ballooned: Vec<bool>,
     pub reads: u64,
@@ -135,15 +136,15 @@ const HOT: usize = 16;
 /// runs of 1-4 pages there with MADV_DONTNEED. Every byte read must be the
 /// file's or zero; a read or a discard that does not finish is the
 /// watchdog's (slots `0..threads` read, slot `threads` discards).
-pub fn balloon_race(
+pub(crate) fn balloon_race(
     layout: &Layout,
     file: &File,
     watch: &Watch,
     threads: usize,
     ms: u64,
     seed: u64,
-) -> anyhow::Result<Race> {
-    anyhow::ensure!(
+) -> Result<Race> {
+    testbed::ensure!(
         layout.page_size == rustix::param::page_size(),
         "--balloon-race needs 4 KiB pages (not --huge)"
     );
@@ -161,11 +162,11 @@ pub fn balloon_race(
             (r >> 8) as usize % pages
         }
     };
-    let wrong = std::thread::scope(|s| -> anyhow::Result<Option<String>> {
+    let wrong = std::thread::scope(|s| -> Result<Option<String>> {
         let readers: Vec<_> = (0..threads)
             .map(|slot| {
                 let (stop, reads, pick) = (&stop, &reads, &pick);
-                s.spawn(move || -> anyhow::Result<Option<String>> {
+                s.spawn(move || -> Result<Option<String>> {
                     let mut rng = seed ^ (slot as u64 + 1).wrapping_mul(0x9e37_79b9);
                     let ps = layout.page_size;
                     let (mut want, mut got) = (vec![0u8; ps], vec![0u8; ps]);
@@ -192,7 +193,7 @@ pub fn balloon_race(
             .collect();
         let balloon = {
             let (stop, discards, ballooned, pick) = (&stop, &discards, &ballooned, &pick);
-            s.spawn(move || -> anyhow::Result<()> {
+            s.spawn(move || -> Result<()> {
                 let mut rng = seed ^ 0x00ba_1100;
                 let ps = layout.page_size;
                 while !stop.load(Ordering::Relaxed) {
@@ -233,12 +234,12 @@ pub fn balloon_race(
         for r in readers {
             let found = r
                 .join()
-                .map_err(|_| anyhow::anyhow!("a racing reader panicked"))??;
+                .map_err(|_| testbed::Error::Failed("a racing reader panicked".into()))??;
             wrong = wrong.or(found);
         }
         balloon
             .join()
-            .map_err(|_| anyhow::anyhow!("the balloon thread panicked"))??;
+            .map_err(|_| testbed::Error::Failed("the balloon thread panicked".into()))??;
         Ok(wrong)
     })?;
     Ok(Race {
