@@ -109,7 +109,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
 pub fn floor(args: &FloorArgs) -> anyhow::Result<ExitCode> {
     let data = std::fs::read(&args.mem_file)
         .with_context(|| format!("reading {}", args.mem_file.display()))?;
-    let listener = crate::serve::bind(&args.socket)?;
+    let listener = server::bind(&args.socket)?;
     bench::floor(&data, listener, &args.socket, args.stats_json.as_deref())?;
     Ok(ExitCode::SUCCESS)
 }

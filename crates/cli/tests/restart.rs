@@ -100,6 +100,49 @@ fn a_vm_is_served_through_a_sigkill_of_its_server() {
     let _ = sup.child.kill();
 }
 
+/// The balloon-vs-migration race of the kernel thread behind this project,
+/// across a server's death: threads read random pages while another
+/// releases runs of them, and the server is killed in the middle. A page
+/// released before, during or after the switch must read zero, never
+/// snapshot bytes (the client checks every byte; seeded and printed).
+#[test]
+fn discards_survive_a_sigkill_of_the_server_during_a_balloon_race() {
+    if !common::have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = mem_file(dir.path(), 64 * MIB);
+    let mut sup = Server::start(dir.path(), &mem, &["--supervise"]);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64 % 1_000_000);
+    eprintln!("seed {seed}");
+    let c = client(
+        &sup,
+        &mem,
+        &["--balloon-race", "1500", "--seed", &seed.to_string()],
+    )
+    .spawn()
+    .expect("client");
+    sup.wait_log("session started");
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(400));
+        let pid = wait_for("the supervised server", || {
+            children(sup.child.id()).first().copied()
+        });
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill");
+    }
+    let r = finish(c, &sup);
+    eprintln!(
+        "balloon race through two SIGKILLs: longest stall {:.1} ms",
+        longest_stall_ms(&r)
+    );
+    let _ = sup.child.kill();
+}
+
 #[test]
 fn a_vm_is_served_through_a_live_take_over() {
     if !common::have_uffd() {
@@ -129,7 +172,10 @@ fn a_vm_is_served_through_a_live_take_over() {
         .spawn()
         .expect("spawn the successor");
     let status = old.child.wait().expect("old server");
-    assert!(status.success(), "the old server exits after handing over: {status}");
+    assert!(
+        status.success(),
+        "the old server exits after handing over: {status}"
+    );
     let r = finish(c, &old);
     let log = std::fs::read_to_string(&new_log).unwrap_or_default();
     assert!(log.contains("VM served on"), "{log}");
@@ -141,7 +187,11 @@ fn a_vm_is_served_through_a_live_take_over() {
     let out = client(&old, &mem, &["--balloon", "0:4M"])
         .output()
         .expect("client");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(report(&out)["mismatched_pages"], 0);
     let _ = new.kill();
     let _ = new.wait();
@@ -230,7 +280,11 @@ fn socket_activation_by_systemd_socket_activate() {
         .output()
         .expect("client");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(out.status.success(), "{}\n{text}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(report(&out)["mismatched_pages"], 0);
     assert!(
         !dir.path().join("unused.sock").exists(),
@@ -279,7 +333,9 @@ fn two_snapshots_are_served_by_one_server_to_two_vms_at_once() {
         .spawn()
         .expect("serve");
     let (sa, sb) = (socks.join("alpha.sock"), socks.join("beta.sock"));
-    wait_for("both sockets", || (sa.exists() && sb.exists()).then_some(()));
+    wait_for("both sockets", || {
+        (sa.exists() && sb.exists()).then_some(())
+    });
     let run = |sock: &Path, mem: &Path, hold: &str| {
         Command::new(BIN)
             .arg("fc-client")
@@ -323,7 +379,11 @@ fn two_snapshots_are_served_by_one_server_to_two_vms_at_once() {
     for c in [ca, cb] {
         let out = c.wait_with_output().expect("client");
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        assert!(out.status.success(), "{}\n{text}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(report(&out)["mismatched_pages"], 0);
     }
     // The picture of what the two restores did.
@@ -339,7 +399,11 @@ fn two_snapshots_are_served_by_one_server_to_two_vms_at_once() {
         .arg(&svg)
         .output()
         .expect("report");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let picture = std::fs::read_to_string(&svg).expect("svg");
     assert!(picture.contains("<svg") && picture.contains("alpha") && picture.contains("beta"));
     let _ = server.kill();
@@ -360,7 +424,9 @@ fn scrape(port: u16) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default()
+    out.split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default()
 }
 
 /// Samples of the text format: (name, labels, value).

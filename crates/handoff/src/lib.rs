@@ -39,10 +39,7 @@ pub use notify::{inherited, Notifier};
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffError {
     #[error("{what}: {error}")]
-    Io {
-        what: String,
-        error: std::io::Error,
-    },
+    Io { what: String, error: std::io::Error },
     #[error("{0}")]
     Protocol(String),
 }
@@ -104,8 +101,7 @@ impl VmPart {
 pub fn valid_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 200
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
 }
 
@@ -234,7 +230,15 @@ mod tests {
         ] {
             assert_eq!(Name::parse(&n.render()), n);
         }
-        for junk in ["", "listen.", "vm.x", "vm.x.y", "vm..uffd", "listen.a:b", "x.y"] {
+        for junk in [
+            "",
+            "listen.",
+            "vm.x",
+            "vm.x.y",
+            "vm..uffd",
+            "listen.a:b",
+            "x.y",
+        ] {
             assert!(matches!(Name::parse(junk), Name::Other(_)), "{junk}");
         }
     }

@@ -56,8 +56,7 @@ pub fn recv(sock: impl AsFd) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>, HandoffE
     loop {
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let m = match rustix::net::recvmsg(&sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)
-        {
+        let m = match rustix::net::recvmsg(&sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
             Ok(m) => m,
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(HandoffError::errno("receiving descriptors")(e)),

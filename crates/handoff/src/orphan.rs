@@ -84,7 +84,11 @@ pub fn handle(key: &str, vm: &VmFds, action: OrphanAction, why: &str) -> Outcome
                     Outcome::Killed(pid)
                 }
                 Err(e) => {
-                    tracing::error!(vm = key, pid, "VM has no page server ({why}) and killing it failed: {e}");
+                    tracing::error!(
+                        vm = key,
+                        pid,
+                        "VM has no page server ({why}) and killing it failed: {e}"
+                    );
                     Outcome::KillFailed(Some(pid), e.to_string())
                 }
             }

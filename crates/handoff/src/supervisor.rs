@@ -78,8 +78,10 @@ pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffE
     let upstream = Notifier::from_env();
     // Descriptors a previous supervisor kept with systemd come back here.
     let mut initial = crate::inherited()?;
-    std::fs::create_dir_all(&opts.runtime_dir)
-        .map_err(HandoffError::io(format!("creating {}", opts.runtime_dir.display())))?;
+    std::fs::create_dir_all(&opts.runtime_dir).map_err(HandoffError::io(format!(
+        "creating {}",
+        opts.runtime_dir.display()
+    )))?;
     let dir = opts
         .runtime_dir
         .join(format!("pagewire-supervisor-{}", std::process::id()));
@@ -96,7 +98,10 @@ pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffE
             s.put(n.name, n.fd);
         }
         if !s.fds.is_empty() {
-            tracing::info!(fds = s.fds.len(), "supervisor: descriptors kept by systemd are back");
+            tracing::info!(
+                fds = s.fds.len(),
+                "supervisor: descriptors kept by systemd are back"
+            );
         }
     }
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
@@ -296,9 +301,7 @@ fn spawn(
             // The server dies with its supervisor: whoever restarts the
             // supervisor (systemd, with the store it was forwarded) starts a
             // new server, and two must never serve one VM.
-            rustix::process::set_parent_process_death_signal(Some(
-                rustix::process::Signal::KILL,
-            ))?;
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
             for (i, &fd) in raws.iter().enumerate() {
                 if libc_dup2(fd, 3 + i as i32) < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -307,9 +310,10 @@ fn spawn(
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .map_err(HandoffError::io(format!("starting {}", opts.program.display())))?;
+    let child = cmd.spawn().map_err(HandoffError::io(format!(
+        "starting {}",
+        opts.program.display()
+    )))?;
     drop(high);
     tracing::info!(pid = child.id(), fds = n, "supervisor: server started");
     Ok(child)
@@ -321,7 +325,8 @@ fn libc_dup2(from: i32, to: i32) -> i32 {
     // alive by the parent's `high` until after spawn), `to` may be anything.
     unsafe {
         let from = BorrowedFd::borrow_raw(from);
-        let mut to_fd = std::mem::ManuallyDrop::new(<OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(to));
+        let mut to_fd =
+            std::mem::ManuallyDrop::new(<OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(to));
         match rustix::io::dup2(from, &mut to_fd) {
             Ok(()) => 0,
             Err(_) => -1,

@@ -45,8 +45,10 @@ pub fn listen(path: &Path) -> Result<OwnedFd, HandoffError> {
         None,
     )
     .map_err(HandoffError::errno("creating the control socket"))?;
-    let addr = SocketAddrUnix::new(path)
-        .map_err(HandoffError::errno(format!("control socket path {}", path.display())))?;
+    let addr = SocketAddrUnix::new(path).map_err(HandoffError::errno(format!(
+        "control socket path {}",
+        path.display()
+    )))?;
     rustix::net::bind(&fd, &addr)
         .map_err(HandoffError::errno(format!("binding {}", path.display())))?;
     // Only the owner (root, normally) may take the server over.
@@ -122,8 +124,10 @@ pub fn take_over(path: &Path) -> Result<(Vec<Named>, Option<u32>), HandoffError>
         None,
     )
     .map_err(HandoffError::errno("creating a socket"))?;
-    let addr = SocketAddrUnix::new(path)
-        .map_err(HandoffError::errno(format!("control socket path {}", path.display())))?;
+    let addr = SocketAddrUnix::new(path).map_err(HandoffError::errno(format!(
+        "control socket path {}",
+        path.display()
+    )))?;
     rustix::net::connect(&conn, &addr).map_err(HandoffError::errno(format!(
         "connecting to the running server's control socket {} (is a server running with \
          --control there?)",
@@ -142,8 +146,7 @@ pub fn take_over(path: &Path) -> Result<(Vec<Named>, Option<u32>), HandoffError>
     loop {
         let Some((text, fds)) = msg::recv(&conn)? else {
             return Err(HandoffError::Protocol(
-                "the running server closed the control connection before sending everything"
-                    .into(),
+                "the running server closed the control connection before sending everything".into(),
             ));
         };
         let text = String::from_utf8_lossy(&text).into_owned();

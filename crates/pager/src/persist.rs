@@ -305,8 +305,7 @@ impl PageStateFile {
     }
 
     pub(crate) fn mark_layout_changed(&self) {
-        self.flags()
-            .fetch_or(FLAG_LAYOUT_CHANGED, Ordering::AcqRel);
+        self.flags().fetch_or(FLAG_LAYOUT_CHANGED, Ordering::AcqRel);
     }
 
     /// The states of region `i` (in [`regions`](Self::regions) order).
@@ -360,7 +359,10 @@ mod tests {
 
     #[test]
     fn states_survive_a_reopen_through_another_fd() {
-        let regions = [region(0x10000, 8 << 12, 0), region(0x100000, 3 << 12, 8 << 12)];
+        let regions = [
+            region(0x10000, 8 << 12, 0),
+            region(0x100000, 3 << 12, 8 << 12),
+        ];
         let f = PageStateFile::create(&regions, b"{\"vm\":1}").expect("create");
         f.states(0)[3].store(2, Ordering::Release);
         f.states(1)[2].store(3, Ordering::Release);
