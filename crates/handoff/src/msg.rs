@@ -47,10 +47,13 @@ pub fn send(sock: impl AsFd, text: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), 
     }
 }
 
+/// A message received: its text and descriptors.
+pub type Received = (Vec<u8>, Vec<OwnedFd>);
+
 /// Receives one message: its text and descriptors (close-on-exec). A
 /// message whose descriptors did not all fit (or text was cut) is an error;
 /// whatever arrived of it is closed. `Ok(None)`: the peer closed.
-pub fn recv(sock: impl AsFd) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>, HandoffError> {
+pub fn recv(sock: impl AsFd) -> Result<Option<Received>, HandoffError> {
     let mut buf = vec![0u8; MAX_TEXT];
     let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     loop {

@@ -1638,7 +1638,14 @@ mod tests {
             source_offset: 0,
             page_size: PageSize::Base4K,
         };
-        let session = Session::new("manual".into(), u, &[region], Arc::new(Bytes(data)), config);
+        let session = Session::new(
+            "manual".into(),
+            u,
+            &[region],
+            Arc::new(Bytes(data)),
+            config,
+            None,
+        );
         Some((session, base))
     }
 
