@@ -354,8 +354,9 @@ fn rss_kib(server: &Server) -> u64 {
 /// ends: every VM is served.
 #[test]
 fn fd_limit_is_raised_and_vms_past_it_wait_their_turn() {
-    // Soft 40, hard 64: raised to 64, room for (64 - 16) / 3 = 16 VMs.
-    let Some(s) = setup_with(&[], Some((40, 64))) else {
+    // Soft 40, hard 112: raised to 112, room for (112 - 16) / 6 = 16 VMs
+    // (each holds 6: see `FDS_PER_VM` in crates/server).
+    let Some(s) = setup_with(&[], Some((40, 112))) else {
         return;
     };
     s.server.wait_log("about 16 VMs can be served at once");

@@ -199,6 +199,16 @@ impl Inherited {
     }
 }
 
+/// Whether `fd` is a listening Unix stream socket (what an inherited
+/// listener must be; anything else handed to a server is not trusted as
+/// one).
+pub fn is_unix_listener(fd: BorrowedFd<'_>) -> bool {
+    use rustix::net::sockopt;
+    sockopt::socket_acceptconn(fd).unwrap_or(false)
+        && sockopt::socket_type(fd).ok() == Some(rustix::net::SocketType::STREAM)
+        && sockopt::socket_domain(fd).ok() == Some(rustix::net::AddressFamily::UNIX)
+}
+
 /// The pid of the process at the other end of a Unix socket.
 pub fn peer_pid(sock: BorrowedFd<'_>) -> Option<u32> {
     rustix::net::sockopt::socket_peercred(sock)

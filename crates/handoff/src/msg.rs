@@ -54,12 +54,26 @@ pub type Received = (Vec<u8>, Vec<OwnedFd>);
 /// message whose descriptors did not all fit (or text was cut) is an error;
 /// whatever arrived of it is closed. `Ok(None)`: the peer closed.
 pub fn recv(sock: impl AsFd) -> Result<Option<Received>, HandoffError> {
+    recv_with(sock, RecvFlags::CMSG_CLOEXEC)
+}
+
+/// As [`recv`], but `Ok(None)` at once when no message is queued.
+pub fn try_recv(sock: impl AsFd) -> Result<Option<Received>, HandoffError> {
+    match recv_with(sock, RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT) {
+        Err(HandoffError::Io { error, .. }) if error.kind() == std::io::ErrorKind::WouldBlock => {
+            Ok(None)
+        }
+        other => other,
+    }
+}
+
+fn recv_with(sock: impl AsFd, flags: RecvFlags) -> Result<Option<Received>, HandoffError> {
     let mut buf = vec![0u8; MAX_TEXT];
     let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     loop {
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let m = match rustix::net::recvmsg(&sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+        let m = match rustix::net::recvmsg(&sock, &mut iov, &mut control, flags) {
             Ok(m) => m,
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(HandoffError::errno("receiving descriptors")(e)),

@@ -4,9 +4,13 @@
 //! ever, and nothing tells anyone (Firecracker's documentation says as
 //! much). Closing its userfaultfd is worse: the kernel then fills its
 //! missing memory with zeros, silently. So a VM left without a server is
-//! either killed (through a pidfd, so the signal cannot reach a process that
-//! reused its pid) or left waiting with a loud log line, as the operator
-//! chose. Its descriptors are never closed while it lives, except by
+//! either killed or left waiting with a loud log line, as the operator
+//! chose. The process to kill is the peer of the VM's connection
+//! (`SO_PEERCRED`), and only while that connection has not hung up: the VMM
+//! holds its end for as long as it lives, so the pid is still its own (a pid
+//! is reused only after its process is gone). The signal goes through a
+//! pidfd opened then. One gap remains: a VMM that passed its end of the
+//! socket to a child and exited. Its descriptors are never closed while it lives, except by
 //! dropping them, which leaves the VMM's own copy of the userfaultfd alive.
 
 use std::os::fd::AsFd;

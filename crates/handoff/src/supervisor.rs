@@ -27,7 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -76,6 +76,7 @@ enum Event {
 /// exit status to use.
 pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffError> {
     let upstream = Notifier::from_env();
+    raise_fd_limit();
     // Descriptors a previous supervisor kept with systemd come back here.
     let mut initial = crate::inherited()?;
     std::fs::create_dir_all(&opts.runtime_dir).map_err(HandoffError::io(format!(
@@ -91,6 +92,7 @@ pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffE
     let sock_path = dir.join("notify");
     let sock = UnixDatagram::bind(&sock_path)
         .map_err(HandoffError::io(format!("binding {}", sock_path.display())))?;
+    let sock = Arc::new(sock);
     let store = Arc::new(Mutex::new(Store::default()));
     {
         let mut s = lock(&store);
@@ -105,20 +107,26 @@ pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffE
         }
     }
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let notify = Notify {
+        sock: sock.clone(),
+        store: store.clone(),
+        upstream: upstream.clone(),
+        ready: ready_tx,
+    };
     {
-        let store = store.clone();
-        let upstream = upstream.clone();
+        let notify = notify.clone();
         std::thread::Builder::new()
             .name("pagewire-supervisor-notify".into())
-            .spawn(move || receive(&sock, &store, upstream.as_ref(), &ready_tx))
+            .spawn(move || notify.receive())
             .map_err(HandoffError::io("spawning the notify thread"))?;
     }
     let _ = signals_events(&signals);
     let mut backoff = Duration::from_millis(100);
-    let mut orphaned_since: Option<Instant> = None;
+    // VMs handed back by systemd have no server until the first is ready.
+    let mut orphaned_since: Option<Instant> = (vm_count(&store) > 0).then(Instant::now);
     let mut stopping = false;
     let mut fast_deaths = 0u32;
-    let mut child = spawn(opts, &sock_path, &store)?;
+    let mut child = spawn(opts, &sock_path, &notify)?;
     let mut started = Instant::now();
     loop {
         // Events: readiness, signals; and the child's exit.
@@ -148,6 +156,16 @@ pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffE
         match child.try_wait() {
             Ok(Some(status)) => {
                 lock(&store).ready = false;
+                if stopping && upstream.is_some() {
+                    // systemd keeps every VM (forwarded) for the next
+                    // supervisor: `systemctl restart` loses none.
+                    tracing::info!(
+                        vms = vm_count(&store),
+                        "supervisor: stopping; systemd keeps the VMs for the next start"
+                    );
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Ok(status.code().unwrap_or(0));
+                }
                 if stopping {
                     let n = orphan_all(&store, opts.orphan_action, "the supervisor was stopped");
                     if n > 0 {
@@ -173,7 +191,7 @@ pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffE
                 } else {
                     fast_deaths = 0;
                 }
-                match spawn(opts, &sock_path, &store) {
+                match spawn(opts, &sock_path, &notify) {
                     Ok(c) => {
                         child = c;
                         started = Instant::now();
@@ -267,9 +285,12 @@ fn orphan_all(store: &Mutex<Store>, action: OrphanAction, why: &str) -> usize {
 fn spawn(
     opts: &Options,
     sock_path: &std::path::Path,
-    store: &Mutex<Store>,
+    notify: &Notify,
 ) -> Result<Child, HandoffError> {
-    let s = lock(store);
+    // Whatever the dead server sent is queued already: take it all before
+    // handing the store on, or a VM stored just before a crash is missed.
+    notify.drain();
+    let s = lock(&notify.store);
     let n = s.fds.len();
     // Duplicates above the target range, close-on-exec, so that moving them
     // to 3.. in the child cannot overwrite one not yet moved.
@@ -293,6 +314,7 @@ fn spawn(
             .env(crate::notify::LISTEN_PID_SELF, "1");
     }
     let raws: Vec<i32> = high.iter().map(|f| f.as_raw_fd()).collect();
+    let supervisor = rustix::process::getpid();
     // SAFETY: the closure runs in the child between fork and exec and only
     // makes system calls that are async-signal-safe (prctl, dup2); it
     // allocates nothing (`raws` was built before the fork and is only read).
@@ -302,8 +324,12 @@ fn spawn(
             // supervisor (systemd, with the store it was forwarded) starts a
             // new server, and two must never serve one VM.
             rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            // The supervisor may have died before that took effect.
+            if rustix::process::getppid() != Some(supervisor) {
+                return Err(std::io::Error::other("the supervisor is gone"));
+            }
             for (i, &fd) in raws.iter().enumerate() {
-                if libc_dup2(fd, 3 + i as i32) < 0 {
+                if libc::dup2(fd, 3 + i as i32) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -319,39 +345,43 @@ fn spawn(
     Ok(child)
 }
 
-/// dup2 without a libc dependency (rustix's `dup2` needs owned targets).
-fn libc_dup2(from: i32, to: i32) -> i32 {
-    // SAFETY: plain syscall on integer descriptors; `from` is open (kept
-    // alive by the parent's `high` until after spawn), `to` may be anything.
-    unsafe {
-        let from = BorrowedFd::borrow_raw(from);
-        let mut to_fd =
-            std::mem::ManuallyDrop::new(<OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(to));
-        match rustix::io::dup2(from, &mut to_fd) {
-            Ok(()) => 0,
-            Err(_) => -1,
-        }
-    }
+/// The notification socket and what it feeds.
+#[derive(Clone)]
+struct Notify {
+    sock: Arc<UnixDatagram>,
+    store: Arc<Mutex<Store>>,
+    upstream: Option<Notifier>,
+    ready: mpsc::Sender<()>,
 }
 
-/// Receives the child's notifications, keeps what it stores, forwards to
-/// systemd when there is one above.
-fn receive(
-    sock: &UnixDatagram,
-    store: &Mutex<Store>,
-    upstream: Option<&Notifier>,
-    ready: &mpsc::Sender<()>,
-) {
-    loop {
-        let (text, mut fds) = match msg::recv(sock.as_fd()) {
-            Ok(Some(m)) => m,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!("supervisor: a notification could not be read: {e}");
-                continue;
+impl Notify {
+    /// Receives the child's notifications, for ever.
+    fn receive(&self) {
+        loop {
+            match msg::recv(self.sock.as_fd()) {
+                Ok(Some((text, fds))) => self.apply(&text, fds),
+                Ok(None) => continue,
+                Err(e) => tracing::warn!("supervisor: a notification could not be read: {e}"),
             }
-        };
-        let text = String::from_utf8_lossy(&text).into_owned();
+        }
+    }
+
+    /// Applies every notification queued now, without waiting.
+    fn drain(&self) {
+        loop {
+            match msg::try_recv(self.sock.as_fd()) {
+                Ok(Some((text, fds))) => self.apply(&text, fds),
+                Ok(None) => return,
+                Err(e) => tracing::warn!("supervisor: a notification could not be read: {e}"),
+            }
+        }
+    }
+
+    /// Keeps what the child stores, forwards to systemd when there is one.
+    fn apply(&self, text: &[u8], mut fds: Vec<OwnedFd>) {
+        let store = &self.store;
+        let upstream = self.upstream.as_ref();
+        let text = String::from_utf8_lossy(text).into_owned();
         let mut kv: BTreeMap<&str, &str> = BTreeMap::new();
         for line in text.lines() {
             if let Some((k, v)) = line.split_once('=') {
@@ -377,7 +407,7 @@ fn receive(
         }
         if kv.get("READY") == Some(&"1") {
             lock(store).ready = true;
-            let _ = ready.send(());
+            let _ = self.ready.send(());
             if let Some(up) = upstream {
                 let _ = up.ready(kv.get("STATUS").copied().unwrap_or("serving"));
             }
@@ -386,5 +416,24 @@ fn receive(
         }
         // Descriptors sent without FDSTORE=1 are not kept.
         drop(fds);
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: the supervisor holds
+/// three descriptors per VM, and duplicates them all for a moment when it
+/// starts a server.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let l = getrlimit(Resource::Nofile);
+    if l.current != l.maximum {
+        if let Err(e) = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: l.maximum,
+                maximum: l.maximum,
+            },
+        ) {
+            tracing::warn!("supervisor: cannot raise the file descriptor limit: {e}");
+        }
     }
 }

@@ -11,8 +11,11 @@
 //!    sessions. Until `OK` it serves on (and goes back to accepting if the
 //!    new one goes away), so a successor that fails half-way loses nothing.
 //!
-//! The new server adopts the sessions only after the old process has exited
-//! ([`wait_exit`]): both must never serve one VM at once.
+//! The new server sends `OK` only once it is ready to serve (everything that
+//! can fail at its start has been done), and adopts the sessions only after
+//! the old process has exited ([`Received::accept`]): both must never serve
+//! one VM at once. A server whose VMs are kept by systemd or a supervisor
+//! refuses (`ERR ...`): a keeper would start another server on them.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
@@ -113,10 +116,32 @@ pub fn hand_over(conn: &OwnedFd, fds: &[Named], timeout: Duration) -> Result<(),
     }
 }
 
+/// What a successor received, before it tells the old server so: until
+/// [`Received::accept`] the old server serves on, and if this is dropped
+/// instead (the successor could not start), it goes back to accepting.
+#[derive(Debug)]
+pub struct Received {
+    conn: OwnedFd,
+    /// The old server, taken while it was connected (so that it cannot be
+    /// a process that reused its pid).
+    old: OwnedFd,
+    pub fds: Vec<Named>,
+    pub old_pid: u32,
+}
+
+impl Received {
+    /// Tells the old server it may exit, and waits until it has (killing
+    /// it after `timeout`: it has handed everything over and must not serve
+    /// on beside us).
+    pub fn accept(self, timeout: Duration) -> Result<(), HandoffError> {
+        msg::send(&self.conn, b"OK", &[])?;
+        wait_exit(&self.old, self.old_pid, timeout)
+    }
+}
+
 /// New server: takes every descriptor from the server listening on the
-/// control socket at `path`. Returns them and the old server's pid, which
-/// the caller must wait for ([`wait_exit`]) before serving.
-pub fn take_over(path: &Path) -> Result<(Vec<Named>, Option<u32>), HandoffError> {
+/// control socket at `path`. Nothing is final until [`Received::accept`].
+pub fn take_over(path: &Path) -> Result<Received, HandoffError> {
     let conn = rustix::net::socket_with(
         AddressFamily::UNIX,
         SocketType::SEQPACKET,
@@ -133,7 +158,22 @@ pub fn take_over(path: &Path) -> Result<(Vec<Named>, Option<u32>), HandoffError>
          --control there?)",
         path.display()
     )))?;
-    let old_pid = crate::peer_pid(conn.as_fd());
+    let old_pid = crate::peer_pid(conn.as_fd()).ok_or_else(|| {
+        HandoffError::Protocol("the running server's pid is unknown (SO_PEERCRED)".into())
+    })?;
+    let old = rustix::process::Pid::from_raw(old_pid as i32)
+        .ok_or_else(|| HandoffError::Protocol(format!("bad pid {old_pid}")))
+        .and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
+                .map_err(HandoffError::errno("pidfd_open of the running server"))
+        })?;
+    // The pidfd is the connected peer's only if the peer still holds the
+    // connection now: it cannot have exited and been replaced meanwhile.
+    if crate::hung_up(&conn) {
+        return Err(HandoffError::Protocol(
+            "the running server went away while connecting".into(),
+        ));
+    }
     msg::send(&conn, HELLO, &[])?;
     // The old server waits for its handshakes in flight (at most its
     // handshake timeout) before it sends.
@@ -150,6 +190,11 @@ pub fn take_over(path: &Path) -> Result<(Vec<Named>, Option<u32>), HandoffError>
             ));
         };
         let text = String::from_utf8_lossy(&text).into_owned();
+        if let Some(why) = text.strip_prefix("ERR") {
+            return Err(HandoffError::Protocol(format!(
+                "the running server refused:{why}"
+            )));
+        }
         if let Some(n) = text.strip_prefix("DONE ") {
             let n: usize = n
                 .trim()
@@ -183,28 +228,29 @@ pub fn take_over(path: &Path) -> Result<(Vec<Named>, Option<u32>), HandoffError>
             });
         }
     }
-    msg::send(&conn, b"OK", &[])?;
-    Ok((out, old_pid))
+    Ok(Received {
+        conn,
+        old,
+        fds: out,
+        old_pid,
+    })
 }
 
-/// Waits until process `pid` has exited, up to `timeout`; then kills it
-/// (it has handed everything over and must not serve on beside us).
-pub fn wait_exit(pid: u32, timeout: Duration) -> Result<(), HandoffError> {
+/// Old server: refuses a successor on `conn`, saying why.
+pub fn refuse(conn: &OwnedFd, why: &str) {
+    let _ = msg::send(conn, format!("ERR {why}").as_bytes(), &[]);
+}
+
+/// Waits until the process behind `pidfd` has exited, up to `timeout`; then
+/// kills it.
+fn wait_exit(pidfd: &OwnedFd, pid: u32, timeout: Duration) -> Result<(), HandoffError> {
     use rustix::event::{poll, PollFd, PollFlags};
-    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
-        return Ok(());
-    };
-    let fd = match rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::SRCH) => return Ok(()),
-        Err(e) => return Err(HandoffError::errno("pidfd_open of the old server")(e)),
-    };
     let wait = |d: Duration| -> bool {
         let ts = rustix::time::Timespec {
             tv_sec: d.as_secs() as i64,
             tv_nsec: d.subsec_nanos() as i64,
         };
-        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
         matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0)
     };
     if wait(timeout) {
@@ -214,7 +260,7 @@ pub fn wait_exit(pid: u32, timeout: Duration) -> Result<(), HandoffError> {
         pid,
         "the old server did not exit {timeout:?} after handing over: killing it"
     );
-    let _ = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL);
+    let _ = rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL);
     if wait(Duration::from_secs(5)) {
         Ok(())
     } else {

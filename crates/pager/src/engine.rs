@@ -440,15 +440,24 @@ impl Engine {
         self.shared.sessions.lock().map_or(0, |s| s.len())
     }
 
-    /// Stops the serving threads and ends every session (each gets its
-    /// report, with reason `Stopped`). Later calls do nothing.
-    pub fn shutdown(&self) {
+    /// Stops the serving threads and waits for them, without ending any
+    /// session: whatever a thread read from a userfaultfd is applied to page
+    /// state before it stops (a REMOVE read is always recorded). For a
+    /// process about to exit and leave its sessions to a successor (their
+    /// page states in `persist` files); nothing is served afterwards.
+    pub fn quiesce(&self) {
         self.shared.stopping.store(true, Ordering::Release);
         let _ = rustix::io::write(&self.shared.control, &1u64.to_ne_bytes());
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
         for w in workers {
             let _ = w.join();
         }
+    }
+
+    /// Stops the serving threads and ends every session (each gets its
+    /// report, with reason `Stopped`). Later calls do nothing.
+    pub fn shutdown(&self) {
+        self.quiesce();
         let ids: Vec<u64> = self
             .shared
             .sessions

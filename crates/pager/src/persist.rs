@@ -139,7 +139,9 @@ impl PageStateFile {
         // mapping (which would turn a state access into SIGBUS).
         rustix::fs::fcntl_add_seals(
             &fd,
-            rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW,
+            rustix::fs::SealFlags::SHRINK
+                | rustix::fs::SealFlags::GROW
+                | rustix::fs::SealFlags::SEAL,
         )
         .map_err(os("sealing the page-state file"))?;
         let mut header = Vec::with_capacity(start);
@@ -171,6 +173,15 @@ impl PageStateFile {
     /// Adopts a file made by [`create`](Self::create) (in this process or
     /// an earlier one). Everything in it is checked before it is used.
     pub fn open(fd: OwnedFd) -> Result<PageStateFile, PersistError> {
+        // Only a file that cannot shrink may be mapped: a holder that
+        // truncated it would turn the server's next state access into
+        // SIGBUS.
+        let seals = rustix::fs::fcntl_get_seals(&fd).unwrap_or(rustix::fs::SealFlags::empty());
+        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+            return Err(PersistError::Corrupt(
+                "not sealed against shrinking (not made by pagewire)",
+            ));
+        }
         let actual = rustix::fs::fstat(&fd)
             .map_err(os("fstat of the page-state file"))?
             .st_size as u64;
@@ -384,18 +395,32 @@ mod tests {
 
     #[test]
     fn garbage_is_refused_with_a_reason() {
-        let fd = rustix::fs::memfd_create("junk", rustix::fs::MemfdFlags::CLOEXEC).expect("memfd");
-        rustix::io::pwrite(&fd, b"not a state file at all, no, no...", 0).expect("write");
+        let sealed = |name: &str, bytes: &[u8]| {
+            let fd = rustix::fs::memfd_create(
+                name,
+                rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+            )
+            .expect("memfd");
+            rustix::io::pwrite(&fd, bytes, 0).expect("write");
+            rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::SHRINK).expect("seal");
+            fd
+        };
+        let unsealed =
+            rustix::fs::memfd_create("unsealed", rustix::fs::MemfdFlags::CLOEXEC).expect("memfd");
+        assert!(matches!(
+            PageStateFile::open(unsealed),
+            Err(PersistError::Corrupt(_))
+        ));
+        let fd = sealed("junk", b"not a state file at all, no, no...");
         assert!(matches!(
             PageStateFile::open(fd),
             Err(PersistError::NotStateFile)
         ));
         // A truncated file: header says more regions than there are bytes.
         let f = PageStateFile::create(&[region(0x10000, 1 << 20, 0)], b"").expect("create");
-        let fd = rustix::fs::memfd_create("short", rustix::fs::MemfdFlags::CLOEXEC).expect("memfd");
         let mut head = vec![0u8; 4096];
         rustix::io::pread(f.as_fd(), &mut head, 0).expect("read");
-        rustix::io::pwrite(&fd, &head, 0).expect("write");
+        let fd = sealed("short", &head);
         assert!(matches!(
             PageStateFile::open(fd),
             Err(PersistError::Truncated { .. })

@@ -156,6 +156,8 @@ const DEFAULT_SNAPSHOT: &str = "default";
 /// are served.
 struct Snapshot {
     name: String,
+    /// `source_label` of its memory file.
+    label: String,
     path: PathBuf,
     source: Arc<MemFile>,
     template: SessionConfig,
@@ -185,9 +187,14 @@ struct Server {
     snapshots: Mutex<HashMap<String, Arc<Snapshot>>>,
     /// Served VMs by session id.
     vms: Mutex<HashMap<u64, Vm>>,
+    /// Every memory file VMs are served from, by `source_label`.
+    sources: Mutex<HashMap<String, Arc<MemFile>>>,
     /// Accept threads hold off while a take-over is under way.
     paused: AtomicBool,
     pending: Arc<AtomicUsize>,
+    /// Accept threads between their look at `paused` and handing a
+    /// connection to a handshake thread (see `hand_over`).
+    accepting: AtomicUsize,
     per_uid: Arc<Mutex<HashMap<u32, usize>>>,
     /// Totals of VMs that ended, for metrics (totals never go down).
     ended: Mutex<exporter::Counters>,
@@ -204,23 +211,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Serves until SIGTERM/SIGINT (or `exit_after` VMs ended); see the
 /// module documentation.
 pub fn run(args: &Config) -> Result<(), ServeError> {
-    // First, before any thread exists: descriptors handed to this process.
+    // First, before any thread exists: descriptors handed to this process
+    // (and room for those a predecessor sends).
     let mut fds = handoff::inherited().context("reading the descriptors handed to this server")?;
+    let fd_limit = raise_fd_limit();
     let mut predecessor = None;
     if let Some(ctl) = &args.take_over {
-        let (taken, pid) = handoff::takeover::take_over(ctl)
+        let mut received = handoff::takeover::take_over(ctl)
             .with_context(|| format!("taking over from the server at {}", ctl.display()))?;
         tracing::info!(
-            fds = taken.len(),
-            old_pid = pid,
-            "took everything over from the running server"
+            fds = received.fds.len(),
+            old_pid = received.old_pid,
+            "received everything from the running server; it serves on until this one is ready"
         );
-        fds.extend(taken);
-        predecessor = pid;
+        fds.append(&mut received.fds);
+        predecessor = Some(received);
     }
     let from_keeper = args.take_over.is_none();
     let inherited = handoff::Inherited::sort(fds);
-    let fd_limit = raise_fd_limit();
     let notifier = handoff::Notifier::from_env();
 
     let (ended_tx, ended_rx) = mpsc::channel::<Msg>();
@@ -283,8 +291,10 @@ pub fn run(args: &Config) -> Result<(), ServeError> {
         notifier,
         snapshots: Mutex::default(),
         vms: Mutex::default(),
+        sources: Mutex::default(),
         paused: AtomicBool::new(false),
         pending: Arc::default(),
+        accepting: AtomicUsize::new(0),
         per_uid: Arc::default(),
         ended: Mutex::default(),
         adopted: AtomicU64::new(0),
@@ -303,16 +313,20 @@ pub fn run(args: &Config) -> Result<(), ServeError> {
     // A socket systemd activated under its unit's name serves the single
     // snapshot of --mem-file.
     if args.snapshot_dir.is_none() && !listeners.contains_key(DEFAULT_SNAPSHOT) {
-        let mut other = other;
-        if let Some(o) = other.pop() {
+        if let Some(o) = other
+            .into_iter()
+            .find(|o| handoff::is_unix_listener(o.fd.as_fd()))
+        {
             tracing::info!(name = %o.name, "serving on the socket systemd activated");
             listeners.insert(DEFAULT_SNAPSHOT.to_string(), o.fd);
         }
     }
     server.load_snapshots(&mut listeners)?;
+    // Everything that can fail at start is done: the old server may go.
     // Never serve a VM beside the process that served it until now.
-    if let Some(pid) = predecessor {
-        handoff::takeover::wait_exit(pid, Duration::from_secs(10))
+    if let Some(received) = predecessor {
+        received
+            .accept(Duration::from_secs(10))
             .context("waiting for the old server to exit")?;
     }
     let adopted_at = std::time::Instant::now();
@@ -363,7 +377,10 @@ pub fn run(args: &Config) -> Result<(), ServeError> {
             }
             Msg::Signal(sig) => {
                 if server.notifier.is_some() {
-                    // The keeper has every VM: the next server serves them on.
+                    // The keeper has every VM: the next server serves them
+                    // on. The serving threads stop first, so that an event
+                    // one of them read is in the page states.
+                    engine.quiesce();
                     tracing::info!(
                         signal = sig,
                         vms = engine.session_count(),
@@ -458,8 +475,8 @@ impl Server {
                 s.stop.store(true, Ordering::Release);
                 let _ = std::fs::remove_file(&s.socket);
                 if let Some(n) = &self.notifier {
+                    // Its source stays kept: its VMs are served on from it.
                     let _ = n.remove(&handoff::Name::Listen(name.clone()).render());
-                    let _ = n.remove(&handoff::Name::Source(name.clone()).render());
                 }
                 tracing::info!(snapshot = %name, "snapshot removed: its socket is closed, its VMs are served on");
             }
@@ -484,10 +501,17 @@ impl Server {
                     None => None,
                 };
                 let (listener, inherited) = match listeners.remove(&name) {
-                    Some(fd) => (UnixListener::from(fd), true),
+                    Some(fd) if handoff::is_unix_listener(fd.as_fd()) => {
+                        (UnixListener::from(fd), true)
+                    }
+                    Some(_) => {
+                        tracing::warn!(snapshot = %name, "the descriptor handed over as its listener is not a listening Unix stream socket: binding a new one");
+                        (bind(&socket)?, false)
+                    }
                     None => (bind(&socket)?, false),
                 };
                 let listener_fd: OwnedFd = listener.into();
+                let label = source_label(&name, source.file())?;
                 if let Some(n) = &self.notifier {
                     if !inherited {
                         n.store(
@@ -496,11 +520,13 @@ impl Server {
                         )?;
                     }
                     n.store(
-                        &handoff::Name::Source(name.clone()).render(),
+                        &handoff::Name::Source(label.clone()).render(),
                         source.file().as_fd(),
                     )?;
                 }
+                lock(&self.sources).insert(label.clone(), source.clone());
                 Ok(Snapshot {
+                    label,
                     name: name.clone(),
                     path: mem.clone(),
                     source,
@@ -587,24 +613,33 @@ impl Server {
         let meta: VmMeta = serde_json::from_slice(pages.meta()).context("reading its metadata")?;
         // The very file it was served from: handed over with it, or the
         // snapshot of that name this server already has open.
-        let source = match opened.get(&meta.snapshot) {
+        // The very file it was served from (by identity, never by path):
+        // handed over with it, or open here already.
+        let source = match opened.get(&meta.source) {
             Some(s) => s.clone(),
             None => {
-                let s = match sources.remove(&meta.snapshot) {
-                    Some(fd) => Arc::new(
-                        MemFile::from_file(std::fs::File::from(fd), &meta.path)
-                            .context("opening its memory file (handed over)")?,
+                let known = lock(&self.sources).get(&meta.source).cloned();
+                let s = match (known, sources.remove(&meta.source)) {
+                    (Some(s), _) => s,
+                    (None, Some(fd)) => {
+                        let file = std::fs::File::from(fd);
+                        if source_label(&meta.snapshot, &file)? != meta.source {
+                            bail!("the memory file handed over for it is another file");
+                        }
+                        Arc::new(
+                            MemFile::from_file(file, &meta.path)
+                                .context("opening its memory file (handed over)")?,
+                        )
+                    }
+                    (None, None) => bail!(
+                        "its memory file ({}, snapshot {:?}) was not handed over and is not \
+                         open here",
+                        meta.path.display(),
+                        meta.snapshot
                     ),
-                    None => match lock(&self.snapshots).get(&meta.snapshot) {
-                        Some(s) if s.path == meta.path => s.source.clone(),
-                        _ => bail!(
-                            "its snapshot {:?} ({}) was not handed over and is not served here",
-                            meta.snapshot,
-                            meta.path.display()
-                        ),
-                    },
                 };
-                opened.insert(meta.snapshot.clone(), s.clone());
+                lock(&self.sources).insert(meta.source.clone(), s.clone());
+                opened.insert(meta.source.clone(), s.clone());
                 s
             }
         };
@@ -623,7 +658,16 @@ impl Server {
             });
         let pid = handoff::peer_pid(conn.as_fd()).or(meta.pid);
         let census = pages.census();
-        let handle = self.engine.add(SessionSpec {
+        // Everything that can fail, before the session starts: a VM being
+        // served must never be handled as an orphan.
+        let vm = Vm {
+            key: key.to_string(),
+            snapshot: meta.snapshot.clone(),
+            uffd: uffd.try_clone()?,
+            conn: conn.try_clone()?,
+            pages: pages.clone(),
+        };
+        let spec = SessionSpec {
             name: meta.name.clone(),
             uffd: uffd::Uffd::adopt(uffd.try_clone()?).context("its userfaultfd")?,
             regions: pages.regions().to_vec(),
@@ -633,7 +677,15 @@ impl Server {
             config,
             state: Some(pages.clone()),
             adopted: true,
-        })?;
+        };
+        if !from_keeper {
+            if let Some(n) = &self.notifier {
+                if let Err(e) = store_vm(n, key, uffd.as_fd(), conn.as_fd(), pages.as_fd()) {
+                    tracing::warn!(vm = key, "the keeper did not take this VM's descriptors: a restart of the server would lose it: {e}");
+                }
+            }
+        }
+        let handle = self.engine.add(spec)?;
         tracing::info!(
             vm = key,
             pid,
@@ -642,28 +694,37 @@ impl Server {
             in_flight = census[1] + census[4],
             "VM served on"
         );
-        if !from_keeper {
-            if let Some(n) = &self.notifier {
-                store_vm(n, key, uffd.as_fd(), conn.as_fd(), pages.as_fd())?;
-            }
-        }
-        lock(&self.vms).insert(
-            handle.id(),
-            Vm {
-                key: key.to_string(),
-                snapshot: meta.snapshot,
-                uffd: uffd.try_clone()?,
-                conn: conn.try_clone()?,
-                pages,
-            },
-        );
+        self.register(&handle, vm);
         self.adopted.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Keeps what a VM needs to be handed on, once its session runs. A
+    /// session that ended already (its hook found nothing to forget) is
+    /// forgotten here.
+    fn register(&self, handle: &pager::SessionHandle, vm: Vm) {
+        lock(&self.vms).insert(handle.id(), vm);
+        if let Some(report) = handle.wait(Duration::ZERO) {
+            self.forget(&report);
+        }
     }
 
     /// A VM ended: forget it (and tell the keeper); returns what it was.
     fn forget(&self, report: &pager::SessionReport) -> Option<Vm> {
         let vm = lock(&self.vms).remove(&report.id)?;
+        if report.reason == pager::EndReason::Failed {
+            // Its VMM may live on, with nobody to serve it.
+            let fds = handoff::VmFds {
+                uffd: None,
+                conn: vm.conn.try_clone().ok(),
+                pages: None,
+            };
+            let why = format!(
+                "its session failed: {}",
+                report.detail.as_deref().unwrap_or("unknown")
+            );
+            handoff::orphan::handle(&vm.key, &fds, self.args.orphan_action, &why);
+        }
         if let Some(n) = &self.notifier {
             for part in [
                 handoff::VmPart::Uffd,
@@ -713,11 +774,30 @@ impl Server {
     /// flight finish, send every descriptor, and exit once it has them
     /// (serving on until then; accepting again if it fails).
     fn hand_over(&self, conn: &OwnedFd) {
+        if self.notifier.is_some() {
+            // Its keeper would start another server on the same VMs.
+            tracing::warn!("a successor asked to take over: refused, this server has a keeper");
+            handoff::takeover::refuse(
+                conn,
+                "this server's VMs are kept by systemd or pagewire's supervisor: upgrade \
+                 through it (SIGUSR2 to the supervisor, systemctl restart)",
+            );
+            return;
+        }
         tracing::info!("a successor asks to take over: handing every VM to it");
-        self.paused.store(true, Ordering::Release);
+        // Accept threads reserve `pending` before they look at `paused`
+        // (both SeqCst), so once this sees no reservation, no connection
+        // can become a VM of this process any more.
+        self.paused.store(true, Ordering::SeqCst);
         let deadline = std::time::Instant::now()
             + Duration::from_secs_f64(self.args.handshake_timeout_s.max(0.001) + 1.0);
-        while self.pending.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+        while self.pending.load(Ordering::SeqCst) + self.accepting.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                tracing::error!("the take-over is refused: handshakes are still in flight");
+                handoff::takeover::refuse(conn, "handshakes still in flight; try again");
+                self.paused.store(false, Ordering::SeqCst);
+                return;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
         let result = (|| -> Result<usize> {
@@ -728,9 +808,12 @@ impl Server {
                     name: handoff::Name::Listen(s.name.clone()).render(),
                     fd: dup(s.listener_fd.as_fd())?,
                 });
+            }
+            // Every file a VM is served from, current or replaced since.
+            for (label, src) in lock(&self.sources).iter() {
                 named.push(handoff::Named {
-                    name: handoff::Name::Source(s.name.clone()).render(),
-                    fd: dup(s.source.file().as_fd())?,
+                    name: handoff::Name::Source(label.clone()).render(),
+                    fd: dup(src.file().as_fd())?,
                 });
             }
             let vms = lock(&self.vms);
@@ -753,9 +836,12 @@ impl Server {
         })();
         match result {
             Ok(n) => {
-                tracing::info!(vms = n, "handed over: exiting (the successor serves on)");
                 // Not `engine.shutdown()`: that would end the sessions the
-                // successor now serves. The process simply stops.
+                // successor now serves. The serving threads stop (what they
+                // read is in the page states), and the process exits; the
+                // successor waits for that before it serves.
+                self.engine.quiesce();
+                tracing::info!(vms = n, "handed over: exiting (the successor serves on)");
                 std::process::exit(0);
             }
             Err(e) => {
@@ -829,6 +915,15 @@ impl Server {
     }
 }
 
+/// A memory file's identity (device, inode), as the label it is kept
+/// under: `<snapshot>-<dev>-<inode>`. A file replaced at the same path is
+/// another source, kept apart: its VMs keep the bytes they started with.
+fn source_label(snapshot: &str, file: &std::fs::File) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    Ok(format!("{snapshot}-{:x}-{:x}", m.dev(), m.ino()))
+}
+
 /// What a VM's page-state file says about it, for a successor.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct VmMeta {
@@ -836,6 +931,18 @@ struct VmMeta {
     snapshot: String,
     path: PathBuf,
     pid: Option<u32>,
+    /// `source_label` of the file it is served from.
+    source: String,
+}
+
+fn remove_vm(n: &handoff::Notifier, key: &str) {
+    for part in [
+        handoff::VmPart::Uffd,
+        handoff::VmPart::Conn,
+        handoff::VmPart::Pages,
+    ] {
+        let _ = n.remove(&handoff::Name::Vm(key.into(), part).render());
+    }
 }
 
 fn store_vm(
@@ -1018,7 +1125,14 @@ impl Server {
             if snap.stop.load(Ordering::Acquire) {
                 return;
             }
-            if self.paused.load(Ordering::Acquire) {
+            // A reservation in `pending` first, then the look at `paused`
+            // (see `hand_over`); the reservation becomes the handshake's.
+            self.accepting.fetch_add(1, Ordering::SeqCst);
+            let release = || {
+                self.accepting.fetch_sub(1, Ordering::SeqCst);
+            };
+            if self.paused.load(Ordering::SeqCst) {
+                release();
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
@@ -1030,17 +1144,23 @@ impl Server {
                 tv_nsec: 50_000_000,
             };
             if !matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0) {
+                release();
                 continue;
             }
-            if self.paused.load(Ordering::Acquire) || snap.stop.load(Ordering::Acquire) {
+            if snap.stop.load(Ordering::Acquire) {
+                release();
                 continue;
             }
             wait_for_room(&self.pending, args, &self.engine, self.fd_limit);
             listener.set_nonblocking(true).ok();
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    release();
+                    continue;
+                }
                 Err(e) => {
+                    release();
                     let emfile = matches!(e.raw_os_error(), Some(c) if c == rustix::io::Errno::MFILE.raw_os_error() || c == rustix::io::Errno::NFILE.raw_os_error());
                     if emfile {
                         limited!(
@@ -1069,14 +1189,18 @@ impl Server {
                          (--max-handshakes-per-uid)"
                     );
                     self.rejected.fetch_add(1, Ordering::Relaxed);
+                    drop(counts);
+                    release();
                     continue;
                 }
                 *n += 1;
             }
-            self.pending.fetch_add(1, Ordering::AcqRel);
+            // The reservation becomes a handshake in flight.
+            self.pending.fetch_add(1, Ordering::SeqCst);
+            release();
             let (done, per_uid_done) = (self.pending.clone(), self.per_uid.clone());
             let finished = move || {
-                done.fetch_sub(1, Ordering::AcqRel);
+                done.fetch_sub(1, Ordering::SeqCst);
                 let mut counts = lock(&per_uid_done);
                 if let Some(n) = counts.get_mut(&uid) {
                     *n -= 1;
@@ -1153,6 +1277,7 @@ impl Server {
             snapshot: snap.name.clone(),
             path: snap.path.clone(),
             pid,
+            source: snap.label.clone(),
         };
         let prepared = (|| -> Result<(Arc<PageStateFile>, OwnedFd, OwnedFd)> {
             let meta = serde_json::to_vec(&meta)?;
@@ -1171,6 +1296,13 @@ impl Server {
             }
         };
         let hangup: OwnedFd = stream.into();
+        // Kept before the session starts: a server that dies right after
+        // leaves the VM to its successor, never unserved and unkept.
+        if let Some(n) = &self.notifier {
+            if let Err(e) = store_vm(n, &key, uffd_copy.as_fd(), conn_copy.as_fd(), pages.as_fd()) {
+                limited!(warn, peer = %who, "the keeper did not take this VM's descriptors: a restart of the server would lose it: {e}");
+            }
+        }
         let spec = SessionSpec {
             name,
             uffd,
@@ -1182,30 +1314,23 @@ impl Server {
             state: Some(pages.clone()),
             adopted: false,
         };
-        // Registered before the session starts, so that an end right away
-        // finds it.
-        let mut vms = lock(&self.vms);
         match self.engine.add(spec) {
-            Ok(handle) => {
+            Ok(handle) => self.register(
+                &handle,
+                Vm {
+                    key,
+                    snapshot: snap.name.clone(),
+                    uffd: uffd_copy,
+                    conn: conn_copy,
+                    pages,
+                },
+            ),
+            Err(e) => {
+                limited!(error, peer = %who, "VM not served: {e}");
                 if let Some(n) = &self.notifier {
-                    if let Err(e) =
-                        store_vm(n, &key, uffd_copy.as_fd(), conn_copy.as_fd(), pages.as_fd())
-                    {
-                        limited!(warn, peer = %who, "the keeper did not take this VM's descriptors: a restart of the server would lose it: {e}");
-                    }
+                    remove_vm(n, &key);
                 }
-                vms.insert(
-                    handle.id(),
-                    Vm {
-                        key,
-                        snapshot: snap.name.clone(),
-                        uffd: uffd_copy,
-                        conn: conn_copy,
-                        pages,
-                    },
-                );
             }
-            Err(e) => limited!(error, peer = %who, "VM not served: {e}"),
         }
     }
 }
