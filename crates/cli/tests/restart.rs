@@ -136,6 +136,8 @@ fn discards_survive_a_sigkill_of_the_server_during_a_balloon_race() {
             .expect("kill");
     }
     let r = finish(c, &sup);
+    // The kills landed while the VM was served: a new server served it on.
+    assert!(sup.log().contains("VM served on"), "{}", sup.log());
     eprintln!(
         "balloon race through two SIGKILLs: longest stall {:.1} ms",
         longest_stall_ms(&r)
@@ -151,11 +153,14 @@ fn a_vm_is_served_through_a_live_take_over() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mem = mem_file(dir.path(), 256 * MIB);
     let mut old = Server::start(dir.path(), &mem, &ONE_PAGE);
-    // The first VM is mid-touch at the switch; the second has released part
-    // of its memory before it (its discards must survive the hand-over).
+    // The first VM is mid-touch at the switch; the second races discards
+    // against reads across it (its discards must survive the hand-over).
     let c = slow_client(&old, &mem, &[]);
     old.wait_log("session started");
-    std::thread::sleep(Duration::from_millis(300));
+    let racer = client(&old, &mem, &["--balloon-race", "1200", "--seed", "13"])
+        .spawn()
+        .expect("racer");
+    std::thread::sleep(Duration::from_millis(400));
     let control = old.socket.with_extension("sock.control");
     let new_log = dir.path().join("new.log");
     let mut new = Command::new(BIN)
@@ -171,14 +176,26 @@ fn a_vm_is_served_through_a_live_take_over() {
         .stderr(std::fs::File::create(&new_log).expect("log"))
         .spawn()
         .expect("spawn the successor");
-    let status = old.child.wait().expect("old server");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = old.child.try_wait().expect("old server") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old server did not exit after a take-over:\n{}",
+            old.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(
         status.success(),
         "the old server exits after handing over: {status}"
     );
     let r = finish(c, &old);
+    finish(racer, &old);
     let log = std::fs::read_to_string(&new_log).unwrap_or_default();
-    assert!(log.contains("VM served on"), "{log}");
+    assert_eq!(log.matches("VM served on").count(), 2, "{log}");
     eprintln!(
         "served through a take-over: longest stall {:.1} ms",
         longest_stall_ms(&r)
@@ -446,4 +463,131 @@ fn parse_metrics(text: &str) -> Vec<(String, String, f64)> {
             (name, labels, v)
         })
         .collect()
+}
+
+/// A server whose VMs have a keeper refuses a take-over (its keeper would
+/// start another server on them) and serves on; the successor says why.
+#[test]
+fn a_supervised_server_refuses_a_take_over_and_serves_on() {
+    if !common::have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = mem_file(dir.path(), 64 * MIB);
+    let mut sup = Server::start(dir.path(), &mem, &["--supervise"]);
+    let c = client(&sup, &mem, &["--hold-ms", "1000"])
+        .spawn()
+        .expect("client");
+    sup.wait_log("session started");
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.path().join("other.sock"))
+        .arg("--mem-file")
+        .arg(&mem)
+        .arg("--take-over")
+        .arg(sup.socket.with_extension("sock.control"))
+        .output()
+        .expect("successor");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("refused") && err.contains("SIGUSR2"), "{err}");
+    finish(c, &sup);
+    let _ = sup.child.kill();
+}
+
+/// SIGHUP reads the snapshot directory again: a new snapshot gets its
+/// socket; logs can be JSON.
+#[test]
+fn sighup_adds_a_snapshot_and_logs_can_be_json() {
+    if !common::have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snaps = dir.path().join("snapshots");
+    std::fs::create_dir(&snaps).expect("mkdir");
+    let a = mem_file(dir.path(), 8 * MIB);
+    std::fs::rename(&a, snaps.join("first.mem")).expect("move");
+    let socks = dir.path().join("sockets");
+    let log = dir.path().join("serve.log");
+    let mut server = Command::new(BIN)
+        .args(["--log-format", "json", "serve"])
+        .arg("--snapshot-dir")
+        .arg(&snaps)
+        .arg("--socket-dir")
+        .arg(&socks)
+        .env("PAGEWIRE_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("serve");
+    wait_for("the first socket", || {
+        socks.join("first.sock").exists().then_some(())
+    });
+    let b = other_mem(dir.path(), 4 * MIB);
+    std::fs::rename(&b, snaps.join("second.mem")).expect("move");
+    Command::new("kill")
+        .args(["-HUP", &server.id().to_string()])
+        .status()
+        .expect("kill");
+    let second = socks.join("second.sock");
+    wait_for("the second socket", || second.exists().then_some(()));
+    let out = Command::new(BIN)
+        .arg("fc-client")
+        .arg("--socket")
+        .arg(&second)
+        .arg("--mem-file")
+        .arg(snaps.join("second.mem"))
+        .output()
+        .expect("client");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report(&out)["mismatched_pages"], 0);
+    let _ = server.kill();
+    let _ = server.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let mut lines = 0;
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+        lines += 1;
+    }
+    assert!(lines >= 3, "{text}");
+}
+
+/// An upgrade under the supervisor (SIGUSR2): the server is asked to stop,
+/// stops its serving threads with every event it read in the page states,
+/// and a new one serves on; the guest races discards against reads across
+/// it, every byte checked.
+#[test]
+fn an_upgrade_by_sigusr2_under_the_supervisor_loses_nothing() {
+    if !common::have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = mem_file(dir.path(), 64 * MIB);
+    let mut sup = Server::start(dir.path(), &mem, &["--supervise"]);
+    let c = client(&sup, &mem, &["--balloon-race", "1500", "--seed", "7"])
+        .spawn()
+        .expect("client");
+    sup.wait_log("session started");
+    std::thread::sleep(Duration::from_millis(500));
+    Command::new("kill")
+        .args(["-USR2", &sup.child.id().to_string()])
+        .status()
+        .expect("kill");
+    let r = finish(c, &sup);
+    let log = sup.log();
+    assert!(
+        log.contains("SIGUSR2") && log.contains("VM served on"),
+        "{log}"
+    );
+    eprintln!(
+        "served through an upgrade: longest stall {:.1} ms",
+        longest_stall_ms(&r)
+    );
+    let _ = sup.child.kill();
 }
