@@ -124,6 +124,10 @@ pub struct FcClientArgs {
     /// on (checked in the verify phase).
     #[arg(long)]
     pub balloon_race: Option<u64>,
+    /// Wait this long after the handshake before the first access (lets a
+    /// handler's prefetch finish first).
+    #[arg(long, default_value_t = 0)]
+    pub start_after_ms: u64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,6 +174,7 @@ impl FcClientArgs {
             background_chunk: self.background_chunk,
             misbehave: self.misbehave,
             balloon_race: self.balloon_race,
+            start_after_ms: self.start_after_ms,
         })
     }
 }

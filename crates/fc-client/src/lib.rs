@@ -158,6 +158,10 @@ pub struct Config {
     /// must be the file's or zero, and every discarded page zero from then
     /// on (checked in the verify phase).
     pub balloon_race: Option<u64>,
+    /// Wait this long after the handshake before touching anything (so a
+    /// handler's prefetch of a recorded working set has run: tests that
+    /// count faults then do not race it).
+    pub start_after_ms: u64,
 }
 
 impl Config {
@@ -1253,6 +1257,9 @@ pub fn run(args: &Config) -> Result<Outcome> {
             .context("starting the watchdog thread")?;
     }
 
+    if args.start_after_ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(args.start_after_ms));
+    }
     let race = match args.balloon_race {
         Some(ms) => {
             let race = hostile::balloon_race(&layout, &file, &watch, args.threads, ms, args.seed)?;
