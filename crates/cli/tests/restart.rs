@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::{client, mem_file, report, Server, BIN, MIB};
+use common::server::{client, mem_file, verified, Server, BIN, MIB};
 
 /// The longest time one page access of the client waited.
 fn longest_stall_ms(r: &serde_json::Value) -> f64 {
@@ -28,14 +28,7 @@ fn slow_client(server: &Server, mem: &Path, extra: &[&str]) -> Child {
 
 fn finish(c: Child, server: &Server) -> serde_json::Value {
     let out = c.wait_with_output().expect("client");
-    let r = report(&out);
-    assert!(
-        out.status.success(),
-        "client failed: {r}\nstderr {}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
-    );
-    assert_eq!(r["mismatched_pages"], 0, "{r}");
+    let r = verified(&out, &server.log());
     assert_eq!(r["pages_verified"], r["pages_total"], "{r}");
     r
 }
@@ -64,29 +57,43 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// A memory file of `mib` MiB and a server started on it with `args`
+/// (`None`, after a visible message, without userfaultfd).
+fn setup(mib: usize, args: &[&str]) -> Option<(tempfile::TempDir, std::path::PathBuf, Server)> {
+    if !common::have_uffd() {
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = mem_file(dir.path(), mib * MIB);
+    let server = Server::start(dir.path(), &mem, args);
+    Some((dir, mem, server))
+}
+
+/// SIGKILLs the server that the supervisor `sup` runs now.
+fn kill_supervised(sup: &Server) {
+    let pid = wait_for("the supervised server", || {
+        children(sup.child.id()).first().copied()
+    });
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+}
+
 const ONE_PAGE: [&str; 3] = ["--fixed-cluster", "--cluster-pages", "1"];
 
 #[test]
 fn a_vm_is_served_through_a_sigkill_of_its_server() {
-    if !common::have_uffd() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = mem_file(dir.path(), 256 * MIB);
     let mut args = vec!["--supervise", "--orphan-timeout-s", "20"];
     args.extend(ONE_PAGE);
-    let mut sup = Server::start(dir.path(), &mem, &args);
+    let Some((_dir, mem, mut sup)) = setup(256, &args) else {
+        return;
+    };
     let c = slow_client(&sup, &mem, &["--balloon", "16M:8M"]);
     sup.wait_log("session started");
     std::thread::sleep(Duration::from_millis(300));
-    let first = wait_for("the supervised server", || {
-        children(sup.child.id()).first().copied()
-    });
     // Threads of the client are blocked on pages right now.
-    Command::new("kill")
-        .args(["-9", &first.to_string()])
-        .status()
-        .expect("kill");
+    kill_supervised(&sup);
     let r = finish(c, &sup);
     let log = sup.log();
     assert!(log.contains("VM served on"), "{log}");
@@ -107,12 +114,9 @@ fn a_vm_is_served_through_a_sigkill_of_its_server() {
 /// snapshot bytes (the client checks every byte; seeded and printed).
 #[test]
 fn discards_survive_a_sigkill_of_the_server_during_a_balloon_race() {
-    if !common::have_uffd() {
+    let Some((_dir, mem, mut sup)) = setup(64, &["--supervise"]) else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = mem_file(dir.path(), 64 * MIB);
-    let mut sup = Server::start(dir.path(), &mem, &["--supervise"]);
+    };
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64 % 1_000_000);
@@ -127,13 +131,7 @@ fn discards_survive_a_sigkill_of_the_server_during_a_balloon_race() {
     sup.wait_log("session started");
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(400));
-        let pid = wait_for("the supervised server", || {
-            children(sup.child.id()).first().copied()
-        });
-        Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .expect("kill");
+        kill_supervised(&sup);
     }
     let r = finish(c, &sup);
     // The kills landed while the VM was served: a new server served it on.
@@ -147,12 +145,9 @@ fn discards_survive_a_sigkill_of_the_server_during_a_balloon_race() {
 
 #[test]
 fn a_vm_is_served_through_a_live_take_over() {
-    if !common::have_uffd() {
+    let Some((dir, mem, mut old)) = setup(256, &ONE_PAGE) else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = mem_file(dir.path(), 256 * MIB);
-    let mut old = Server::start(dir.path(), &mem, &ONE_PAGE);
+    };
     // The first VM is mid-touch at the switch; the second races discards
     // against reads across it (its discards must survive the hand-over).
     let c = slow_client(&old, &mem, &[]);
@@ -204,37 +199,23 @@ fn a_vm_is_served_through_a_live_take_over() {
     let out = client(&old, &mem, &["--balloon", "0:4M"])
         .output()
         .expect("client");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(report(&out)["mismatched_pages"], 0);
+    verified(&out, &std::fs::read_to_string(&new_log).unwrap_or_default());
     let _ = new.kill();
     let _ = new.wait();
 }
 
 #[test]
 fn a_vm_no_server_takes_back_is_killed_after_the_orphan_timeout() {
-    if !common::have_uffd() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = mem_file(dir.path(), 256 * MIB);
     let mut args = vec!["--supervise", "--orphan-timeout-s", "1"];
     args.extend(ONE_PAGE);
-    let mut sup = Server::start(dir.path(), &mem, &args);
+    let Some((dir, mem, mut sup)) = setup(256, &args) else {
+        return;
+    };
     let c = slow_client(&sup, &mem, &[]);
     sup.wait_log("session started");
     // The server cannot come back: its memory file is gone.
     std::fs::rename(&mem, dir.path().join("moved")).expect("rename");
-    let first = wait_for("the supervised server", || {
-        children(sup.child.id()).first().copied()
-    });
-    Command::new("kill")
-        .args(["-9", &first.to_string()])
-        .status()
-        .expect("kill");
+    kill_supervised(&sup);
     let started = Instant::now();
     let out = c.wait_with_output().expect("client");
     use std::os::unix::process::ExitStatusExt;
@@ -297,12 +278,7 @@ fn socket_activation_by_systemd_socket_activate() {
         .output()
         .expect("client");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "{}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(report(&out)["mismatched_pages"], 0);
+    verified(&out, &text);
     assert!(
         !dir.path().join("unused.sock").exists(),
         "the activated socket was used, not a new one:\n{text}"
@@ -396,12 +372,7 @@ fn two_snapshots_are_served_by_one_server_to_two_vms_at_once() {
     for c in [ca, cb] {
         let out = c.wait_with_output().expect("client");
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        assert!(
-            out.status.success(),
-            "{}\n{text}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(report(&out)["mismatched_pages"], 0);
+        verified(&out, &text);
     }
     // The picture of what the two restores did.
     wait_for("two stats lines", || {
@@ -469,12 +440,9 @@ fn parse_metrics(text: &str) -> Vec<(String, String, f64)> {
 /// start another server on them) and serves on; the successor says why.
 #[test]
 fn a_supervised_server_refuses_a_take_over_and_serves_on() {
-    if !common::have_uffd() {
+    let Some((dir, mem, mut sup)) = setup(64, &["--supervise"]) else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = mem_file(dir.path(), 64 * MIB);
-    let mut sup = Server::start(dir.path(), &mem, &["--supervise"]);
+    };
     let c = client(&sup, &mem, &["--hold-ms", "1000"])
         .spawn()
         .expect("client");
@@ -539,12 +507,7 @@ fn sighup_adds_a_snapshot_and_logs_can_be_json() {
         .arg(snaps.join("second.mem"))
         .output()
         .expect("client");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(report(&out)["mismatched_pages"], 0);
+    verified(&out, &std::fs::read_to_string(&log).unwrap_or_default());
     let _ = server.kill();
     let _ = server.wait();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -564,12 +527,9 @@ fn sighup_adds_a_snapshot_and_logs_can_be_json() {
 /// it, every byte checked.
 #[test]
 fn an_upgrade_by_sigusr2_under_the_supervisor_loses_nothing() {
-    if !common::have_uffd() {
+    let Some((_dir, mem, mut sup)) = setup(64, &["--supervise"]) else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mem = mem_file(dir.path(), 64 * MIB);
-    let mut sup = Server::start(dir.path(), &mem, &["--supervise"]);
+    };
     let c = client(&sup, &mem, &["--balloon-race", "1500", "--seed", "7"])
         .spawn()
         .expect("client");

@@ -28,6 +28,22 @@ use crate::{msg, HandoffError, Named};
 
 const HELLO: &[u8] = b"TAKEOVER 1";
 
+/// A seqpacket socket, and the address of the control socket at `path`.
+fn control_socket(path: &Path) -> Result<(OwnedFd, SocketAddrUnix), HandoffError> {
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(HandoffError::errno("creating a control socket"))?;
+    let addr = SocketAddrUnix::new(path).map_err(HandoffError::errno(format!(
+        "control socket path {}",
+        path.display()
+    )))?;
+    Ok((fd, addr))
+}
+
 /// Binds the control socket at `path` (a stale socket file is replaced).
 pub fn listen(path: &Path) -> Result<OwnedFd, HandoffError> {
     if let Ok(m) = std::fs::symlink_metadata(path) {
@@ -41,17 +57,7 @@ pub fn listen(path: &Path) -> Result<OwnedFd, HandoffError> {
             )));
         }
     }
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .map_err(HandoffError::errno("creating the control socket"))?;
-    let addr = SocketAddrUnix::new(path).map_err(HandoffError::errno(format!(
-        "control socket path {}",
-        path.display()
-    )))?;
+    let (fd, addr) = control_socket(path)?;
     rustix::net::bind(&fd, &addr)
         .map_err(HandoffError::errno(format!("binding {}", path.display())))?;
     // Only the owner (root, normally) may take the server over.
@@ -142,17 +148,7 @@ impl Received {
 /// New server: takes every descriptor from the server listening on the
 /// control socket at `path`. Nothing is final until [`Received::accept`].
 pub fn take_over(path: &Path) -> Result<Received, HandoffError> {
-    let conn = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .map_err(HandoffError::errno("creating a socket"))?;
-    let addr = SocketAddrUnix::new(path).map_err(HandoffError::errno(format!(
-        "control socket path {}",
-        path.display()
-    )))?;
+    let (conn, addr) = control_socket(path)?;
     rustix::net::connect(&conn, &addr).map_err(HandoffError::errno(format!(
         "connecting to the running server's control socket {} (is a server running with \
          --control there?)",

@@ -196,12 +196,17 @@ pub fn report(out: &Output) -> serde_json::Value {
 
 pub fn run_ok(server: &Server, mem: &Path, args: &[&str]) -> serde_json::Value {
     let out = client(server, mem, args).output().expect("run client");
-    let r = report(&out);
+    verified(&out, &server.log())
+}
+
+/// The report of a client that succeeded and found every byte right (else
+/// a failure that shows the server's `log`).
+pub fn verified(out: &Output, log: &str) -> serde_json::Value {
+    let r = report(out);
     assert!(
         out.status.success(),
-        "client failed: {r}\nstderr {}\nserver log:\n{}",
+        "client failed: {r}\nstderr {}\nserver log:\n{log}",
         String::from_utf8_lossy(&out.stderr),
-        server.log()
     );
     assert_eq!(r["mismatched_pages"], 0, "{r}");
     r
