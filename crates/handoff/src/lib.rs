@@ -20,9 +20,11 @@
 //!   for everything over a control socket; the old one stops accepting,
 //!   sends, and exits once the new one has it all.
 //!
-//! Names follow [`Name`]: `listen.<snapshot>`, `source.<snapshot>`,
-//! `vm.<key>.uffd|conn|pages`. systemd allows printable ASCII without `:`
-//! up to 255 bytes; snapshot names and keys are kept to `[A-Za-z0-9_.-]`.
+//! Names follow [`Name`]: `listen.<snapshot>`, `source.<label>`, and
+//! `vm.<key>` for a VM's three descriptors, stored in one message (so a
+//! VM is kept whole or not at all) in the order [`VM_PARTS`] gives. systemd
+//! allows printable ASCII without `:` up to 255 bytes; snapshot names, labels
+//! and keys are kept to `[A-Za-z0-9_-]`.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -73,8 +75,8 @@ pub enum Name {
     /// A snapshot's memory file, open (VMs keep the bytes they started
     /// with, even if the file at that path is replaced).
     Source(String),
-    /// One of a VM's descriptors.
-    Vm(String, VmPart),
+    /// A VM's descriptors, in the order of [`VM_PARTS`].
+    Vm(String),
     /// Anything else (a socket systemd activated under its own name).
     Other(String),
 }
@@ -87,15 +89,8 @@ pub enum VmPart {
     Pages,
 }
 
-impl VmPart {
-    fn as_str(self) -> &'static str {
-        match self {
-            VmPart::Uffd => "uffd",
-            VmPart::Conn => "conn",
-            VmPart::Pages => "pages",
-        }
-    }
-}
+/// The order of a VM's descriptors under its name.
+pub const VM_PARTS: [VmPart; 3] = [VmPart::Uffd, VmPart::Conn, VmPart::Pages];
 
 /// Whether `s` may be part of a name (snapshot names, VM keys).
 pub fn valid_label(s: &str) -> bool {
@@ -114,22 +109,7 @@ impl Name {
         match kind {
             "listen" if valid_label(rest) => Name::Listen(rest.to_string()),
             "source" if valid_label(rest) => Name::Source(rest.to_string()),
-            "vm" => {
-                let Some((key, part)) = rest.rsplit_once('.') else {
-                    return other();
-                };
-                let part = match part {
-                    "uffd" => VmPart::Uffd,
-                    "conn" => VmPart::Conn,
-                    "pages" => VmPart::Pages,
-                    _ => return other(),
-                };
-                if valid_label(key) {
-                    Name::Vm(key.to_string(), part)
-                } else {
-                    other()
-                }
-            }
+            "vm" if valid_label(rest) => Name::Vm(rest.to_string()),
             _ => other(),
         }
     }
@@ -138,7 +118,7 @@ impl Name {
         match self {
             Name::Listen(s) => format!("listen.{s}"),
             Name::Source(s) => format!("source.{s}"),
-            Name::Vm(k, p) => format!("vm.{k}.{}", p.as_str()),
+            Name::Vm(k) => format!("vm.{k}"),
             Name::Other(s) => s.clone(),
         }
     }
@@ -158,6 +138,9 @@ pub struct Inherited {
     pub listeners: BTreeMap<String, OwnedFd>,
     pub sources: BTreeMap<String, OwnedFd>,
     pub vms: BTreeMap<String, VmFds>,
+    /// VMs whose descriptors did not come as three (closed; named here
+    /// so that the caller can say so).
+    pub incomplete: Vec<String>,
     pub other: Vec<Named>,
 }
 
@@ -166,6 +149,7 @@ impl Inherited {
     /// (the others are closed).
     pub fn sort(fds: Vec<Named>) -> Inherited {
         let mut out = Inherited::default();
+        let mut vm_fds: BTreeMap<String, Vec<OwnedFd>> = BTreeMap::new();
         for Named { name, fd } in fds {
             match Name::parse(&name) {
                 Name::Listen(s) => {
@@ -174,19 +158,24 @@ impl Inherited {
                 Name::Source(s) => {
                     out.sources.entry(s).or_insert(fd);
                 }
-                Name::Vm(k, part) => {
-                    let v = out.vms.entry(k).or_default();
-                    let slot = match part {
-                        VmPart::Uffd => &mut v.uffd,
-                        VmPart::Conn => &mut v.conn,
-                        VmPart::Pages => &mut v.pages,
-                    };
-                    if slot.is_none() {
-                        *slot = Some(fd);
-                    }
-                }
+                Name::Vm(k) => vm_fds.entry(k).or_default().push(fd),
                 Name::Other(_) => out.other.push(Named { name, fd }),
             }
+        }
+        for (key, fds) in vm_fds {
+            if fds.len() != VM_PARTS.len() {
+                out.incomplete.push(key);
+                continue;
+            }
+            let mut it = fds.into_iter();
+            out.vms.insert(
+                key,
+                VmFds {
+                    uffd: it.next(),
+                    conn: it.next(),
+                    pages: it.next(),
+                },
+            );
         }
         out
     }
@@ -232,18 +221,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_vm_is_kept_whole_or_not_at_all() {
+        let named = |n: &str| Named {
+            name: n.into(),
+            fd: rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).expect("memfd"),
+        };
+        let sorted = Inherited::sort(vec![
+            named("vm.a"),
+            named("listen.x"),
+            named("vm.a"),
+            named("vm.b"),
+            named("vm.a"),
+        ]);
+        assert_eq!(sorted.vms.len(), 1);
+        assert!(sorted.vms["a"].pages.is_some());
+        assert_eq!(sorted.incomplete, vec!["b".to_string()]);
+        assert_eq!(sorted.listeners.len(), 1);
+    }
+
+    #[test]
     fn names_round_trip_and_junk_is_other() {
         for n in [
             Name::Listen("base".into()),
             Name::Source("base-2".into()),
-            Name::Vm("a1b2".into(), VmPart::Pages),
+            Name::Vm("a1b2".into()),
         ] {
             assert_eq!(Name::parse(&n.render()), n);
         }
         for junk in [
             "",
             "listen.",
-            "vm.x",
+            "vm.",
             "vm.x.y",
             "vm..uffd",
             "listen.a:b",

@@ -24,12 +24,18 @@ impl Notifier {
         std::env::var_os("NOTIFY_SOCKET").map(|_| Notifier { _private: () })
     }
 
-    /// Asks the keeper to keep `fd` under `name` (a name may hold several).
+    /// Asks the keeper to keep `fd` under `name`.
     pub fn store(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), HandoffError> {
+        self.store_all(name, &[fd])
+    }
+
+    /// Asks the keeper to keep all of `fds` under `name`, in this order, in
+    /// one message: it keeps them all or none.
+    pub fn store_all(&self, name: &str, fds: &[BorrowedFd<'_>]) -> Result<(), HandoffError> {
         sd_notify::notify_with_fds(
             false,
             &[NotifyState::FdStore, NotifyState::FdName(name)],
-            &[fd],
+            fds,
         )
         .map_err(HandoffError::io(format!("storing {name} with the keeper")))
     }

@@ -59,8 +59,15 @@ struct Store {
 }
 
 impl Store {
+    /// Keeps `fd` under `name` beside what the name holds already (a VM's
+    /// three), unless it holds that very file already (a server stores its
+    /// sources again at each start).
     fn put(&mut self, name: String, fd: OwnedFd) {
-        self.fds.retain(|n| n.name != name);
+        let id = |f: &OwnedFd| rustix::fs::fstat(f).ok().map(|s| (s.st_dev, s.st_ino));
+        let new = id(&fd);
+        if new.is_some() && self.fds.iter().any(|n| n.name == name && id(&n.fd) == new) {
+            return;
+        }
         self.fds.push(Named { name, fd });
     }
     fn remove(&mut self, name: &str) {
@@ -258,6 +265,9 @@ fn orphan_all(store: &Mutex<Store>, action: OrphanAction, why: &str) -> usize {
     let n = sorted.vms.len();
     for (key, vm) in &sorted.vms {
         orphan::handle(key, vm, action, why);
+    }
+    for key in &sorted.incomplete {
+        tracing::error!(vm = key, "a kept VM lacks some of its descriptors: dropped");
     }
     // Listeners and sources stay for the next server.
     for (name, fd) in sorted.listeners {

@@ -309,7 +309,15 @@ pub fn run(args: &Config) -> Result<(), ServeError> {
         sources,
         vms,
         other,
+        incomplete,
     } = inherited;
+    for key in incomplete {
+        tracing::error!(
+            vm = key,
+            "a VM handed to this server lacks some of its descriptors: it cannot be served \
+             (nor killed: its connection is among what is missing)"
+        );
+    }
     // A socket systemd activated under its unit's name serves the single
     // snapshot of --mem-file.
     if args.snapshot_dir.is_none() && !listeners.contains_key(DEFAULT_SNAPSHOT) {
@@ -579,13 +587,7 @@ impl Server {
                     let why = format!("it could not be served on: {e:#}");
                     handoff::orphan::handle(&key, &fds, self.args.orphan_action, &why);
                     if let Some(n) = &self.notifier {
-                        for part in [
-                            handoff::VmPart::Uffd,
-                            handoff::VmPart::Conn,
-                            handoff::VmPart::Pages,
-                        ] {
-                            let _ = n.remove(&handoff::Name::Vm(key.clone(), part).render());
-                        }
+                        let _ = n.remove(&handoff::Name::Vm(key.clone()).render());
                     }
                 }
             }
@@ -726,13 +728,7 @@ impl Server {
             handoff::orphan::handle(&vm.key, &fds, self.args.orphan_action, &why);
         }
         if let Some(n) = &self.notifier {
-            for part in [
-                handoff::VmPart::Uffd,
-                handoff::VmPart::Conn,
-                handoff::VmPart::Pages,
-            ] {
-                let _ = n.remove(&handoff::Name::Vm(vm.key.clone(), part).render());
-            }
+            let _ = n.remove(&handoff::Name::Vm(vm.key.clone()).render());
         }
         lock(&self.ended).add(&counters(&report.stats));
         Some(vm)
@@ -818,13 +814,9 @@ impl Server {
             }
             let vms = lock(&self.vms);
             for vm in vms.values() {
-                for (part, fd) in [
-                    (handoff::VmPart::Uffd, vm.uffd.as_fd()),
-                    (handoff::VmPart::Conn, vm.conn.as_fd()),
-                    (handoff::VmPart::Pages, vm.pages.as_fd()),
-                ] {
+                for fd in [vm.uffd.as_fd(), vm.conn.as_fd(), vm.pages.as_fd()] {
                     named.push(handoff::Named {
-                        name: handoff::Name::Vm(vm.key.clone(), part).render(),
+                        name: handoff::Name::Vm(vm.key.clone()).render(),
                         fd: dup(fd)?,
                     });
                 }
@@ -936,13 +928,7 @@ struct VmMeta {
 }
 
 fn remove_vm(n: &handoff::Notifier, key: &str) {
-    for part in [
-        handoff::VmPart::Uffd,
-        handoff::VmPart::Conn,
-        handoff::VmPart::Pages,
-    ] {
-        let _ = n.remove(&handoff::Name::Vm(key.into(), part).render());
-    }
+    let _ = n.remove(&handoff::Name::Vm(key.into()).render());
 }
 
 fn store_vm(
@@ -952,17 +938,10 @@ fn store_vm(
     conn: std::os::fd::BorrowedFd<'_>,
     pages: std::os::fd::BorrowedFd<'_>,
 ) -> Result<(), handoff::HandoffError> {
-    n.store(
-        &handoff::Name::Vm(key.into(), handoff::VmPart::Uffd).render(),
-        uffd,
-    )?;
-    n.store(
-        &handoff::Name::Vm(key.into(), handoff::VmPart::Conn).render(),
-        conn,
-    )?;
-    n.store(
-        &handoff::Name::Vm(key.into(), handoff::VmPart::Pages).render(),
-        pages,
+    // In the order of handoff::VM_PARTS, in one message.
+    n.store_all(
+        &handoff::Name::Vm(key.into()).render(),
+        &[uffd, conn, pages],
     )
 }
 
