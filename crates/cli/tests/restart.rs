@@ -69,6 +69,22 @@ fn setup(mib: usize, args: &[&str]) -> Option<(tempfile::TempDir, std::path::Pat
     Some((dir, mem, server))
 }
 
+/// Stops a supervisor the way an operator does (SIGTERM), so that it
+/// cleans up after itself.
+fn stop(sup: &mut Server) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &sup.child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sup.child.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = sup.child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// SIGKILLs the server that the supervisor `sup` runs now.
 fn kill_supervised(sup: &Server) {
     let pid = wait_for("the supervised server", || {
@@ -104,7 +120,7 @@ fn a_vm_is_served_through_a_sigkill_of_its_server() {
         longest_stall_ms(&r),
         r["touch_ms"].as_f64().unwrap_or(0.0)
     );
-    let _ = sup.child.kill();
+    stop(&mut sup);
 }
 
 /// The balloon-vs-migration race of the kernel thread behind this project,
@@ -140,7 +156,7 @@ fn discards_survive_a_sigkill_of_the_server_during_a_balloon_race() {
         "balloon race through two SIGKILLs: longest stall {:.1} ms",
         longest_stall_ms(&r)
     );
-    let _ = sup.child.kill();
+    stop(&mut sup);
 }
 
 #[test]
@@ -228,7 +244,7 @@ fn a_vm_no_server_takes_back_is_killed_after_the_orphan_timeout() {
     );
     assert!(started.elapsed() < Duration::from_secs(15));
     sup.wait_log("VM killed: no page server took it over");
-    let _ = sup.child.kill();
+    stop(&mut sup);
 }
 
 #[test]
@@ -461,7 +477,7 @@ fn a_supervised_server_refuses_a_take_over_and_serves_on() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("refused") && err.contains("SIGUSR2"), "{err}");
     finish(c, &sup);
-    let _ = sup.child.kill();
+    stop(&mut sup);
 }
 
 /// SIGHUP reads the snapshot directory again: a new snapshot gets its
@@ -549,5 +565,5 @@ fn an_upgrade_by_sigusr2_under_the_supervisor_loses_nothing() {
         "served through an upgrade: longest stall {:.1} ms",
         longest_stall_ms(&r)
     );
-    let _ = sup.child.kill();
+    stop(&mut sup);
 }

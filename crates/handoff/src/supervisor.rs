@@ -90,6 +90,7 @@ pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffE
         "creating {}",
         opts.runtime_dir.display()
     )))?;
+    remove_stale_dirs(&opts.runtime_dir);
     let dir = opts
         .runtime_dir
         .join(format!("pagewire-supervisor-{}", std::process::id()));
@@ -444,6 +445,29 @@ fn raise_fd_limit() {
             },
         ) {
             tracing::warn!("supervisor: cannot raise the file descriptor limit: {e}");
+        }
+    }
+}
+
+/// Removes the notification directories of supervisors that are gone
+/// (killed before they could clean up).
+fn remove_stale_dirs(runtime_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(runtime_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("pagewire-supervisor-"))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = rustix::process::Pid::from_raw(pid)
+            .is_some_and(|p| rustix::process::test_kill_process(p).is_ok());
+        if !alive {
+            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }
