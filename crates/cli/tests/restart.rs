@@ -567,3 +567,39 @@ fn an_upgrade_by_sigusr2_under_the_supervisor_loses_nothing() {
     );
     stop(&mut sup);
 }
+
+/// systemd's own protocol end to end, where systemd cannot run here (not
+/// PID 1): `fake_systemd.py` binds the socket (activation), starts the
+/// server with LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID and NOTIFY_SOCKET,
+/// keeps what it stores, SIGKILLs it while a VM touches memory and starts it
+/// again with everything kept; every byte is checked.
+#[test]
+fn systemd_fd_store_and_socket_activation_through_a_sigkill() {
+    if !common::have_uffd() {
+        return;
+    }
+    if Command::new("python3").arg("--version").output().is_err() {
+        if std::env::var("PAGEWIRE_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("python3 is required for the systemd protocol test");
+        }
+        eprintln!("SKIPPED: python3 is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mem = mem_file(dir.path(), 256 * MIB);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_systemd.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(BIN)
+        .arg(dir.path())
+        .arg(&mem)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+}
