@@ -13,7 +13,7 @@ usage: fake_systemd.py PAGEWIRE WORKDIR MEMFILE
    forgets what it removes (FDSTOREREMOVE=1), notes READY=1.
 3. Starts a client touching memory, waits until its VM is stored,
    SIGKILLs the server mid-touch, and starts it again with everything kept,
-   as fds 3.. with their names.
+   as fds 3.. with their names, in reverse order (as systemd may).
 4. The client must finish with every byte right; prints its report's
    figures. Exit status 0 on success.
 """
@@ -116,7 +116,10 @@ def main():
     first.send_signal(signal.SIGKILL)
     first.wait()
     with lock:
-        kept = [("listen.default", listener.fileno())] + list(store)
+        # systemd hands the store back in an order of its own (newest
+        # first, a message's descriptors in no set order): reversed here, so
+        # that the server must tell a VM's three apart by what they are.
+        kept = [("listen.default", listener.fileno())] + list(reversed(store))
     second = start(kept, log)
     if not ready.wait(20):
         sys.exit("the restarted server never said READY=1")

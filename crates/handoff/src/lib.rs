@@ -163,21 +163,42 @@ impl Inherited {
             }
         }
         for (key, fds) in vm_fds {
-            if fds.len() != VM_PARTS.len() {
-                out.incomplete.push(key);
-                continue;
+            // By what each descriptor is, not by position: systemd gives a
+            // name's descriptors back in an order of its own.
+            let mut vm = VmFds::default();
+            let mut extra = false;
+            for fd in fds {
+                let slot = match kind_of(fd.as_fd()) {
+                    Some(VmPart::Uffd) => &mut vm.uffd,
+                    Some(VmPart::Conn) => &mut vm.conn,
+                    Some(VmPart::Pages) => &mut vm.pages,
+                    None => {
+                        extra = true;
+                        continue;
+                    }
+                };
+                if slot.is_some() {
+                    extra = true;
+                }
+                *slot = Some(fd);
             }
-            let mut it = fds.into_iter();
-            out.vms.insert(
-                key,
-                VmFds {
-                    uffd: it.next(),
-                    conn: it.next(),
-                    pages: it.next(),
-                },
-            );
+            if extra || vm.uffd.is_none() || vm.conn.is_none() || vm.pages.is_none() {
+                out.incomplete.push(key);
+            } else {
+                out.vms.insert(key, vm);
+            }
         }
         out
+    }
+
+    /// How many VMs `fds` hold (distinct `vm.<key>` names).
+    pub fn count_vms<'a>(names: impl Iterator<Item = &'a str>) -> usize {
+        let mut keys: Vec<&str> = names
+            .filter(|n| matches!(Name::parse(n), Name::Vm(_)))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -186,6 +207,25 @@ impl Inherited {
             && self.vms.is_empty()
             && self.other.is_empty()
     }
+}
+
+/// What one of a VM's descriptors is: a socket is its connection, a
+/// memfd that can be sealed its page state, a userfaultfd its userfaultfd.
+fn kind_of(fd: BorrowedFd<'_>) -> Option<VmPart> {
+    let st = rustix::fs::fstat(fd).ok()?;
+    let kind = rustix::fs::FileType::from_raw_mode(st.st_mode);
+    if kind == rustix::fs::FileType::Socket {
+        return Some(VmPart::Conn);
+    }
+    if rustix::fs::fcntl_get_seals(fd).is_ok() {
+        return Some(VmPart::Pages);
+    }
+    let link = std::fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&fd)
+    ))
+    .ok()?;
+    (link.as_os_str() == "anon_inode:[userfaultfd]").then_some(VmPart::Uffd)
 }
 
 /// Whether `fd` is a listening Unix stream socket (what an inherited
@@ -221,22 +261,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_vm_is_kept_whole_or_not_at_all() {
-        let named = |n: &str| Named {
-            name: n.into(),
-            fd: rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).expect("memfd"),
+    fn a_vms_descriptors_are_told_apart_by_kind_in_any_order() {
+        let Ok(uffd) = uffd::Uffd::open() else {
+            eprintln!("SKIPPED: cannot create a userfaultfd here");
+            return;
         };
+        let memfd = || {
+            rustix::fs::memfd_create(
+                "t",
+                rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+            )
+            .expect("memfd")
+        };
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let named = |n: &str, fd: OwnedFd| Named { name: n.into(), fd };
         let sorted = Inherited::sort(vec![
-            named("vm.a"),
-            named("listen.x"),
-            named("vm.a"),
-            named("vm.b"),
-            named("vm.a"),
+            named("vm.a", memfd()),
+            named("listen.x", memfd()),
+            named("vm.a", uffd.as_fd().try_clone_to_owned().expect("dup")),
+            named("vm.b", memfd()),
+            named("vm.b", memfd()),
+            named("vm.a", OwnedFd::from(a)),
         ]);
         assert_eq!(sorted.vms.len(), 1);
-        assert!(sorted.vms["a"].pages.is_some());
+        let vm = &sorted.vms["a"];
+        let kind = |f: &Option<OwnedFd>| f.as_ref().and_then(|f| kind_of(f.as_fd()));
+        assert_eq!(kind(&vm.conn), Some(VmPart::Conn));
+        assert_eq!(kind(&vm.uffd), Some(VmPart::Uffd));
+        assert_eq!(kind(&vm.pages), Some(VmPart::Pages));
         assert_eq!(sorted.incomplete, vec!["b".to_string()]);
         assert_eq!(sorted.listeners.len(), 1);
+        let names = ["vm.a", "vm.a", "vm.b", "listen.x"];
+        assert_eq!(Inherited::count_vms(names.into_iter()), 2);
     }
 
     #[test]

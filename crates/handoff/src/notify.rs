@@ -15,13 +15,49 @@ pub const LISTEN_PID_SELF: &str = "PAGEWIRE_LISTEN_PID_SELF";
 /// The keeper of descriptors this process reports to (`NOTIFY_SOCKET`).
 #[derive(Debug, Clone)]
 pub struct Notifier {
-    _private: (),
+    keeps: bool,
 }
 
 impl Notifier {
-    /// The keeper named by `NOTIFY_SOCKET`, if there is one.
+    /// The service manager named by `NOTIFY_SOCKET`, if any, and whether it
+    /// keeps descriptors. systemd 254 and later say so in `$FDSTORE` (the unit's
+    /// `FileDescriptorStoreMax=`; 0 or absent there: it drops them). Without
+    /// `$FDSTORE` (an older systemd) it is taken to keep them, and a line
+    /// says what to check.
     pub fn from_env() -> Option<Notifier> {
-        std::env::var_os("NOTIFY_SOCKET").map(|_| Notifier { _private: () })
+        std::env::var_os("NOTIFY_SOCKET")?;
+        let keeps = match std::env::var("FDSTORE")
+            .ok()
+            .map(|v| v.trim().parse::<u64>())
+        {
+            Some(Ok(0)) | Some(Err(_)) => {
+                tracing::warn!(
+                    "NOTIFY_SOCKET is set but $FDSTORE says its manager keeps no descriptors: \
+                     a restart of this server would lose its VMs (set FileDescriptorStoreMax= \
+                     in the unit)"
+                );
+                false
+            }
+            Some(Ok(_)) => true,
+            None => {
+                tracing::warn!(
+                    "NOTIFY_SOCKET is set without $FDSTORE (systemd older than 254?): VMs are \
+                     handed to it on the assumption that the unit sets FileDescriptorStoreMax="
+                );
+                true
+            }
+        };
+        Some(Notifier { keeps })
+    }
+
+    /// Whether the manager keeps descriptors (see [`from_env`](Self::from_env)).
+    pub fn keeps_descriptors(&self) -> bool {
+        self.keeps
+    }
+
+    /// This notifier if its manager keeps descriptors.
+    pub fn keeper(&self) -> Option<&Notifier> {
+        self.keeps.then_some(self)
     }
 
     /// Asks the keeper to keep `fd` under `name`.

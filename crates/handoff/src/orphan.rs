@@ -53,6 +53,13 @@ pub enum Outcome {
 /// for the log line.
 pub fn handle(key: &str, vm: &VmFds, action: OrphanAction, why: &str) -> Outcome {
     let pid = vm.conn.as_ref().and_then(|c| peer_pid(c.as_fd()));
+    // The pidfd first, then the check that the VMM still holds its end: a
+    // pidfd opened while it does is its own (its pid cannot have been
+    // reused while it lives).
+    let pidfd = pid.and_then(|p| {
+        let p = rustix::process::Pid::from_raw(p as i32)?;
+        rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+    });
     if vm.conn.as_ref().is_some_and(hung_up) {
         tracing::info!(vm = key, pid, "orphaned VM had exited already");
         return Outcome::Gone;
@@ -77,7 +84,11 @@ pub fn handle(key: &str, vm: &VmFds, action: OrphanAction, why: &str) -> Outcome
                 );
                 return Outcome::KillFailed(None, "process unknown".into());
             };
-            match kill(pid) {
+            let killed = match &pidfd {
+                Some(fd) => rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL),
+                None => Err(rustix::io::Errno::SRCH),
+            };
+            match killed {
                 Ok(()) => {
                     tracing::error!(
                         vm = key,

@@ -82,7 +82,9 @@ enum Event {
 /// Runs the server under supervision until SIGTERM/SIGINT; returns the
 /// exit status to use.
 pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffError> {
-    let upstream = Notifier::from_env();
+    let manager = Notifier::from_env();
+    // systemd above, if it keeps descriptors: the store is forwarded to it.
+    let upstream = manager.as_ref().and_then(|n| n.keeper()).cloned();
     raise_fd_limit();
     // Descriptors a previous supervisor kept with systemd come back here.
     let mut initial = crate::inherited()?;
@@ -119,7 +121,9 @@ pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffE
         sock: sock.clone(),
         store: store.clone(),
         upstream: upstream.clone(),
+        manager: manager.clone(),
         ready: ready_tx,
+        applying: Arc::default(),
     };
     {
         let notify = notify.clone();
@@ -166,16 +170,25 @@ pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffE
                 lock(&store).ready = false;
                 if stopping && upstream.is_some() {
                     // systemd keeps every VM (forwarded) for the next
-                    // supervisor: `systemctl restart` loses none.
-                    tracing::info!(
+                    // supervisor: `systemctl restart` loses none, and after
+                    // `systemctl stop` the next start serves them on or
+                    // handles them after its orphan timeout (the unit keeps
+                    // its store while stopped: FileDescriptorStorePreserve=yes).
+                    tracing::warn!(
                         vms = vm_count(&store),
-                        "supervisor: stopping; systemd keeps the VMs for the next start"
+                        "supervisor: stopping; systemd keeps the VMs, which wait for the next \
+                         start of the service (its orphan timeout then applies)"
                     );
                     let _ = std::fs::remove_dir_all(&dir);
                     return Ok(status.code().unwrap_or(0));
                 }
                 if stopping {
-                    let n = orphan_all(&store, opts.orphan_action, "the supervisor was stopped");
+                    let n = orphan_all(
+                        &store,
+                        upstream.as_ref(),
+                        opts.orphan_action,
+                        "the supervisor was stopped",
+                    );
                     if n > 0 {
                         tracing::warn!(vms = n, "supervisor: VMs left without a server at exit");
                     }
@@ -218,6 +231,7 @@ pub fn run(opts: &Options, signals: mpsc::Receiver<i32>) -> Result<i32, HandoffE
             if since.elapsed() >= opts.orphan_timeout {
                 let n = orphan_all(
                     &store,
+                    upstream.as_ref(),
                     opts.orphan_action,
                     &format!(
                         "no server was ready within the orphan timeout of {:?}",
@@ -249,23 +263,29 @@ fn send_signal(child: &Child, sig: rustix::process::Signal) {
 }
 
 fn vm_count(store: &Mutex<Store>) -> usize {
-    lock(store)
-        .fds
-        .iter()
-        .filter(|n| n.name.ends_with(".uffd"))
-        .count()
+    Inherited::count_vms(lock(store).fds.iter().map(|n| n.name.as_str()))
 }
 
 /// Applies the orphan action to every kept VM and forgets them (their
 /// descriptors are dropped: the VMM keeps its own userfaultfd). Returns how
 /// many there were.
-fn orphan_all(store: &Mutex<Store>, action: OrphanAction, why: &str) -> usize {
+fn orphan_all(
+    store: &Mutex<Store>,
+    upstream: Option<&Notifier>,
+    action: OrphanAction,
+    why: &str,
+) -> usize {
     let mut s = lock(store);
     let fds = std::mem::take(&mut s.fds);
     let sorted = Inherited::sort(fds);
     let n = sorted.vms.len();
     for (key, vm) in &sorted.vms {
         orphan::handle(key, vm, action, why);
+    }
+    for key in sorted.vms.keys().chain(&sorted.incomplete) {
+        if let Some(up) = upstream {
+            let _ = up.remove(&crate::Name::Vm(key.clone()).render());
+        }
     }
     for key in &sorted.incomplete {
         tracing::error!(vm = key, "a kept VM lacks some of its descriptors: dropped");
@@ -316,6 +336,8 @@ fn spawn(
     let mut cmd = Command::new(&opts.program);
     cmd.args(&opts.args)
         .env("NOTIFY_SOCKET", sock_path)
+        // As systemd 254+ tells a service that it has an fd store.
+        .env("FDSTORE", "1048576")
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_FDNAMES");
@@ -362,23 +384,32 @@ struct Notify {
     sock: Arc<UnixDatagram>,
     store: Arc<Mutex<Store>>,
     upstream: Option<Notifier>,
+    /// systemd above, for READY=1 and status lines.
+    manager: Option<Notifier>,
     ready: mpsc::Sender<()>,
+    /// Held from taking a message off the socket until it is applied, by
+    /// whichever thread does: messages apply in order, and `drain` sees
+    /// every one sent before it.
+    applying: Arc<Mutex<()>>,
 }
 
 impl Notify {
     /// Receives the child's notifications, for ever.
     fn receive(&self) {
+        use rustix::event::{poll, PollFd, PollFlags};
         loop {
-            match msg::recv(self.sock.as_fd()) {
-                Ok(Some((text, fds))) => self.apply(&text, fds),
-                Ok(None) => continue,
-                Err(e) => tracing::warn!("supervisor: a notification could not be read: {e}"),
+            let mut fds = [PollFd::new(&*self.sock, PollFlags::IN)];
+            if poll(&mut fds, None).is_err() {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
             }
+            self.drain();
         }
     }
 
     /// Applies every notification queued now, without waiting.
     fn drain(&self) {
+        let _applying = self.applying.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             match msg::try_recv(self.sock.as_fd()) {
                 Ok(Some((text, fds))) => self.apply(&text, fds),
@@ -401,12 +432,14 @@ impl Notify {
         }
         let name = kv.get("FDNAME").copied().unwrap_or("stored");
         if kv.get("FDSTORE") == Some(&"1") {
-            for fd in fds.drain(..) {
-                if let Some(up) = upstream {
-                    if let Err(e) = up.store(name, fd.as_fd()) {
-                        tracing::warn!("supervisor: forwarding {name} to systemd: {e}");
-                    }
+            if let Some(up) = upstream {
+                // As it came: a VM's three in one message.
+                let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+                if let Err(e) = up.store_all(name, &borrowed) {
+                    tracing::warn!("supervisor: forwarding {name} to systemd: {e}");
                 }
+            }
+            for fd in fds.drain(..) {
                 lock(store).put(name.to_string(), fd);
             }
         }
@@ -416,14 +449,15 @@ impl Notify {
                 let _ = up.remove(name);
             }
         }
+        let manager = self.manager.as_ref();
         if kv.get("READY") == Some(&"1") {
             lock(store).ready = true;
             let _ = self.ready.send(());
-            if let Some(up) = upstream {
-                let _ = up.ready(kv.get("STATUS").copied().unwrap_or("serving"));
+            if let Some(m) = manager {
+                let _ = m.ready(kv.get("STATUS").copied().unwrap_or("serving"));
             }
-        } else if let (Some(st), Some(up)) = (kv.get("STATUS"), upstream) {
-            let _ = up.status(st);
+        } else if let (Some(st), Some(m)) = (kv.get("STATUS"), manager) {
+            let _ = m.status(st);
         }
         // Descriptors sent without FDSTORE=1 are not kept.
         drop(fds);

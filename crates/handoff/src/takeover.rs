@@ -7,9 +7,11 @@
 //! 2. old → new: `FDS <name> <name> ...` with as many descriptors, as many
 //!    messages as needed (at most [`msg::MAX_FDS`] each); then `DONE <n>`
 //!    with `n` the number of descriptors sent in all.
-//! 3. new → old: `OK`. The old server exits at once, without ending its
-//!    sessions. Until `OK` it serves on (and goes back to accepting if the
-//!    new one goes away), so a successor that fails half-way loses nothing.
+//! 3. new → old: `OK`, once the new server is ready to serve. The old server
+//!    stops its serving threads (without ending its sessions), answers `BYE`
+//!    and exits. Until `OK` it serves on (and goes back to accepting if the
+//!    new one goes away), so a successor that fails half-way loses nothing;
+//!    a successor that gets no `BYE` gives up and kills nothing.
 //!
 //! The new server sends `OK` only once it is ready to serve (everything that
 //! can fail at its start has been done), and adopts the sessions only after
@@ -136,12 +138,27 @@ pub struct Received {
 }
 
 impl Received {
-    /// Tells the old server it may exit, and waits until it has (killing
-    /// it after `timeout`: it has handed everything over and must not serve
-    /// on beside us).
+    /// Tells the old server it may go, waits for its `BYE` (its serving
+    /// threads have stopped), then for its exit (killing it after
+    /// `timeout`: it has stopped serving and must not linger). Without a
+    /// `BYE` the old server goes on serving and nothing is killed: an error.
     pub fn accept(self, timeout: Duration) -> Result<(), HandoffError> {
         msg::send(&self.conn, b"OK", &[])?;
-        wait_exit(&self.old, self.old_pid, timeout)
+        let _ = rustix::net::sockopt::set_socket_timeout(
+            &self.conn,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(Duration::from_secs(60)),
+        );
+        match msg::recv(&self.conn) {
+            Ok(Some((t, _))) if t == b"BYE" => wait_exit(&self.old, self.old_pid, timeout),
+            Ok(other) => Err(HandoffError::Protocol(format!(
+                "the old server did not let go (it answered {:?}): it serves on",
+                other.map(|(t, _)| String::from_utf8_lossy(&t).into_owned())
+            ))),
+            Err(e) => Err(HandoffError::Protocol(format!(
+                "the old server did not let go ({e}): it serves on"
+            ))),
+        }
     }
 }
 
@@ -230,6 +247,12 @@ pub fn take_over(path: &Path) -> Result<Received, HandoffError> {
         fds: out,
         old_pid,
     })
+}
+
+/// Old server: its serving threads have stopped; the successor may serve.
+/// The caller exits right after.
+pub fn goodbye(conn: &OwnedFd) {
+    let _ = msg::send(conn, b"BYE", &[]);
 }
 
 /// Old server: refuses a successor on `conn`, saying why.

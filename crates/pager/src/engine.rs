@@ -253,6 +253,12 @@ impl SessionHandle {
         self.entry.session.name()
     }
 
+    /// Whether the session has ended (its report may still be on its way:
+    /// [`wait`](Self::wait) for it).
+    pub fn has_ended(&self) -> bool {
+        self.entry.session.is_ended()
+    }
+
     /// The watched process.
     pub fn pid(&self) -> Option<u32> {
         self.entry.pid

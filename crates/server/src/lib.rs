@@ -183,7 +183,11 @@ struct Server {
     args: Config,
     engine: Arc<Engine>,
     fd_limit: u64,
+    /// The service manager (READY=1, status lines), if any.
     notifier: Option<handoff::Notifier>,
+    /// It, if it keeps descriptors (systemd's store, the supervisor): then
+    /// every VM is handed to it, and a stop leaves VMs to the next server.
+    keeper: Option<handoff::Notifier>,
     snapshots: Mutex<HashMap<String, Arc<Snapshot>>>,
     /// Served VMs by session id.
     vms: Mutex<HashMap<u64, Vm>>,
@@ -288,11 +292,13 @@ pub fn run(args: &Config) -> Result<(), ServeError> {
         args: args.clone(),
         engine: engine.clone(),
         fd_limit,
+        keeper: notifier.as_ref().and_then(|n| n.keeper()).cloned(),
         notifier,
         snapshots: Mutex::default(),
         vms: Mutex::default(),
         sources: Mutex::default(),
-        paused: AtomicBool::new(false),
+        // A successor accepts no VM before the old server has let go.
+        paused: AtomicBool::new(args.take_over.is_some()),
         pending: Arc::default(),
         accepting: AtomicUsize::new(0),
         per_uid: Arc::default(),
@@ -312,6 +318,9 @@ pub fn run(args: &Config) -> Result<(), ServeError> {
         incomplete,
     } = inherited;
     for key in incomplete {
+        if let Some(n) = &server.keeper {
+            remove_vm(n, &key);
+        }
         tracing::error!(
             vm = key,
             "a VM handed to this server lacks some of its descriptors: it cannot be served \
@@ -335,7 +344,8 @@ pub fn run(args: &Config) -> Result<(), ServeError> {
     if let Some(received) = predecessor {
         received
             .accept(Duration::from_secs(10))
-            .context("waiting for the old server to exit")?;
+            .context("waiting for the old server to let go")?;
+        server.paused.store(false, Ordering::SeqCst);
     }
     let adopted_at = std::time::Instant::now();
     let n = server.adopt(vms, sources, from_keeper);
@@ -380,21 +390,16 @@ pub fn run(args: &Config) -> Result<(), ServeError> {
                 ended += 1;
                 if args.exit_after > 0 && ended >= args.exit_after {
                     tracing::info!(vms = ended, "exiting after the requested number of VMs");
+                    if server.keeper.is_some() {
+                        server.leave_to_keeper();
+                    }
                     break;
                 }
             }
             Msg::Signal(sig) => {
-                if server.notifier.is_some() {
-                    // The keeper has every VM: the next server serves them
-                    // on. The serving threads stop first, so that an event
-                    // one of them read is in the page states.
-                    engine.quiesce();
-                    tracing::info!(
-                        signal = sig,
-                        vms = engine.session_count(),
-                        "stopping: the VMs stay with the keeper for the next server"
-                    );
-                    std::process::exit(0);
+                if server.keeper.is_some() {
+                    tracing::info!(signal = sig, "stopping");
+                    server.leave_to_keeper();
                 }
                 tracing::warn!(
                     signal = sig,
@@ -482,7 +487,7 @@ impl Server {
             if let Some(s) = snaps.remove(&name) {
                 s.stop.store(true, Ordering::Release);
                 let _ = std::fs::remove_file(&s.socket);
-                if let Some(n) = &self.notifier {
+                if let Some(n) = &self.keeper {
                     // Its source stays kept: its VMs are served on from it.
                     let _ = n.remove(&handoff::Name::Listen(name.clone()).render());
                 }
@@ -514,13 +519,16 @@ impl Server {
                     }
                     Some(_) => {
                         tracing::warn!(snapshot = %name, "the descriptor handed over as its listener is not a listening Unix stream socket: binding a new one");
+                        if let Some(n) = &self.keeper {
+                            let _ = n.remove(&handoff::Name::Listen(name.clone()).render());
+                        }
                         (bind(&socket)?, false)
                     }
                     None => (bind(&socket)?, false),
                 };
                 let listener_fd: OwnedFd = listener.into();
                 let label = source_label(&name, source.file())?;
-                if let Some(n) = &self.notifier {
+                if let Some(n) = &self.keeper {
                     if !inherited {
                         n.store(
                             &handoff::Name::Listen(name.clone()).render(),
@@ -586,7 +594,7 @@ impl Server {
                 Err(e) => {
                     let why = format!("it could not be served on: {e:#}");
                     handoff::orphan::handle(&key, &fds, self.args.orphan_action, &why);
-                    if let Some(n) = &self.notifier {
+                    if let Some(n) = &self.keeper {
                         let _ = n.remove(&handoff::Name::Vm(key.clone()).render());
                     }
                 }
@@ -610,7 +618,8 @@ impl Server {
             bail!("its VMM has exited");
         }
         let pages = Arc::new(
-            PageStateFile::open(pages.try_clone()?).context("reading its page-state file")?,
+            PageStateFile::open(pages.try_clone().context("copying its page-state file")?)
+                .context("reading its page-state file")?,
         );
         let meta: VmMeta = serde_json::from_slice(pages.meta()).context("reading its metadata")?;
         // The very file it was served from: handed over with it, or the
@@ -665,23 +674,24 @@ impl Server {
         let vm = Vm {
             key: key.to_string(),
             snapshot: meta.snapshot.clone(),
-            uffd: uffd.try_clone()?,
-            conn: conn.try_clone()?,
+            uffd: uffd.try_clone().context("copying its userfaultfd")?,
+            conn: conn.try_clone().context("copying its connection")?,
             pages: pages.clone(),
         };
         let spec = SessionSpec {
             name: meta.name.clone(),
-            uffd: uffd::Uffd::adopt(uffd.try_clone()?).context("its userfaultfd")?,
+            uffd: uffd::Uffd::adopt(uffd.try_clone().context("copying its userfaultfd")?)
+                .context("its userfaultfd")?,
             regions: pages.regions().to_vec(),
             source,
             pid,
-            hangup: Some(conn.try_clone()?),
+            hangup: Some(conn.try_clone().context("copying its connection")?),
             config,
             state: Some(pages.clone()),
             adopted: true,
         };
         if !from_keeper {
-            if let Some(n) = &self.notifier {
+            if let Some(n) = &self.keeper {
                 if let Err(e) = store_vm(n, key, uffd.as_fd(), conn.as_fd(), pages.as_fd()) {
                     tracing::warn!(vm = key, "the keeper did not take this VM's descriptors: a restart of the server would lose it: {e}");
                 }
@@ -706,8 +716,12 @@ impl Server {
     /// forgotten here.
     fn register(&self, handle: &pager::SessionHandle, vm: Vm) {
         lock(&self.vms).insert(handle.id(), vm);
-        if let Some(report) = handle.wait(Duration::ZERO) {
-            self.forget(&report);
+        // Ended already: its hook may have run before the insert and found
+        // nothing. Its report follows the hook; forgetting twice is harmless.
+        if handle.has_ended() {
+            if let Some(report) = handle.wait(Duration::from_secs(10)) {
+                self.forget(&report);
+            }
         }
     }
 
@@ -727,11 +741,32 @@ impl Server {
             );
             handoff::orphan::handle(&vm.key, &fds, self.args.orphan_action, &why);
         }
-        if let Some(n) = &self.notifier {
+        if let Some(n) = &self.keeper {
             let _ = n.remove(&handoff::Name::Vm(vm.key.clone()).render());
         }
         lock(&self.ended).add(&counters(&report.stats));
         Some(vm)
+    }
+
+    /// Exits leaving every VM to the keeper, for the next server: no new
+    /// VM joins (handshakes in flight finish and are kept), the serving
+    /// threads stop with every event they read in the page states, and the
+    /// sockets stay (they are the keeper's too).
+    fn leave_to_keeper(&self) -> ! {
+        self.paused.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now()
+            + Duration::from_secs_f64(self.args.handshake_timeout_s.max(0.001) + 1.0);
+        while self.accepting.load(Ordering::SeqCst) + self.pending.load(Ordering::SeqCst) > 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.engine.quiesce();
+        tracing::info!(
+            vms = self.engine.session_count(),
+            "stopped: the VMs stay with the keeper for the next server"
+        );
+        std::process::exit(0);
     }
 
     /// Listens on the control socket for a successor (`--take-over`).
@@ -770,7 +805,7 @@ impl Server {
     /// flight finish, send every descriptor, and exit once it has them
     /// (serving on until then; accepting again if it fails).
     fn hand_over(&self, conn: &OwnedFd) {
-        if self.notifier.is_some() {
+        if self.keeper.is_some() {
             // Its keeper would start another server on the same VMs.
             tracing::warn!("a successor asked to take over: refused, this server has a keeper");
             handoff::takeover::refuse(
@@ -781,13 +816,16 @@ impl Server {
             return;
         }
         tracing::info!("a successor asks to take over: handing every VM to it");
-        // Accept threads reserve `pending` before they look at `paused`
+        // Accept threads reserve `accepting` before they look at `paused`
         // (both SeqCst), so once this sees no reservation, no connection
         // can become a VM of this process any more.
         self.paused.store(true, Ordering::SeqCst);
         let deadline = std::time::Instant::now()
             + Duration::from_secs_f64(self.args.handshake_timeout_s.max(0.001) + 1.0);
-        while self.pending.load(Ordering::SeqCst) + self.accepting.load(Ordering::SeqCst) > 0 {
+        // `accepting` first: an accept thread moves its reservation to
+        // `pending` before it drops it, so read in this order the two never
+        // both miss it.
+        while self.accepting.load(Ordering::SeqCst) + self.pending.load(Ordering::SeqCst) > 0 {
             if std::time::Instant::now() >= deadline {
                 tracing::error!("the take-over is refused: handshakes are still in flight");
                 handoff::takeover::refuse(conn, "handshakes still in flight; try again");
@@ -833,6 +871,7 @@ impl Server {
                 // read is in the page states), and the process exits; the
                 // successor waits for that before it serves.
                 self.engine.quiesce();
+                handoff::takeover::goodbye(conn);
                 tracing::info!(vms = n, "handed over: exiting (the successor serves on)");
                 std::process::exit(0);
             }
@@ -912,7 +951,9 @@ impl Server {
 /// another source, kept apart: its VMs keep the bytes they started with.
 fn source_label(snapshot: &str, file: &std::fs::File) -> Result<String> {
     use std::os::unix::fs::MetadataExt;
-    let m = file.metadata()?;
+    let m = file
+        .metadata()
+        .context("the memory file's identity (fstat)")?;
     Ok(format!("{snapshot}-{:x}-{:x}", m.dev(), m.ino()))
 }
 
@@ -1131,6 +1172,10 @@ impl Server {
                 continue;
             }
             wait_for_room(&self.pending, args, &self.engine, self.fd_limit);
+            if self.paused.load(Ordering::SeqCst) {
+                release();
+                continue;
+            }
             listener.set_nonblocking(true).ok();
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
@@ -1244,11 +1289,13 @@ impl Server {
             "VM connected"
         );
         let name = format!("vm {who}");
+        // Unique across server processes: time, this process, a counter.
         let key = format!(
-            "{:x}{:x}",
+            "{:x}-{:x}-{:x}",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_micros() as u64),
+            std::process::id(),
             self.next_key.fetch_add(1, Ordering::Relaxed)
         );
         let meta = VmMeta {
@@ -1277,7 +1324,7 @@ impl Server {
         let hangup: OwnedFd = stream.into();
         // Kept before the session starts: a server that dies right after
         // leaves the VM to its successor, never unserved and unkept.
-        if let Some(n) = &self.notifier {
+        if let Some(n) = &self.keeper {
             if let Err(e) = store_vm(n, &key, uffd_copy.as_fd(), conn_copy.as_fd(), pages.as_fd()) {
                 limited!(warn, peer = %who, "the keeper did not take this VM's descriptors: a restart of the server would lose it: {e}");
             }
@@ -1304,9 +1351,13 @@ impl Server {
                     pages,
                 },
             ),
+            Err(pager::EngineError::Stopping) if self.keeper.is_some() => {
+                // The server is leaving its VMs to the next one: this one
+                // too (it is with the keeper already).
+            }
             Err(e) => {
                 limited!(error, peer = %who, "VM not served: {e}");
-                if let Some(n) = &self.notifier {
+                if let Some(n) = &self.keeper {
                     remove_vm(n, &key);
                 }
             }
