@@ -172,10 +172,18 @@ impl Stats {
         }
     }
 
-    /// Counts `n` for `cause` in the timeline.
-    pub(crate) fn timeline(&self, cause: Cause, n: u64) {
+    /// Counts each `(cause, n)` in the timeline (zeros skipped), under one
+    /// lock.
+    pub(crate) fn timeline(&self, counts: &[(Cause, u64)]) {
+        if counts.iter().all(|&(_, n)| n == 0) {
+            return;
+        }
         if let Ok(mut t) = self.timeline.lock() {
-            t.add(cause, n);
+            for &(cause, n) in counts {
+                if n > 0 {
+                    t.add(cause, n);
+                }
+            }
         }
     }
 

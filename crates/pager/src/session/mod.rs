@@ -795,7 +795,7 @@ impl Session {
     ) -> Served {
         if !fault.again {
             Stats::add(&self.stats.faults, 1);
-            self.stats.timeline(Cause::Fault, 1);
+            self.stats.timeline(&[(Cause::Fault, 1)]);
         }
         if fault.flags.intersects(FaultFlags::WP | FaultFlags::MINOR) {
             return self.serve_other_mode(fault);
@@ -1431,36 +1431,28 @@ impl Session {
                 }
             }
             let done = done_pages as u64;
-            let cause = match origin {
+            // One timeline entry (one lock) per mapped run.
+            let (cause, of_cause) = match origin {
                 Origin::Background => {
                     Stats::add(&self.stats.pages_background, done);
-                    Cause::Background
+                    (Cause::Background, done)
                 }
                 Origin::Prefetch => {
                     Stats::add(&self.stats.pages_prefetched, done);
-                    Cause::Prefetch
+                    (Cause::Prefetch, done)
                 }
                 Origin::Readahead => {
                     Stats::add(&self.stats.pages_readahead, done);
-                    Cause::Readahead
+                    (Cause::Readahead, done)
                 }
                 Origin::Fault => {
                     Stats::add(&self.stats.pages_on_demand, on_demand);
                     Stats::add(&self.stats.pages_fault_around, done - on_demand);
-                    if on_demand > 0 {
-                        self.stats.timeline(Cause::OnDemand, on_demand);
-                    }
-                    Cause::FaultAround
+                    (Cause::FaultAround, done - on_demand)
                 }
             };
-            let pages_of_cause = if matches!(origin, Origin::Fault) {
-                done - on_demand
-            } else {
-                done
-            };
-            if pages_of_cause > 0 {
-                self.stats.timeline(cause, pages_of_cause);
-            }
+            self.stats
+                .timeline(&[(Cause::OnDemand, on_demand), (cause, of_cause)]);
             // While recording, pages with data mapped with a fault are
             // those of a sequential stream, or (recording fast, not
             // exactly) of its fault-around block: recorded as inferred
