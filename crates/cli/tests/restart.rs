@@ -168,10 +168,15 @@ fn a_vm_is_served_through_a_live_take_over() {
     // against reads across it (its discards must survive the hand-over).
     let c = slow_client(&old, &mem, &[]);
     old.wait_log("session started");
-    let racer = client(&old, &mem, &["--balloon-race", "1200", "--seed", "13"])
+    let racer = client(&old, &mem, &["--balloon-race", "1500", "--seed", "13"])
         .spawn()
         .expect("racer");
-    std::thread::sleep(Duration::from_millis(400));
+    // Both are served by the old server before the switch, however slow
+    // the machine is to start a process.
+    wait_for("the racer's session", || {
+        (old.log().matches("session started").count() >= 2).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
     let control = old.socket.with_extension("sock.control");
     let new_log = dir.path().join("new.log");
     let mut new = Command::new(BIN)
@@ -358,12 +363,18 @@ fn two_snapshots_are_served_by_one_server_to_two_vms_at_once() {
             .spawn()
             .expect("client")
     };
-    let ca = run(&sa, &snaps.join("alpha.mem"), "1500");
-    let cb = run(&sb, &snaps.join("beta.mem"), "1500");
-    // Both VMs are alive now (they hold after verifying): scrape.
-    std::thread::sleep(Duration::from_millis(900));
-    let text = scrape(metrics);
-    let m = parse_metrics(&text);
+    let ca = run(&sa, &snaps.join("alpha.mem"), "4000");
+    let cb = run(&sb, &snaps.join("beta.mem"), "4000");
+    // Scraped until both VMs are served at once (they hold after verifying).
+    let (text, m) = wait_for("both VMs in the metrics", || {
+        let text = scrape(metrics);
+        let m = parse_metrics(&text);
+        let live = m
+            .iter()
+            .filter(|(n, _, v)| n == "pagewire_vm_faults_total" && *v > 0.0)
+            .count();
+        (live == 2).then_some((text, m))
+    });
     let vms = m
         .iter()
         .filter(|(n, _, _)| n == "pagewire_vm_faults_total")
