@@ -57,6 +57,17 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// A child process killed when the test ends, passed or not (a server
+/// left running would hold the test harness's output open).
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A memory file of `mib` MiB and a server started on it with `args`
 /// (`None`, after a visible message, without userfaultfd).
 fn setup(mib: usize, args: &[&str]) -> Option<(tempfile::TempDir, std::path::PathBuf, Server)> {
@@ -179,19 +190,21 @@ fn a_vm_is_served_through_a_live_take_over() {
     std::thread::sleep(Duration::from_millis(300));
     let control = old.socket.with_extension("sock.control");
     let new_log = dir.path().join("new.log");
-    let mut new = Command::new(BIN)
-        .arg("serve")
-        .arg("--socket")
-        .arg(&old.socket)
-        .arg("--mem-file")
-        .arg(&mem)
-        .args(ONE_PAGE)
-        .arg("--take-over")
-        .arg(&control)
-        .env("PAGEWIRE_LOG", "info")
-        .stderr(std::fs::File::create(&new_log).expect("log"))
-        .spawn()
-        .expect("spawn the successor");
+    let new = Reap(
+        Command::new(BIN)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&old.socket)
+            .arg("--mem-file")
+            .arg(&mem)
+            .args(ONE_PAGE)
+            .arg("--take-over")
+            .arg(&control)
+            .env("PAGEWIRE_LOG", "info")
+            .stderr(std::fs::File::create(&new_log).expect("log"))
+            .spawn()
+            .expect("spawn the successor"),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = old.child.try_wait().expect("old server") {
@@ -221,8 +234,7 @@ fn a_vm_is_served_through_a_live_take_over() {
         .output()
         .expect("client");
     verified(&out, &std::fs::read_to_string(&new_log).unwrap_or_default());
-    let _ = new.kill();
-    let _ = new.wait();
+    drop(new);
 }
 
 #[test]
@@ -275,20 +287,22 @@ fn socket_activation_by_systemd_socket_activate() {
     let log = dir.path().join("serve.log");
     // The socket is systemd's: it exists before the server runs, and the
     // server gets it as LISTEN_FDS=1 with LISTEN_FDNAMES.
-    let mut act = Command::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(&socket)
-        .arg("--fdname=listen.default")
-        .arg(BIN)
-        .arg("serve")
-        .arg("--socket")
-        .arg(dir.path().join("unused.sock"))
-        .arg("--mem-file")
-        .arg(&mem)
-        .env("PAGEWIRE_LOG", "info")
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("systemd-socket-activate");
+    let act = Reap(
+        Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(&socket)
+            .arg("--fdname=listen.default")
+            .arg(BIN)
+            .arg("serve")
+            .arg("--socket")
+            .arg(dir.path().join("unused.sock"))
+            .arg("--mem-file")
+            .arg(&mem)
+            .env("PAGEWIRE_LOG", "info")
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("systemd-socket-activate"),
+    );
     wait_for("the activated socket", || socket.exists().then_some(()));
     let out = Command::new(BIN)
         .arg("fc-client")
@@ -304,8 +318,7 @@ fn socket_activation_by_systemd_socket_activate() {
         !dir.path().join("unused.sock").exists(),
         "the activated socket was used, not a new one:\n{text}"
     );
-    let _ = act.kill();
-    let _ = act.wait();
+    drop(act);
 }
 
 /// A second memory file, unlike the first.
@@ -332,20 +345,22 @@ fn two_snapshots_are_served_by_one_server_to_two_vms_at_once() {
     let log = dir.path().join("serve.log");
     let metrics = free_port();
     let stats = dir.path().join("stats.jsonl");
-    let mut server = Command::new(BIN)
-        .arg("serve")
-        .arg("--snapshot-dir")
-        .arg(&snaps)
-        .arg("--socket-dir")
-        .arg(&socks)
-        .arg("--metrics")
-        .arg(format!("127.0.0.1:{metrics}"))
-        .arg("--stats-json")
-        .arg(&stats)
-        .env("PAGEWIRE_LOG", "info")
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("serve");
+    let server = Reap(
+        Command::new(BIN)
+            .arg("serve")
+            .arg("--snapshot-dir")
+            .arg(&snaps)
+            .arg("--socket-dir")
+            .arg(&socks)
+            .arg("--metrics")
+            .arg(format!("127.0.0.1:{metrics}"))
+            .arg("--stats-json")
+            .arg(&stats)
+            .env("PAGEWIRE_LOG", "info")
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("serve"),
+    );
     let (sa, sb) = (socks.join("alpha.sock"), socks.join("beta.sock"));
     wait_for("both sockets", || {
         (sa.exists() && sb.exists()).then_some(())
@@ -421,8 +436,7 @@ fn two_snapshots_are_served_by_one_server_to_two_vms_at_once() {
     );
     let picture = std::fs::read_to_string(&svg).expect("svg");
     assert!(picture.contains("<svg") && picture.contains("alpha") && picture.contains("beta"));
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
 }
 
 fn free_port() -> u16 {
@@ -505,23 +519,25 @@ fn sighup_adds_a_snapshot_and_logs_can_be_json() {
     std::fs::rename(&a, snaps.join("first.mem")).expect("move");
     let socks = dir.path().join("sockets");
     let log = dir.path().join("serve.log");
-    let mut server = Command::new(BIN)
-        .args(["--log-format", "json", "serve"])
-        .arg("--snapshot-dir")
-        .arg(&snaps)
-        .arg("--socket-dir")
-        .arg(&socks)
-        .env("PAGEWIRE_LOG", "info")
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("serve");
+    let server = Reap(
+        Command::new(BIN)
+            .args(["--log-format", "json", "serve"])
+            .arg("--snapshot-dir")
+            .arg(&snaps)
+            .arg("--socket-dir")
+            .arg(&socks)
+            .env("PAGEWIRE_LOG", "info")
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("serve"),
+    );
     wait_for("the first socket", || {
         socks.join("first.sock").exists().then_some(())
     });
     let b = other_mem(dir.path(), 4 * MIB);
     std::fs::rename(&b, snaps.join("second.mem")).expect("move");
     Command::new("kill")
-        .args(["-HUP", &server.id().to_string()])
+        .args(["-HUP", &server.0.id().to_string()])
         .status()
         .expect("kill");
     let second = socks.join("second.sock");
@@ -535,8 +551,7 @@ fn sighup_adds_a_snapshot_and_logs_can_be_json() {
         .output()
         .expect("client");
     verified(&out, &std::fs::read_to_string(&log).unwrap_or_default());
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let mut lines = 0;
     for line in text.lines() {

@@ -1496,6 +1496,7 @@ impl Embedded {
                 },
                 state: None,
                 adopted: false,
+                group: None,
             })
             .context("adding the session to the embedded engine")?;
         debug!(threads = args.serve_threads(), "embedded engine serving");

@@ -125,6 +125,9 @@ pub struct SessionSpec {
     /// an earlier server), so that the session can be handed on
     /// (`persist.rs`).
     pub state: Option<Arc<PageStateFile>>,
+    /// What the session belongs to, for reports and metrics (`serve`: the
+    /// snapshot it restores). Opaque to the engine.
+    pub group: Option<String>,
     /// The session was served by an earlier process: wake every region once
     /// it is served, since faults that process read and never served are not
     /// sent again.
@@ -162,6 +165,9 @@ pub struct SessionReport {
     pub regions: usize,
     pub bytes: u64,
     pub stats: StatsSnapshot,
+    /// What the session belongs to (`SessionSpec::group`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// Why, when `reason` is `failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -191,6 +197,7 @@ struct Entry {
     started: Instant,
     regions: usize,
     bytes: u64,
+    group: Option<String>,
     report: Mutex<Option<SessionReport>>,
     done: Condvar,
 }
@@ -257,6 +264,11 @@ impl SessionHandle {
     /// [`wait`](Self::wait) for it).
     pub fn has_ended(&self) -> bool {
         self.entry.session.is_ended()
+    }
+
+    /// What the session belongs to (`SessionSpec::group`).
+    pub fn group(&self) -> Option<&str> {
+        self.entry.group.as_deref()
     }
 
     /// The watched process.
@@ -403,6 +415,7 @@ impl Engine {
             None,
             regions,
             bytes,
+            spec.group,
         )?;
         if adopted {
             handle.entry.session.wake_all();
@@ -493,6 +506,7 @@ impl Shared {
         parent: Option<u64>,
         regions: usize,
         bytes: u64,
+        group: Option<String>,
     ) -> Result<SessionHandle, EngineError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let background = session.config().background;
@@ -506,6 +520,7 @@ impl Shared {
             started: Instant::now(),
             regions,
             bytes,
+            group,
             report: Mutex::new(None),
             done: Condvar::new(),
         });
@@ -613,6 +628,7 @@ impl Shared {
             bytes: entry.bytes,
             stats: entry.session.stats.snapshot(),
             detail,
+            group: entry.group.clone(),
             recording: entry.session.recording().map(Arc::new),
         };
         match &report.detail {
@@ -709,6 +725,7 @@ impl Shared {
                 Some(entry.id),
                 entry.regions,
                 entry.bytes,
+                entry.group.clone(),
             ) {
                 crate::limited!(
                     error,

@@ -336,6 +336,7 @@ fn pid_that_does_not_exist_is_refused() {
             config: SessionConfig::default(),
             state: None,
             adopted: false,
+            group: None,
         })
         .err()
         .expect("refused");

@@ -589,6 +589,7 @@ fn start_peer(engine: &Engine, spec: PeerSpec, config: SessionConfig) -> Running
             config: config.clone(),
             state: None,
             adopted: false,
+            group: None,
         })
         .expect("session");
     Running {

@@ -264,8 +264,10 @@ pub fn run(args: &Config) -> Result<(), ServeError> {
         let vm = server.as_ref().and_then(|s| s.forget(report));
         if let Some(f) = &stats_file {
             let mut line = serde_json::to_value(report).unwrap_or_default();
-            if let (Some(vm), Some(obj)) = (&vm, line.as_object_mut()) {
-                obj.insert("snapshot".into(), vm.snapshot.clone().into());
+            // The engine's "group" is, here, the snapshot.
+            if let (Some(group), Some(obj)) = (&report.group, line.as_object_mut()) {
+                obj.remove("group");
+                obj.insert("snapshot".into(), group.clone().into());
             }
             match serde_json::to_string(&line) {
                 Ok(line) => {
@@ -689,6 +691,7 @@ impl Server {
             config,
             state: Some(pages.clone()),
             adopted: true,
+            group: Some(meta.snapshot.clone()),
         };
         if !from_keeper {
             if let Some(n) = &self.keeper {
@@ -884,10 +887,6 @@ impl Server {
 
     /// Metrics at this moment.
     fn sample(&self) -> exporter::ServerSample {
-        let snapshots: HashMap<u64, String> = lock(&self.vms)
-            .iter()
-            .map(|(id, v)| (*id, v.snapshot.clone()))
-            .collect();
         let vms = self
             .engine
             .sessions()
@@ -897,7 +896,7 @@ impl Server {
                 exporter::VmSample {
                     id: h.id(),
                     name: h.name().to_string(),
-                    snapshot: snapshots.get(&h.id()).cloned().unwrap_or_default(),
+                    snapshot: h.group().unwrap_or_default().to_string(),
                     pid: h.pid(),
                     blocktime_by_thread: st
                         .blocktime_by_thread
@@ -1339,6 +1338,7 @@ impl Server {
             config: snap.template.clone(),
             state: Some(pages.clone()),
             adopted: false,
+            group: Some(snap.name.clone()),
         };
         match self.engine.add(spec) {
             Ok(handle) => self.register(

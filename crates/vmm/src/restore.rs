@@ -287,6 +287,7 @@ pub fn restore(
                     },
                     state: None,
                     adopted: false,
+                    group: None,
                 })
                 .map_err(|e| Error::Engine(e.to_string()))?;
             tracing::debug!(at = ?started.elapsed(), "session added");

@@ -189,6 +189,7 @@ fn start_server(dir: &std::path::Path, mem: std::path::PathBuf) -> std::path::Pa
                 config: pager::SessionConfig::default(),
                 state: None,
                 adopted: false,
+                group: None,
             })
             .expect("session");
         let _ = tx.send(());

@@ -147,6 +147,7 @@ pub fn spec(
         config,
         state: None,
         adopted: false,
+        group: None,
     }
 }
 
