@@ -379,7 +379,11 @@ impl Engine {
             if f.regions() != spec.regions.as_slice() {
                 return Err(EngineError::StateMismatch);
             }
-            if f.layout_changed() {
+            let moved = f
+                .journal_messages()
+                .iter()
+                .any(|m| matches!(m, uffd::Message::Unmap { .. } | uffd::Message::Remap { .. }));
+            if f.layout_changed() || moved {
                 return Err(EngineError::LayoutChanged);
             }
         }

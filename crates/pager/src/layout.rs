@@ -252,8 +252,9 @@ impl Layout {
     }
 
     /// The layout of a session whose states live in `file` (new, or
-    /// adopted from an earlier server); also returns how many in-flight
-    /// claims were let go.
+    /// adopted from an earlier server); also returns how many pages changed
+    /// state in the adoption (in-flight claims let go, discards replayed
+    /// from the journal).
     pub fn shared(file: &Arc<PageStateFile>, zero_ranges: &[Range<u64>]) -> (Layout, u64) {
         let mut l = Layout::default();
         let mut let_go = 0;
@@ -264,6 +265,15 @@ impl Layout {
             let_go += n;
         }
         l.regions.sort_by_key(|r| r.region.host_base);
+        // A REMOVE the previous server read but never applied: the kernel
+        // has zapped the range, so its pages must read zero (replaying one
+        // that was applied changes nothing).
+        for m in file.journal_messages() {
+            if let uffd::Message::Remove { start, end } = m {
+                let_go += l.discard(start, end);
+            }
+        }
+        file.clear_journal();
         (l, let_go)
     }
 

@@ -40,7 +40,18 @@
 //! | 24 | 8 | length m of the caller's metadata |
 //! | 32 | 32·n | regions: host base, length, source offset, page size |
 //! | 32+32n | m | metadata (opaque to the engine) |
+//! | next 64-byte boundary | 2048 | journal: the last batch of userfaultfd messages read, zeroed once applied |
 //! | next 4 KiB boundary | one byte per page, region after region | page states |
+//!
+//! # The journal
+//! The kernel zaps a range released with `MADV_DONTNEED` as soon as its
+//! REMOVE message is read, before the reader can mark the pages Discarded.
+//! A server killed in between would leave them Missing, and its successor
+//! would serve them snapshot bytes. So messages are read straight into the
+//! journal (the kernel copies them there within the `read`, which a fatal
+//! signal cannot cut short) and zeroed once applied; an adopter replays any
+//! REMOVE still there (idempotent: a released page must read zero anyway)
+//! and treats an UNMAP or REMAP there as a changed layout.
 
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -56,6 +67,8 @@ const VERSION: u32 = 1;
 const HEADER: usize = 32;
 const REGION_BYTES: usize = 32;
 const FLAG_LAYOUT_CHANGED: u32 = 1;
+/// Room for one batch of messages.
+const JOURNAL_BYTES: usize = uffd::MESSAGE_BYTES * uffd::MAX_BATCH;
 /// Largest caller metadata (a VM's name, snapshot, pid as JSON).
 pub const MAX_META: usize = 64 << 10;
 
@@ -90,6 +103,11 @@ pub struct PageStateFile {
     /// Where each region's states start in the mapping, and how many.
     spans: Vec<Range<usize>>,
     meta: Vec<u8>,
+    /// Where the journal lies in the mapping.
+    journal: Range<usize>,
+    /// Whoever writes the journal holds this (in a session, the thread
+    /// reading the userfaultfd, which holds the layout's write lock too).
+    journal_lock: std::sync::Mutex<()>,
 }
 
 // SAFETY: the mapping is only reached through `&[AtomicU8]` and
@@ -99,8 +117,12 @@ unsafe impl Send for PageStateFile {}
 // SAFETY: as above.
 unsafe impl Sync for PageStateFile {}
 
+fn journal_start(n_regions: usize, meta_len: usize) -> usize {
+    (HEADER + REGION_BYTES * n_regions + meta_len).next_multiple_of(64)
+}
+
 fn states_start(n_regions: usize, meta_len: usize) -> usize {
-    (HEADER + REGION_BYTES * n_regions + meta_len).next_multiple_of(4096)
+    (journal_start(n_regions, meta_len) + JOURNAL_BYTES).next_multiple_of(4096)
 }
 
 fn spans_of(regions: &[Region], start: usize) -> Result<Vec<Range<usize>>, PersistError> {
@@ -167,7 +189,8 @@ impl PageStateFile {
                 .map_err(os("writing the page-state header"))?;
         }
         // Missing is 0: the states of a fresh memfd are already right.
-        Self::map(fd, len, regions.to_vec(), spans, meta.to_vec())
+        let journal = journal_start(regions.len(), meta.len());
+        Self::map(fd, len, regions.to_vec(), spans, meta.to_vec(), journal)
     }
 
     /// Adopts a file made by [`create`](Self::create) (in this process or
@@ -247,7 +270,7 @@ impl PageStateFile {
             });
         }
         let len = len.max(states_start(n, m));
-        Self::map(fd, len, regions, spans, meta)
+        Self::map(fd, len, regions, spans, meta, journal_start(n, m))
     }
 
     fn map(
@@ -256,6 +279,7 @@ impl PageStateFile {
         regions: Vec<Region>,
         spans: Vec<Range<usize>>,
         meta: Vec<u8>,
+        journal: usize,
     ) -> Result<PageStateFile, PersistError> {
         // SAFETY: a new shared mapping of `len` bytes of our memfd, placed
         // by the kernel (no fixed address), so it overlaps nothing. The file
@@ -284,6 +308,8 @@ impl PageStateFile {
             regions,
             spans,
             meta,
+            journal: journal..journal + JOURNAL_BYTES,
+            journal_lock: std::sync::Mutex::new(()),
         })
     }
 
@@ -334,6 +360,39 @@ impl PageStateFile {
         }
     }
 
+    /// Runs `f` on the journal, alone.
+    pub(crate) fn with_journal<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let _alone = self.journal_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the journal lies inside the mapping (before the states,
+        // after the header: see `states_start`); within this process only
+        // the holder of `journal_lock` makes a reference to it, and another
+        // process reads it only once this one has stopped serving (the
+        // hand-over protocol); the slice does not outlive the lock.
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.base.as_ptr().add(self.journal.start),
+                self.journal.len(),
+            )
+        };
+        f(buf)
+    }
+
+    /// Forgets the journal's messages: they have been applied.
+    pub(crate) fn clear_journal(&self) {
+        self.with_journal(|buf| buf.fill(0));
+    }
+
+    /// The messages the journal still holds: read by a server that stopped
+    /// before it applied them (a REMOVE to replay, faults to wake).
+    pub fn journal_messages(&self) -> Vec<uffd::Message> {
+        self.with_journal(|buf| {
+            buf.chunks_exact(uffd::MESSAGE_BYTES)
+                .filter(|m| m[0] != 0)
+                .filter_map(|m| uffd::Message::decode(m).ok())
+                .collect()
+        })
+    }
+
     /// How many pages are in each state, for logs (Missing, Claimed,
     /// Present, Discarded, ClaimedDiscarded, Failed).
     pub fn census(&self) -> [u64; 6] {
@@ -366,6 +425,29 @@ mod tests {
             source_offset: off,
             page_size: PageSize::Base4K,
         }
+    }
+
+    #[test]
+    fn the_journal_keeps_what_was_read_until_cleared() {
+        let f = PageStateFile::create(&[region(0x10000, 8 << 12, 0)], b"").expect("create");
+        assert!(f.journal_messages().is_empty());
+        // A REMOVE message as the kernel lays it out: event in byte 0,
+        // start and end in the argument union from byte 8.
+        f.with_journal(|buf| {
+            buf[0] = linux_raw_sys::general::UFFD_EVENT_REMOVE as u8;
+            buf[8..16].copy_from_slice(&0x10000u64.to_ne_bytes());
+            buf[16..24].copy_from_slice(&0x12000u64.to_ne_bytes());
+        });
+        let g = PageStateFile::open(f.as_fd().try_clone_to_owned().expect("dup")).expect("open");
+        assert_eq!(
+            g.journal_messages(),
+            vec![uffd::Message::Remove {
+                start: 0x10000,
+                end: 0x12000
+            }]
+        );
+        f.clear_journal();
+        assert!(g.journal_messages().is_empty());
     }
 
     #[test]

@@ -117,8 +117,28 @@ impl Uffd {
     /// if it was cleared: only there can a peer that clears the flag at the
     /// wrong moment still make a read wait.
     pub fn read_events(&self, out: &mut Vec<Event>, max: usize) -> Result<usize, Error> {
-        let max = max.clamp(1, MAX_BATCH);
         let mut buf = [0u8; MESSAGE_BYTES * MAX_BATCH];
+        self.read_events_into(&mut buf, out, max)
+    }
+
+    /// As [`read_events`](Self::read_events), with the raw messages read
+    /// into `buf` (at most `buf.len() / MESSAGE_BYTES` of them) and left
+    /// there. A server that keeps `buf` in memory that outlives it (a shared
+    /// memfd) has every message it read there even if it is killed right
+    /// after the read: the kernel copies them out within the system call,
+    /// before a fatal signal can take effect. Its successor can then find a
+    /// REMOVE the dead process read but never applied (see
+    /// `pager::persist`).
+    pub fn read_events_into(
+        &self,
+        buf: &mut [u8],
+        out: &mut Vec<Event>,
+        max: usize,
+    ) -> Result<usize, Error> {
+        let max = max.clamp(1, MAX_BATCH).min(buf.len() / MESSAGE_BYTES);
+        if max == 0 {
+            return Ok(0);
+        }
         let want = &mut buf[..MESSAGE_BYTES * max];
         let plain = |buf: &mut [u8]| {
             self.ensure_nonblocking()?;
@@ -133,7 +153,7 @@ impl Uffd {
             match rustix::io::preadv2(self, &mut iov, u64::MAX, ReadWriteFlags::NOWAIT) {
                 Err(Errno::OPNOTSUPP) => {
                     self.plain_read.store(true, Ordering::Relaxed);
-                    plain(&mut buf[..MESSAGE_BYTES * max])
+                    plain(&mut iov[0])
                 }
                 r => r,
             }

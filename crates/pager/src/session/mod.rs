@@ -397,13 +397,30 @@ impl Session {
             tracing::info!(
                 session = %name,
                 pages = let_go,
-                "pages the previous server had claimed but may not have mapped are missing \
-                 again (a copy onto one that was mapped finds it there)"
+                "pages whose state the adoption changed: claims the previous server may not \
+                 have mapped are missing again (a copy onto one that was mapped finds it \
+                 there), and discards it read but never applied are replayed"
             );
         }
         let mut s = Self::with_layout(name, uffd, layout, source, config);
         s.state_file = state;
         s
+    }
+
+    /// Reads messages from the userfaultfd (under the write lock). With a
+    /// page-state file they are read into its journal, in memory that
+    /// outlives this process: the kernel zaps a range once its REMOVE is
+    /// read, so a server killed between the read and the discard below
+    /// would otherwise leave its successor believing pages Missing that the
+    /// guest released (it would serve them snapshot bytes). The successor
+    /// replays what the journal holds (`persist.rs`).
+    fn read_events(&self, events: &mut Vec<Event>) -> Result<usize, UffdError> {
+        match &self.state_file {
+            Some(f) => {
+                f.with_journal(|buf| self.uffd.read_events_into(buf, events, uffd::MAX_BATCH))
+            }
+            None => self.uffd.read_events(events, uffd::MAX_BATCH),
+        }
     }
 
     /// UNMAP or REMAP: the page-state file no longer describes the memory.
@@ -559,7 +576,7 @@ impl Session {
             let mut layout = self.layout.write().unwrap_or_else(|e| e.into_inner());
             while faults.capacity() - faults.len() >= uffd::MAX_BATCH + leave {
                 events.clear();
-                let n = match self.uffd.read_events(events, uffd::MAX_BATCH) {
+                let n = match self.read_events(events) {
                     Ok(n) => n,
                     Err(e) => {
                         Stats::add(&self.stats.errors, 1);
@@ -610,6 +627,13 @@ impl Session {
                         Event::Unknown { kind } => {
                             crate::limited!(warn, session = %self.name, kind, "unknown userfaultfd message ignored");
                         }
+                    }
+                }
+                // Applied: the journal need not be replayed (see
+                // `read_events`).
+                if n > 0 {
+                    if let Some(f) = &self.state_file {
+                        f.clear_journal();
                     }
                 }
                 total += n;
@@ -1707,11 +1731,22 @@ mod tests {
         // the userfaultfd readable).
         wait_readable(&session, "no REMOVE queued");
         let mut deferred = Faults::new();
-        let served = session.serve_fault(
-            Fault::new(address, FaultFlags::empty(), Instant::now()),
-            &mut deferred,
-            &mut events,
-        );
+        // The EAGAIN lasts until the madvise caller runs again, which the
+        // scheduler decides: when the quick retries do not outlast it, the
+        // work is put aside (its claims go back), and served again here as
+        // the engine's timer would.
+        let mut served = Served::PutAside;
+        for _ in 0..1000 {
+            served = session.serve_fault(
+                Fault::new(address, FaultFlags::empty(), Instant::now()),
+                &mut deferred,
+                &mut events,
+            );
+            if served != Served::PutAside {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(served, Served::Done);
         assert_eq!(
             reader.join().expect("reader"),
