@@ -200,13 +200,6 @@ impl Inherited {
         keys.dedup();
         keys.len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.listeners.is_empty()
-            && self.sources.is_empty()
-            && self.vms.is_empty()
-            && self.other.is_empty()
-    }
 }
 
 /// What one of a VM's descriptors is: a socket is its connection, a

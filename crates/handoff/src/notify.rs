@@ -1,7 +1,7 @@
 //! systemd's notification protocol, both ways: telling the keeper (systemd
 //! or pagewire's supervisor) what to keep, and taking back what it kept.
 
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 
 use sd_notify::NotifyState;
 
@@ -119,9 +119,4 @@ pub fn inherited() -> Result<Vec<Named>, HandoffError> {
         out.push(Named { name, fd });
     }
     Ok(out)
-}
-
-/// Borrows each descriptor of `named`.
-pub fn borrow_all(named: &[Named]) -> Vec<BorrowedFd<'_>> {
-    named.iter().map(|n| n.fd.as_fd()).collect()
 }

@@ -110,10 +110,3 @@ pub fn handle(key: &str, vm: &VmFds, action: OrphanAction, why: &str) -> Outcome
         }
     }
 }
-
-/// SIGKILL through a pidfd.
-pub fn kill(pid: u32) -> Result<(), rustix::io::Errno> {
-    let p = rustix::process::Pid::from_raw(pid as i32).ok_or(rustix::io::Errno::INVAL)?;
-    let fd = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())?;
-    rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL)
-}

@@ -20,7 +20,6 @@
 //! refuses (`ERR ...`): a keeper would start another server on them.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::Duration;
 
@@ -287,9 +286,4 @@ fn wait_exit(pidfd: &OwnedFd, pid: u32, timeout: Duration) -> Result<(), Handoff
             "the old server (pid {pid}) does not exit: refusing to serve its VMs beside it"
         )))
     }
-}
-
-/// A std listener for a listening descriptor taken over or inherited.
-pub fn unix_listener(fd: OwnedFd) -> UnixListener {
-    UnixListener::from(fd)
 }

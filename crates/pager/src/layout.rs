@@ -273,7 +273,7 @@ impl Layout {
                 let_go += l.discard(start, end);
             }
         }
-        file.clear_journal();
+        file.clear_journal(uffd::MAX_BATCH);
         (l, let_go)
     }
 

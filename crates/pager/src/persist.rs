@@ -377,9 +377,13 @@ impl PageStateFile {
         f(buf)
     }
 
-    /// Forgets the journal's messages: they have been applied.
-    pub(crate) fn clear_journal(&self) {
-        self.with_journal(|buf| buf.fill(0));
+    /// Forgets the journal's first `messages` messages: they have been
+    /// applied (a read fills the journal from its start).
+    pub(crate) fn clear_journal(&self, messages: usize) {
+        self.with_journal(|buf| {
+            let n = (messages * uffd::MESSAGE_BYTES).min(buf.len());
+            buf[..n].fill(0);
+        });
     }
 
     /// The messages the journal still holds: read by a server that stopped
@@ -446,7 +450,7 @@ mod tests {
                 end: 0x12000
             }]
         );
-        f.clear_journal();
+        f.clear_journal(1);
         assert!(g.journal_messages().is_empty());
     }
 

@@ -39,9 +39,9 @@ pub struct Stats {
     /// Sum of first-touch latencies: how long the session's threads waited
     /// on missing pages, from the fault being read to its page mapped.
     pub blocktime_ns: AtomicU64,
-    latency: Mutex<hdrhistogram::Histogram<u64>>,
-    /// Blocktime per faulting thread, when the kernel reports thread ids.
-    blocktime_by_thread: Mutex<HashMap<u32, u64>>,
+    /// The latency histogram, and blocktime per faulting thread when the
+    /// kernel reports thread ids: one lock per served fault.
+    latency: Mutex<(hdrhistogram::Histogram<u64>, HashMap<u32, u64>)>,
     timeline: Mutex<TimelineBuf>,
 }
 
@@ -71,8 +71,7 @@ struct TimelineBuf {
 }
 
 impl TimelineBuf {
-    fn add(&mut self, cause: Cause, n: u64) {
-        let us = self.started.elapsed().as_micros() as u64;
+    fn add(&mut self, us: u64, cause: Cause, n: u64) {
         let mut i = (us / self.bucket_us) as usize;
         while i >= TIMELINE_BUCKETS {
             let merged: Vec<[u64; 6]> = self
@@ -128,8 +127,7 @@ impl Default for Stats {
             prefetch_done_us: AtomicU64::new(0),
             pages_readahead: AtomicU64::new(0),
             blocktime_ns: AtomicU64::new(0),
-            latency: Mutex::new(latency_histogram()),
-            blocktime_by_thread: Mutex::new(HashMap::new()),
+            latency: Mutex::new((latency_histogram(), HashMap::new())),
             timeline: Mutex::new(TimelineBuf {
                 started: Instant::now(),
                 // 1 ms: a restore's first milliseconds are what matter; a
@@ -160,14 +158,12 @@ impl Stats {
     pub(crate) fn record_latency(&self, d: Duration, thread: u32) {
         let ns = (d.as_nanos() as u64).max(1);
         self.blocktime_ns.fetch_add(ns, Relaxed);
-        if let Ok(mut h) = self.latency.lock() {
-            h.saturating_record(ns);
-        }
-        if thread != 0 {
-            if let Ok(mut m) = self.blocktime_by_thread.lock() {
+        if let Ok(mut l) = self.latency.lock() {
+            l.0.saturating_record(ns);
+            if thread != 0 {
                 // Bounded: a process has finitely many threads, and a
                 // session ends with its process.
-                *m.entry(thread).or_insert(0) += ns;
+                *l.1.entry(thread).or_insert(0) += ns;
             }
         }
     }
@@ -179,9 +175,10 @@ impl Stats {
             return;
         }
         if let Ok(mut t) = self.timeline.lock() {
+            let us = t.started.elapsed().as_micros() as u64;
             for &(cause, n) in counts {
                 if n > 0 {
-                    t.add(cause, n);
+                    t.add(us, cause, n);
                 }
             }
         }
@@ -199,18 +196,15 @@ impl Stats {
 
     fn counters(&self) -> StatsSnapshot {
         let g = |c: &AtomicU64| c.load(Relaxed);
-        let latency = self
+        let (latency, mut by_thread) = self
             .latency
             .lock()
-            .map(|h| LatencySummary::of(&h))
-            .unwrap_or_default();
-        let mut by_thread: Vec<ThreadBlocktime> = self
-            .blocktime_by_thread
-            .lock()
-            .map(|m| {
-                m.iter()
-                    .map(|(&tid, &ns)| ThreadBlocktime { tid, us: ns / 1000 })
-                    .collect()
+            .map(|l| {
+                let by_thread: Vec<ThreadBlocktime> =
+                    l.1.iter()
+                        .map(|(&tid, &ns)| ThreadBlocktime { tid, us: ns / 1000 })
+                        .collect();
+                (LatencySummary::of(&l.0), by_thread)
             })
             .unwrap_or_default();
         by_thread.sort_by_key(|t| t.tid);

@@ -172,7 +172,6 @@ struct Snapshot {
 /// A VM being served, as the server must hand it on.
 struct Vm {
     key: String,
-    snapshot: String,
     uffd: OwnedFd,
     conn: OwnedFd,
     pages: Arc<PageStateFile>,
@@ -261,7 +260,9 @@ pub fn run(args: &Config) -> Result<(), ServeError> {
     let ended_tx = Mutex::new(ended_tx);
     let hook = Box::new(move |report: &pager::SessionReport| {
         let server = hook_cell.get().and_then(|w| w.upgrade());
-        let vm = server.as_ref().and_then(|s| s.forget(report));
+        if let Some(s) = &server {
+            s.forget(report);
+        }
         if let Some(f) = &stats_file {
             let mut line = serde_json::to_value(report).unwrap_or_default();
             // The engine's "group" is, here, the snapshot.
@@ -282,7 +283,7 @@ pub fn run(args: &Config) -> Result<(), ServeError> {
         }
         if let Ok(tx) = ended_tx.lock() {
             if let Some(rec) = &report.recording {
-                let snapshot = vm.map(|v| v.snapshot).unwrap_or_default();
+                let snapshot = report.group.clone().unwrap_or_default();
                 let _ = tx.send(Msg::Recorded(snapshot, report.id, report.pid, rec.clone()));
             }
             let _ = tx.send(Msg::Ended);
@@ -675,7 +676,6 @@ impl Server {
         // served must never be handled as an orphan.
         let vm = Vm {
             key: key.to_string(),
-            snapshot: meta.snapshot.clone(),
             uffd: uffd.try_clone().context("copying its userfaultfd")?,
             conn: conn.try_clone().context("copying its connection")?,
             pages: pages.clone(),
@@ -728,9 +728,11 @@ impl Server {
         }
     }
 
-    /// A VM ended: forget it (and tell the keeper); returns what it was.
-    fn forget(&self, report: &pager::SessionReport) -> Option<Vm> {
-        let vm = lock(&self.vms).remove(&report.id)?;
+    /// A VM ended: forget it (and tell the keeper).
+    fn forget(&self, report: &pager::SessionReport) {
+        let Some(vm) = lock(&self.vms).remove(&report.id) else {
+            return;
+        };
         if report.reason == pager::EndReason::Failed {
             // Its VMM may live on, with nobody to serve it.
             let fds = handoff::VmFds {
@@ -748,7 +750,6 @@ impl Server {
             let _ = n.remove(&handoff::Name::Vm(vm.key.clone()).render());
         }
         lock(&self.ended).add(&counters(&report.stats));
-        Some(vm)
     }
 
     /// Exits leaving every VM to the keeper, for the next server: no new
@@ -1345,7 +1346,6 @@ impl Server {
                 &handle,
                 Vm {
                     key,
-                    snapshot: snap.name.clone(),
                     uffd: uffd_copy,
                     conn: conn_copy,
                     pages,

@@ -633,7 +633,7 @@ impl Session {
                 // `read_events`).
                 if n > 0 {
                     if let Some(f) = &self.state_file {
-                        f.clear_journal();
+                        f.clear_journal(n);
                     }
                 }
                 total += n;
