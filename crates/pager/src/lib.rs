@@ -32,7 +32,7 @@ pub use session::{
     PrefetchSet, RecordConfig, RecordedTouch, Recording, Session, SessionConfig,
     DEFAULT_CLUSTER_PAGES,
 };
-pub use source::{Bytes, MemFile, PageSource, SourceError};
+pub use source::{Bytes, MemFile, PageSource, SourceError, Waker};
 pub use stats::{LatencyBucket, LatencySummary, StatsSnapshot, ThreadBlocktime, Timeline};
 
 /// Entry points for `cargo fuzz` (`fuzz/`): the engine's handling of

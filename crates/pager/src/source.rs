@@ -4,6 +4,7 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Why a source could not deliver bytes.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +21,25 @@ pub enum SourceError {
         len: usize,
         source_len: u64,
     },
+    /// The bytes in `bad` (source offsets, sorted and disjoint, each
+    /// within the read) cannot be trusted: a chunk failed its checksum, or a
+    /// fetch failed for good. Every other byte of the buffer was filled and
+    /// is correct. The engine poisons the pages in `bad` (the guest gets
+    /// SIGBUS there) and serves the rest. The source logs the reason once
+    /// per chunk itself; `why` is for the caller.
+    #[error("{why}")]
+    Untrusted { bad: Vec<Range<u64>>, why: String },
+    /// The bytes are being fetched from a slow store (only from
+    /// [`PageSource::read_at_or_wake`]): the source calls the waker it was
+    /// given once they can be read, or have failed for good.
+    #[error("the bytes are being fetched")]
+    Pending,
 }
+
+/// Called by a source, once, when bytes it answered [`SourceError::Pending`]
+/// for can be read (or have failed for good). It must not block: it is
+/// called from the source's fetching threads.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
 /// Where pages come from. Implementations must be safe to call from several
 /// serving threads at once.
@@ -35,7 +54,32 @@ pub trait PageSource: Send + Sync + 'static {
 
     /// Fills `buf` with the bytes at `[offset, offset+buf.len())`. On error
     /// nothing in `buf` may be trusted (the pages will be poisoned).
+    /// A slow source (a remote store) waits for the bytes here; see
+    /// [`read_at_or_wake`](Self::read_at_or_wake) for serving threads.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+
+    /// As [`read_at`](Self::read_at), without waiting on a slow store: when
+    /// some of the bytes are not at hand, the source starts fetching them
+    /// (one fetch for concurrent asks), returns [`SourceError::Pending`] and
+    /// calls `waker` once they are. Serving threads are shared by every VM,
+    /// so they never wait on a fetch. Sources whose reads are local need
+    /// not implement it.
+    fn read_at_or_wake(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        waker: &Waker,
+    ) -> Result<(), SourceError> {
+        let _ = waker;
+        self.read_at(offset, buf)
+    }
+
+    /// Ranges that will be read soon, most urgent first (a recorded working
+    /// set): a slow source starts fetching them, behind the fetches faults
+    /// wait for. Others ignore it.
+    fn hint(&self, ranges: &[Range<u64>]) {
+        let _ = ranges;
+    }
 
     /// Ranges known in advance to read as zero (sorted, disjoint): pages
     /// wholly inside them are served as zero pages without a read.

@@ -1,0 +1,1 @@
+//! Images in S3-compatible object storage.
