@@ -204,7 +204,9 @@ struct Entry {
 
 struct Shared {
     epoll: OwnedFd,
-    control: OwnedFd,
+    control: Arc<OwnedFd>,
+    /// Sessions whose slow source finished a fetch their faults wait for.
+    woken: Arc<Woken>,
     sessions: Mutex<HashMap<u64, Arc<Entry>>>,
     next_id: AtomicU64,
     stopping: AtomicBool,
@@ -232,6 +234,33 @@ struct Shared {
     /// none), read without the lock on every turn of the serving loop.
     next_timer_ns: AtomicU64,
     started: Instant,
+}
+
+/// Sessions a slow source woke (its waker ran, from a fetching thread):
+/// their parked faults are served again by the next worker that looks.
+struct Woken {
+    ids: Mutex<Vec<u64>>,
+    any: AtomicBool,
+    control: Arc<OwnedFd>,
+}
+
+impl Woken {
+    fn wake(&self, id: u64) {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+        self.any.store(true, Ordering::Release);
+        drop(ids);
+        let _ = rustix::io::write(&self.control, &1u64.to_ne_bytes());
+    }
+
+    fn take(&self, into: &mut Vec<u64>) {
+        if !self.any.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        into.append(&mut self.ids.lock().unwrap_or_else(|e| e.into_inner()));
+    }
 }
 
 /// Serving threads and the sessions they serve.
@@ -318,11 +347,13 @@ impl Engine {
     /// ends, on a serving thread.
     pub fn start(config: EngineConfig, on_end: Option<EndHook>) -> Result<Engine, EngineError> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(os("epoll_create"))?;
-        let control = rustix::event::eventfd(
-            0,
-            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-        )
-        .map_err(os("eventfd"))?;
+        let control = Arc::new(
+            rustix::event::eventfd(
+                0,
+                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+            )
+            .map_err(os("eventfd"))?,
+        );
         epoll::add(
             &epoll,
             &control,
@@ -332,6 +363,11 @@ impl Engine {
         .map_err(os("epoll_ctl"))?;
         let shared = Arc::new(Shared {
             epoll,
+            woken: Arc::new(Woken {
+                ids: Mutex::new(Vec::with_capacity(64)),
+                any: AtomicBool::new(false),
+                control: control.clone(),
+            }),
             control,
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -514,6 +550,12 @@ impl Shared {
     ) -> Result<SessionHandle, EngineError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let background = session.config().background;
+        let woken = Arc::downgrade(&self.woken);
+        session.set_waker(Arc::new(move || {
+            if let Some(w) = woken.upgrade() {
+                w.wake(id);
+            }
+        }));
         let entry = Arc::new(Entry {
             id,
             session,
@@ -807,6 +849,22 @@ impl Shared {
         }
     }
 
+    /// Serves again the faults of sessions whose slow source finished a
+    /// fetch, and lets their queued work go on.
+    fn run_woken(&self, scratch: &mut Scratch) {
+        let mut ids = std::mem::take(&mut scratch.woken);
+        self.woken.take(&mut ids);
+        for id in ids.drain(..) {
+            let Some(entry) = self.get(id) else { continue };
+            entry.session.take_source_woken(&mut scratch.faults);
+            self.serve_faults(&entry, scratch);
+            for flag in [&self.background, &self.readahead, &self.prefetch] {
+                raise(flag);
+            }
+        }
+        scratch.woken = ids;
+    }
+
     /// One readahead step on the next session that has some.
     fn readahead_round(&self, scratch: &mut Scratch) -> bool {
         self.round(scratch, Session::readahead_step)
@@ -862,6 +920,8 @@ impl Shared {
 struct Scratch {
     faults: Faults,
     events: Vec<uffd::Event>,
+    /// Session ids a slow source woke (`Shared::run_woken`).
+    woken: Vec<u64>,
 }
 
 /// A serving thread. When background work is pending it takes background
@@ -875,6 +935,7 @@ fn worker(shared: &Shared) {
     let mut scratch = Scratch {
         faults: Faults::with_capacity(4 * uffd::MAX_BATCH),
         events: Vec::with_capacity(uffd::MAX_BATCH),
+        woken: Vec::with_capacity(64),
     };
     let zero = rustix::event::Timespec {
         tv_sec: 0,
@@ -954,6 +1015,10 @@ fn worker(shared: &Shared) {
         if shared.next_timer().is_some_and(|at| at <= Instant::now()) {
             nice.serving();
             shared.run_timers(&mut scratch);
+        }
+        if shared.woken.any.load(Ordering::Acquire) {
+            nice.serving();
+            shared.run_woken(&mut scratch);
         }
         if !events.is_empty() {
             continue;

@@ -30,6 +30,8 @@ pub struct Stats {
     pub faults_undeclared: AtomicU64,
     pub faults_other_mode: AtomicU64,
     pub deferrals: AtomicU64,
+    pub source_waits: AtomicU64,
+    pub pages_untrusted: AtomicU64,
     pub pages_prefetched: AtomicU64,
     pub prefetch_samples: AtomicU64,
     pub prefetch_sample_hits: AtomicU64,
@@ -120,6 +122,8 @@ impl Default for Stats {
             faults_undeclared: AtomicU64::new(0),
             faults_other_mode: AtomicU64::new(0),
             deferrals: AtomicU64::new(0),
+            source_waits: AtomicU64::new(0),
+            pages_untrusted: AtomicU64::new(0),
             pages_prefetched: AtomicU64::new(0),
             prefetch_samples: AtomicU64::new(0),
             prefetch_sample_hits: AtomicU64::new(0),
@@ -233,6 +237,8 @@ impl Stats {
             faults_undeclared: g(&self.faults_undeclared),
             faults_other_mode: g(&self.faults_other_mode),
             deferrals: g(&self.deferrals),
+            source_waits: g(&self.source_waits),
+            pages_untrusted: g(&self.pages_untrusted),
             pages_prefetched: g(&self.pages_prefetched),
             prefetch_samples: g(&self.prefetch_samples),
             prefetch_sample_hits: g(&self.prefetch_sample_hits),
@@ -300,6 +306,13 @@ pub struct StatsSnapshot {
     /// Times work met EAGAIN for longer than a few retries and was put
     /// aside for later instead of keeping a serving thread waiting.
     pub deferrals: u64,
+    /// Times work waited for a slow source (a remote store) to fetch its
+    /// bytes: a fault's thread waited, no serving thread did.
+    pub source_waits: u64,
+    /// Pages poisoned because the source could not vouch for their bytes
+    /// (a chunk failed its checksum, a fetch failed for good); also in
+    /// `pages_poisoned`.
+    pub pages_untrusted: u64,
     /// Pages of a recorded working set mapped before a fault asked for them.
     pub pages_prefetched: u64,
     /// Pages of the set left out of prefetch as samples (one in 64): a

@@ -37,9 +37,19 @@
 //! milliseconds. Serving threads are shared by every VM, so after a few
 //! immediate retries the work is put aside (`put_aside`) and a timer of the
 //! engine brings it back; the claims go back to the state they came from.
+//!
+//! # Why no serving thread waits for a slow source either
+//! A remote store takes milliseconds per fetch. A read the source cannot
+//! answer from what it holds answers `Pending` (it has started the fetch);
+//! the claims go back, the fault is parked in `source_waiting`, and the
+//! source's waker (set by the engine) brings it back once the bytes are
+//! there. Meanwhile faults on bytes at hand, and every other VM, are served
+//! as usual. A wake that lands between the read and the parking is not
+//! lost: the waker counts its calls, and a fault parked after a count
+//! changed is brought back at once.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
@@ -48,7 +58,7 @@ use uffd::{CopyMode, Error as UffdError, Event, FaultFlags, Uffd};
 use crate::layout::{Layout, PageState, RegionState};
 use crate::persist::PageStateFile;
 use crate::region::{PageSize, Region};
-use crate::source::PageSource;
+use crate::source::{PageSource, SourceError, Waker};
 use crate::stats::{Cause, Stats};
 
 mod background;
@@ -298,6 +308,13 @@ pub struct Session {
     failed: AtomicBool,
     /// `aside.retry_at` was set since the engine last took it.
     retry_asked: AtomicBool,
+    /// Faults whose bytes a slow source is fetching (see the module doc).
+    source_waiting: Mutex<Vec<Fault>>,
+    /// Calls of the waker so far.
+    source_wakes: Arc<AtomicU64>,
+    /// Given to the source with each read; set by the engine. Without it
+    /// reads wait for the source (`PageSource::read_at`).
+    waker: OnceLock<Waker>,
 }
 
 /// Work put aside because the kernel kept failing it with EAGAIN.
@@ -404,6 +421,7 @@ impl Session {
         }
         let mut s = Self::with_layout(name, uffd, layout, source, config);
         s.state_file = state;
+        s.hint_source();
         s
     }
 
@@ -516,6 +534,58 @@ impl Session {
             paused: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             retry_asked: AtomicBool::new(false),
+            source_waiting: Mutex::new(Vec::with_capacity(MAX_DEFERRED)),
+            source_wakes: Arc::new(AtomicU64::new(0)),
+            waker: OnceLock::new(),
+        }
+    }
+
+    /// Sets what the source calls when bytes it was fetching are there:
+    /// `wake` is the engine's, and brings this session's parked faults back
+    /// (`take_source_woken`). Once; later calls do nothing.
+    pub(crate) fn set_waker(&self, wake: Arc<dyn Fn() + Send + Sync>) {
+        let wakes = self.source_wakes.clone();
+        let _ = self.waker.set(Arc::new(move || {
+            wakes.fetch_add(1, Ordering::AcqRel);
+            wake();
+        }));
+    }
+
+    /// Tells a slow source which bytes a recorded working set will want
+    /// (most urgent first), so that it fetches them ahead of prefetch.
+    fn hint_source(&self) {
+        if let Some(p) = &self.config.prefetch {
+            let ranges: Vec<std::ops::Range<u64>> =
+                p.offsets().iter().map(|&o| o..o + 4096).collect();
+            self.source.hint(&ranges);
+        }
+    }
+
+    /// Moves the faults parked for the source to `faults` (as many as fit
+    /// without growing it, leaving room for a batch of events; the rest
+    /// stay parked and the engine is asked to come back), and lets
+    /// readahead, prefetch and background population go on: a fetch ended.
+    pub(crate) fn take_source_woken(&self, faults: &mut Faults) {
+        {
+            let mut w = self
+                .source_waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let room = faults
+                .capacity()
+                .saturating_sub(faults.len() + uffd::MAX_BATCH);
+            let n = w.len().min(room);
+            faults.extend(w.drain(..n));
+            if !w.is_empty() {
+                if let Some(wake) = self.waker.get() {
+                    wake();
+                }
+            }
+        }
+        if self.paused.load(Ordering::Acquire) {
+            let mut aside = self.aside.lock().unwrap_or_else(|e| e.into_inner());
+            aside.unprompted_after = None;
+            self.paused.store(false, Ordering::Release);
         }
     }
 
@@ -1121,11 +1191,16 @@ impl Session {
                     let ps = r.region.page_size.bytes();
                     let source_offset = r.region.source_offset;
                     drop(layout);
+                    let wakes = self.source_wakes.load(Ordering::Acquire);
                     let read = match span {
-                        Some((lo, hi)) => self.source.read_at(
-                            source_offset + (lo * ps) as u64,
-                            buf.prepare((hi - lo + 1) * ps),
-                        ),
+                        Some((lo, hi)) => {
+                            let offset = source_offset + (lo * ps) as u64;
+                            let buf = buf.prepare((hi - lo + 1) * ps);
+                            match self.waker.get() {
+                                Some(w) => self.source.read_at_or_wake(offset, buf, w),
+                                None => self.source.read_at(offset, buf),
+                            }
+                        }
                         None => {
                             buf.prepare(0);
                             Ok(())
@@ -1136,6 +1211,9 @@ impl Session {
                         return Served::Done;
                     };
                     self.reconcile(r, claims, fault_page);
+                    if matches!(read, Err(SourceError::Pending)) {
+                        return self.wait_for_source(r, claims, fault_page, &ctx, wakes);
+                    }
                     if let Some(span) = span {
                         self.after_read(r, claims, &mut buf, span, read);
                     }
@@ -1246,9 +1324,28 @@ impl Session {
         claims: &mut Vec<Claim>,
         buf: &mut PageBuf,
         (lo, hi): (usize, usize),
-        read: Result<(), crate::source::SourceError>,
+        read: Result<(), SourceError>,
     ) {
         let ps = r.region.page_size.bytes();
+        let read = match read {
+            Err(SourceError::Untrusted { bad, .. }) => {
+                // The source logged why, once per chunk: poison the pages
+                // it cannot vouch for; the rest of the buffer is good.
+                let base = r.region.source_offset;
+                claims.retain(|c| {
+                    let at = base + (c.page * ps) as u64;
+                    let hit = !c.zero
+                        && (lo..=hi).contains(&c.page)
+                        && bad.iter().any(|b| b.start < at + ps as u64 && at < b.end);
+                    if hit {
+                        self.poison_untrusted(r, c.page);
+                    }
+                    !hit
+                });
+                Ok(())
+            }
+            other => other,
+        };
         if let Err(e) = read {
             let offset = r.region.source_offset + (lo * ps) as u64;
             crate::limited!(error, session = %self.name, offset, len = (hi - lo + 1) * ps, "source read failed, poisoning the pages: {e}");
@@ -1273,6 +1370,91 @@ impl Session {
                 c.zero = is_zero(page);
             }
             c.in_buf = true;
+        }
+    }
+
+    /// Poisons a page whose source bytes cannot be trusted (the source said
+    /// why, once per chunk), and marks it failed.
+    fn poison_untrusted(&self, r: &RegionState, page: usize) {
+        let ps = r.region.page_size.bytes();
+        let addr = r.page_addr(page);
+        let poisoned = self.uffd.poison(addr, ps, true);
+        r.set(page, PageState::Failed);
+        Stats::add(&self.stats.pages_untrusted, 1);
+        match poisoned {
+            Ok(_) => Stats::add(&self.stats.pages_poisoned, 1),
+            Err(e) => {
+                crate::limited!(error, session = %self.name, addr, "an untrusted page could not be poisoned ({e}): woken");
+            }
+        }
+        let _ = self.uffd.wake(addr, ps);
+    }
+
+    /// The source is fetching the bytes of these claims: gives them back
+    /// (each to the state it came from) and parks the fault, if the
+    /// faulting page is among them, until the source's waker brings it
+    /// back (`take_source_woken`); unprompted work pauses until then.
+    /// `wakes` is the waker's count from before the read: if it moved, the
+    /// wake may have come before the fault was parked, so it is taken again
+    /// at once.
+    fn wait_for_source(
+        &self,
+        r: &RegionState,
+        claims: &mut Vec<Claim>,
+        fault_page: Option<usize>,
+        ctx: &Ctx,
+        wakes: u64,
+    ) -> Served {
+        Stats::add(&self.stats.source_waits, 1);
+        let ps = r.region.page_size.bytes();
+        let parked = fault_page.filter(|&p| claims.first().map(|c| c.page) == Some(p));
+        for c in claims.drain(..) {
+            let back = match r.state(c.page) {
+                PageState::Claimed => PageState::Missing,
+                PageState::ClaimedDiscarded => PageState::Discarded,
+                _ => continue,
+            };
+            r.set(c.page, back);
+            if Some(c.page) != parked {
+                let _ = self.uffd.wake(r.page_addr(c.page), ps);
+            }
+        }
+        match parked {
+            Some(page) => {
+                let fault = Fault {
+                    thread: ctx.thread,
+                    again: true,
+                    ..Fault::new(
+                        r.page_addr(page),
+                        FaultFlags::empty(),
+                        ctx.read_at.unwrap_or_else(Instant::now),
+                    )
+                };
+                let mut w = self
+                    .source_waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if w.len() < MAX_DEFERRED {
+                    w.push(fault);
+                } else {
+                    // Its thread faults again, a new message.
+                    let _ = self.uffd.wake(fault.addr, ps);
+                }
+                drop(w);
+                if self.source_wakes.load(Ordering::Acquire) != wakes {
+                    if let Some(wake) = self.waker.get() {
+                        wake();
+                    }
+                }
+                Served::Done
+            }
+            // The faulting page was mapped already: the rest of its cluster
+            // is left to later faults.
+            None if fault_page.is_some() => Served::Done,
+            None => {
+                self.pause_unprompted();
+                Served::PutAside
+            }
         }
     }
 

@@ -76,6 +76,11 @@ impl PrefetchSet {
     pub fn is_empty(&self) -> bool {
         self.offsets.is_empty()
     }
+
+    /// The offsets, in the order to map them.
+    pub fn offsets(&self) -> &[u64] {
+        &self.offsets
+    }
 }
 
 /// Whether the 4 KiB source page `page` is a sample of a set in which one
