@@ -250,7 +250,7 @@ impl PageSource for Corrupt {
             let hi = (bad.end.min(end) - offset) as usize;
             buf[lo..hi].fill(0xEE);
             return Err(SourceError::Untrusted {
-                bad: vec![bad.start.max(offset)..bad.end.min(end)],
+                bad: std::iter::once(bad.start.max(offset)..bad.end.min(end)).collect(),
                 why: "injected checksum failure".into(),
             });
         }
