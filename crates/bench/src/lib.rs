@@ -8,6 +8,9 @@
 //! - `embedded`: the engine inside the client process (a VMM linking `pager`);
 //! - `floor`: `pagewire bench-floor`, one page per fault on one thread with
 //!   the file already in memory: the kernel mechanism with nothing added;
+//! - `image-lz4`, `image-zstd`, `image-none`: `serve --source image://`, the
+//!   memory file packed into a pagewire image first (timed: the report
+//!   gives each codec's ratio and pack speed);
 //! - any `--handler-cmd 'CMD {socket} {mem_file}'`.
 //!
 //! [`run`] drives the `pagewire` binary named in [`Config::exe`] (its
@@ -65,6 +68,9 @@ pub struct Config {
     pub mem_file: Option<PathBuf>,
     /// In the generated file, every Nth page is zero (0: none).
     pub zero_every: usize,
+    /// What the generated file holds: `random` (incompressible pages) or
+    /// `mixed` (records and text, one page in 8 random: compressible).
+    pub content: String,
     /// Run every handler this many times, interleaved (round by round),
     /// and add a summary of medians: on a noisy machine one run's figures
     /// can be off by 2x, and ratios are only fair within a round.
@@ -122,10 +128,24 @@ pub struct Report {
     background: bool,
     baselines: Baselines,
     runs: usize,
+    /// The memory file packed for the `image-*` handlers.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    packs: Vec<Pack>,
     results: Vec<Row>,
     /// With more than one run: each handler's medians.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     summary: Vec<Summary>,
+}
+
+/// The memory file packed into an image, as `image pack --json` said.
+#[derive(Debug, Serialize, Clone)]
+struct Pack {
+    codec: String,
+    path: PathBuf,
+    mem_mib: f64,
+    image_mib: f64,
+    ratio: f64,
+    pack_mib_s: f64,
 }
 
 /// A handler's figures over its successful runs: medians, with the range of
@@ -224,10 +244,22 @@ pub fn run(args: &Config) -> Result<Report> {
         Some(p) => p.clone(),
         None => {
             let p = dir.path().join("mem");
-            testbed::generate(&p, args.size, args.zero_every)?;
+            match args.content.as_str() {
+                "random" => testbed::generate(&p, args.size, args.zero_every)?,
+                "mixed" => testbed::generate_mixed(&p, args.size, args.zero_every)?,
+                other => bail!("--content {other:?}: expected random or mixed"),
+            }
             p
         }
     };
+    let mut packs = Vec::new();
+    for h in &args.handlers {
+        if let Some(codec) = h.strip_prefix("image-") {
+            if !packs.iter().any(|p: &Pack| p.codec == codec) {
+                packs.push(pack(&exe, &mem, dir.path(), codec)?);
+            }
+        }
+    }
     let baselines = Baselines {
         memcpy_gib_s: memcpy_gib_s(args.size as usize),
         zero_fill_gib_s: zero_fill_gib_s(args.size as usize),
@@ -263,6 +295,17 @@ pub fn run(args: &Config) -> Result<Report> {
                         }
                     })
                 }),
+                image if image.starts_with("image-") => {
+                    let codec = &image["image-".len()..];
+                    packs
+                        .iter()
+                        .find(|p| p.codec == codec)
+                        .context("no image packed")
+                        .and_then(|p| {
+                            let url = format!("image://{}", p.path.display());
+                            Source(Some(&url)).run(&exe, dir.path(), &mem, args, h)
+                        })
+                }
                 "embedded" => embedded(&exe, &mem, args, args.prefetch.as_deref()),
                 "embedded-ws" => ws().and_then(|w| {
                     embedded(&exe, &mem, args, Some(w)).map(|r| Row {
@@ -271,7 +314,8 @@ pub fn run(args: &Config) -> Result<Report> {
                     })
                 }),
                 other => Err(Error::Invalid(format!(
-                    "unknown handler {other:?} (serve, embedded, floor, serve-ws, embedded-ws)"
+                    "unknown handler {other:?} (serve, embedded, floor, serve-ws, embedded-ws, \
+                     image-lz4, image-zstd, image-none)"
                 ))),
             };
             results.push(Row {
@@ -301,10 +345,52 @@ pub fn run(args: &Config) -> Result<Report> {
         background: args.background,
         baselines,
         runs: args.runs,
+        packs,
         results,
         summary,
     };
     Ok(report)
+}
+
+/// Packs `mem` with `codec` through `pagewire image pack`, timed.
+fn pack(exe: &Path, mem: &Path, dir: &Path, codec: &str) -> Result<Pack> {
+    let out = dir.join(format!("mem-{codec}.pwimg"));
+    let o = Command::new(exe)
+        .arg("image")
+        .arg("pack")
+        .arg(mem)
+        .arg("-o")
+        .arg(&out)
+        .args(["--codec", codec, "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running image pack")?;
+    ensure!(
+        o.status.success(),
+        "image pack --codec {codec} failed: {}",
+        String::from_utf8_lossy(&o.stderr).trim()
+    );
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).context("image pack's report")?;
+    let mib = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0) / (1u64 << 20) as f64;
+    let (mem_mib, image_mib) = (mib(&r["mem_len"]), mib(&r["image_len"]));
+    Ok(Pack {
+        codec: codec.to_string(),
+        path: out,
+        mem_mib,
+        image_mib,
+        ratio: mem_mib / image_mib.max(1e-9),
+        pack_mib_s: mem_mib / r["seconds"].as_f64().unwrap_or(f64::NAN),
+    })
+}
+
+/// Where `serve` takes its bytes from in a run: the memory file, or a
+/// `--source` URL.
+struct Source<'a>(Option<&'a str>);
+
+impl Source<'_> {
+    fn run(&self, exe: &Path, dir: &Path, mem: &Path, args: &Config, name: &str) -> Result<Row> {
+        external_with(exe, dir, mem, args, name, None, None, None, self.0, &[])
+    }
 }
 
 fn failed(handler: &str, e: Error) -> Row {
@@ -336,6 +422,13 @@ impl fmt::Display for Table<'_> {
          (UFFDIO_COPY of 1 MiB pieces, one thread) {:.2} GiB/s",
             r.baselines.memcpy_gib_s, r.baselines.zero_fill_gib_s, r.baselines.uffd_copy_gib_s
         )?;
+        for p in &r.packs {
+            writeln!(
+                f,
+                "image {}: {:.0} MiB of memory in {:.1} MiB ({:.2}x), packed at {:.0} MiB/s",
+                p.codec, p.mem_mib, p.image_mib, p.ratio, p.pack_mib_s
+            )?;
+        }
         if let Some(row) = r.results.iter().find(|x| x.ok) {
             let ms = |gib_s: f64| row.touched_mib / 1024.0 / gib_s * 1000.0;
             if r.baselines.uffd_copy_gib_s > 0.0 && r.baselines.uffd_copy_4k_gib_s > 0.0 {
@@ -520,19 +613,40 @@ fn external(
     prefetch: Option<&Path>,
     record: Option<&Path>,
 ) -> Result<Row> {
+    external_with(exe, dir, mem, args, name, cmd, prefetch, record, None, &[])
+}
+
+/// `external`, with `serve` taking its bytes from `source` (a `--source`
+/// URL; any handler whose name is not `floor` or a command is a `serve`)
+/// and `env` added to its environment.
+#[allow(clippy::too_many_arguments)]
+fn external_with(
+    exe: &Path,
+    dir: &Path,
+    mem: &Path,
+    args: &Config,
+    name: &str,
+    cmd: Option<&String>,
+    prefetch: Option<&Path>,
+    record: Option<&Path>,
+    source: Option<&str>,
+    env: &[(String, String)],
+) -> Result<Row> {
     let socket = dir.join(format!("{name}.sock"));
     let stats = dir.join(format!("{name}.stats"));
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&stats);
-    let mut handler = match (name, cmd) {
+    let kind = if source.is_some() { "serve" } else { name };
+    let mut handler = match (kind, cmd) {
         ("serve", _) => {
             let mut c = Command::new(exe);
-            c.arg("serve")
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--mem-file")
-                .arg(mem)
-                .arg("--stats-json")
+            c.arg("serve").arg("--socket").arg(&socket);
+            match source {
+                Some(url) => c.arg("--source").arg(url),
+                None => c.arg("--mem-file").arg(mem),
+            };
+            c.envs(env.iter().map(|(k, v)| (k, v)));
+            c.arg("--stats-json")
                 .arg(&stats)
                 .args(["--exit-after", "1", "--threads"])
                 .arg(args.serve_threads.to_string())

@@ -18,8 +18,11 @@ pub struct BenchArgs {
     /// Client threads touching memory at once.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Handlers to compare, comma separated: serve, embedded, floor, and
-    /// serve-ws, embedded-ws (with a recorded working set, see --prefetch).
+    /// Handlers to compare, comma separated: serve, embedded, floor,
+    /// serve-ws, embedded-ws (with a recorded working set, see --prefetch),
+    /// image-lz4, image-zstd, image-none (serve from the memory file packed
+    /// into an image; the pack is timed), s3-cold, s3-warm, s3-get (see
+    /// --s3).
     #[arg(long, value_delimiter = ',', default_value = "floor,serve,embedded")]
     pub handlers: Vec<String>,
     /// Another handler to compare: a shell command in which {socket} and
@@ -53,6 +56,10 @@ pub struct BenchArgs {
     /// In the generated file, every Nth page is zero (0: none).
     #[arg(long, default_value_t = 4)]
     pub zero_every: usize,
+    /// What the generated file holds: random (incompressible pages) or
+    /// mixed (records and text, one page in 8 random: compressible).
+    #[arg(long, default_value = "random")]
+    pub content: String,
     /// Run every handler this many times, interleaved (round by round),
     /// and add a summary of medians: on a noisy machine one run's figures
     /// can be off by 2x, and ratios are only fair within a round.
@@ -91,6 +98,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         serve_threads: args.serve_threads,
         mem_file: args.mem_file.clone(),
         zero_every: args.zero_every,
+        content: args.content.clone(),
         runs: args.runs,
     })?;
     if args.json {

@@ -136,6 +136,7 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<ExitCode> {
         state: state.clone(),
         mode: String::new(),
         socket: None,
+        source: None,
         passes: 2,
         threads: 2,
         cluster_pages: pager::DEFAULT_CLUSTER_PAGES,

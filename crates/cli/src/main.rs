@@ -8,6 +8,7 @@ mod bench;
 mod check;
 mod demo;
 mod fc_client;
+mod image;
 mod serve;
 mod sets;
 mod vm;
@@ -52,6 +53,9 @@ enum Command {
     /// Working sets: merge recordings, inspect one.
     #[command(subcommand)]
     Ws(ws::WsCommand),
+    /// Snapshot images: pack, inspect, verify, unpack, push to S3.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// The minimal one-page-per-fault handler `bench` measures as the floor.
     #[command(name = "bench-floor", hide = true)]
     BenchFloor(bench::FloorArgs),
@@ -126,6 +130,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::BenchFloor(args) => bench::floor(&args),
         Command::Ws(cmd) => ws::run(&cmd),
+        Command::Image(cmd) => image::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Report(args) => report(&args),
     };
     match result {

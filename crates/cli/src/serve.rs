@@ -16,11 +16,34 @@ pub struct ServeArgs {
     /// The snapshot's guest memory file (regions end to end).
     #[arg(
         long,
-        required_unless_present = "snapshot_dir",
-        conflicts_with = "snapshot_dir"
+        required_unless_present_any = ["snapshot_dir", "source"],
+        conflicts_with_all = ["snapshot_dir", "source"]
     )]
     pub mem_file: Option<PathBuf>,
-    /// Serve every `NAME.mem` in this directory, each on its own socket
+    /// Where the snapshot's bytes come from: `file://PATH` (a raw memory
+    /// file, as --mem-file), `image://PATH` (a pagewire image, its base
+    /// beside it) or `s3://BUCKET/KEY` (an image in S3-compatible object
+    /// storage; endpoint, region and credentials from AWS_ENDPOINT_URL,
+    /// AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
+    #[arg(long, conflicts_with = "snapshot_dir")]
+    pub source: Option<String>,
+    /// Decoded image chunks kept in memory per source.
+    #[arg(long, default_value = "256M", value_parser = testbed::parse_size)]
+    pub memory_cache: u64,
+    /// Where chunks fetched from S3 are kept on disk (shared by every
+    /// server using the same directory; survives restarts). Default:
+    /// $XDG_CACHE_HOME/pagewire or ~/.cache/pagewire.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Bytes the disk cache may hold (least recently used chunks go first).
+    #[arg(long, default_value = "10G", value_parser = testbed::parse_size)]
+    pub cache_size: u64,
+    /// S3 fetches in flight at most, per source.
+    #[arg(long, default_value_t = 16)]
+    pub fetch_concurrency: usize,
+    /// Serve every `NAME.mem` (raw memory file), `NAME.pwimg` (pagewire
+    /// image) and `NAME.url` (a source URL on its first line, e.g.
+    /// s3://bucket/key) in this directory, each on its own socket
     /// `--socket-dir/NAME.sock` (a `NAME.pwws` beside it is prefetched);
     /// SIGHUP reads the directory again.
     #[arg(long, requires = "socket_dir")]
@@ -125,6 +148,13 @@ impl From<&ServeArgs> for server::Config {
         server::Config {
             socket: a.socket.clone(),
             mem_file: a.mem_file.clone(),
+            source: a.source.clone(),
+            cache: server::CacheOptions {
+                memory_bytes: usize::try_from(a.memory_cache).unwrap_or(usize::MAX),
+                cache_dir: a.cache_dir.clone().or_else(default_cache_dir),
+                cache_bytes: a.cache_size,
+                fetch_concurrency: a.fetch_concurrency,
+            },
             snapshot_dir: a.snapshot_dir.clone(),
             socket_dir: a.socket_dir.clone(),
             control: a.control.clone(),
@@ -197,4 +227,13 @@ fn supervise(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let code = handoff::supervisor::run(&opts, rx).context("supervising the server")?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// `$XDG_CACHE_HOME/pagewire`, else `~/.cache/pagewire`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("pagewire"))
 }

@@ -80,6 +80,11 @@ pub struct RestoreArgs {
     /// With --mode serve: the page server's socket.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// Embedded pager: where the bytes come from instead of the snapshot's
+    /// memory file: `image://PATH` (a pagewire image) or `s3://BUCKET/KEY`
+    /// (see `serve --source`).
+    #[arg(long)]
+    pub source: Option<String>,
     /// Verified passes to run after the restore.
     #[arg(long, default_value_t = 2)]
     pub passes: u64,
@@ -362,10 +367,25 @@ pub fn restore(a: &RestoreArgs) -> anyhow::Result<RestoreReport> {
     if a.record.is_some() && a.prefetch.is_some() {
         bail!("--record and --prefetch together: a prefetched page makes no fault, so the recording would miss the set");
     }
+    if a.source.is_some() && a.mode != "embedded" {
+        bail!("--source applies to --mode embedded; for --mode serve, give it to `pagewire serve`");
+    }
     let state = vmm::VmState::load(&state_path)?;
     let mem_path = state.memory_path(&state_path);
-    let snapshot = match (&a.record, &a.prefetch) {
-        (None, None) => None,
+    let source = match &a.source {
+        Some(u) => {
+            let url = server::SourceUrl::parse(u)?;
+            let cache = server::CacheOptions {
+                cache_dir: crate::serve::default_cache_dir(),
+                ..server::CacheOptions::default()
+            };
+            Some(server::source::open(&url, &cache)?.source)
+        }
+        None => None,
+    };
+    let snapshot = match (&a.record, &a.prefetch, &source) {
+        (None, None, _) => None,
+        (_, _, Some(s)) => Some(server::sets::source_snapshot_id(&**s)?),
         _ => Some(crate::sets::snapshot_id(&mem_path)?),
     };
     let prefetch = match (&a.prefetch, &snapshot) {
@@ -375,6 +395,7 @@ pub fn restore(a: &RestoreArgs) -> anyhow::Result<RestoreReport> {
     let mode = match a.mode.as_str() {
         "eager" => RestoreMode::Eager,
         "embedded" => RestoreMode::Embedded(EmbeddedOptions {
+            source,
             threads: a.threads,
             cluster_pages: a.cluster_pages,
             adaptive_cluster: !a.fixed_cluster,

@@ -20,7 +20,9 @@
 //! (`--orphan-action`); its userfaultfd is never closed under it.
 //!
 //! # Many snapshots
-//! `--snapshot-dir DIR` serves every `NAME.mem` in it on its own socket,
+//! `--snapshot-dir DIR` serves every `NAME.mem` (raw memory file),
+//! `NAME.pwimg` (pagewire image) and `NAME.url` (a source URL such as
+//! `s3://bucket/key`, see `source.rs`) in it on its own socket,
 //! `--socket-dir/NAME.sock` (Firecracker sends only regions and a fd, so
 //! the socket says which snapshot a VM restores); `NAME.pwws` beside it is
 //! prefetched. SIGHUP reads the directory again: new snapshots get a
@@ -51,6 +53,9 @@ pub use crate::error::ServeError;
 use crate::error::{bail, Context};
 mod error;
 pub mod sets;
+pub mod source;
+
+pub use source::{CacheOptions, SourceUrl};
 
 /// The server's results.
 type Result<T, E = ServeError> = std::result::Result<T, E>;
@@ -76,6 +81,11 @@ pub struct Config {
     pub socket: Option<PathBuf>,
     /// The snapshot's guest memory file (regions end to end).
     pub mem_file: Option<PathBuf>,
+    /// Where the snapshot's bytes come from, as a URL (`source.rs`):
+    /// `file://`, `image://` or `s3://`; instead of `mem_file`.
+    pub source: Option<String>,
+    /// How image and S3 sources cache chunks.
+    pub cache: CacheOptions,
     /// Serve every `NAME.mem` in this directory, each on its own socket
     /// `--socket-dir/NAME.sock` (a `NAME.pwws` beside it is prefetched);
     /// SIGHUP reads the directory again.
@@ -156,10 +166,11 @@ const DEFAULT_SNAPSHOT: &str = "default";
 /// are served.
 struct Snapshot {
     name: String,
-    /// `source_label` of its memory file.
+    /// `source_label` of its source.
     label: String,
-    path: PathBuf,
-    source: Arc<MemFile>,
+    /// Its source, as a URL (logs, a VM's metadata).
+    url: String,
+    source: Arc<dyn PageSource>,
     template: SessionConfig,
     /// Recordings are tied to the memory file: fingerprinted once.
     id: Option<workset::SnapshotId>,
@@ -167,6 +178,14 @@ struct Snapshot {
     /// Set to stop its accept thread (removed from the directory).
     stop: Arc<AtomicBool>,
     listener_fd: OwnedFd,
+}
+
+/// A source VMs are served from, and the memory file behind it when it is
+/// one (handed on by descriptor).
+#[derive(Clone)]
+struct Held {
+    source: Arc<dyn PageSource>,
+    file: Option<Arc<MemFile>>,
 }
 
 /// A VM being served, as the server must hand it on.
@@ -190,8 +209,8 @@ struct Server {
     snapshots: Mutex<HashMap<String, Arc<Snapshot>>>,
     /// Served VMs by session id.
     vms: Mutex<HashMap<u64, Vm>>,
-    /// Every memory file VMs are served from, by `source_label`.
-    sources: Mutex<HashMap<String, Arc<MemFile>>>,
+    /// Every source VMs are served from, by `source_label`.
+    sources: Mutex<HashMap<String, Held>>,
     /// Accept threads hold off while a take-over is under way.
     paused: AtomicBool,
     pending: Arc<AtomicUsize>,
@@ -434,9 +453,15 @@ impl Server {
     /// directory), with its listener: `listeners` holds inherited ones by
     /// snapshot name. Snapshots gone from the directory stop accepting.
     fn load_snapshots(self: &Arc<Self>, listeners: &mut BTreeMap<String, OwnedFd>) -> Result<()> {
-        let wanted: Vec<(String, PathBuf, PathBuf, Option<PathBuf>)> = match (
+        let single = match (&self.args.source, &self.args.mem_file) {
+            (Some(_), Some(_)) => bail!("give --source or --mem-file, not both"),
+            (Some(u), None) => Some(SourceUrl::parse(u)?),
+            (None, Some(m)) => Some(SourceUrl::File(m.clone())),
+            (None, None) => None,
+        };
+        let wanted: Vec<(String, SourceUrl, PathBuf, Option<PathBuf>)> = match (
             &self.args.snapshot_dir,
-            &self.args.mem_file,
+            single,
             &self.args.socket,
         ) {
             (Some(dir), _, _) => {
@@ -448,35 +473,35 @@ impl Server {
                     .with_context(|| format!("reading the snapshot directory {}", dir.display()))?;
                 for e in entries.flatten() {
                     let path = e.path();
-                    let (Some(stem), Some("mem")) = (
-                        path.file_stem().and_then(|s| s.to_str()),
-                        path.extension().and_then(|s| s.to_str()),
-                    ) else {
+                    let Some((stem, url)) = source::dir_entry(&path) else {
                         continue;
                     };
-                    if !handoff::valid_label(stem) {
+                    let url = match url {
+                        Ok(u) => u,
+                        Err(e) => {
+                            limited!(warn, file = %path.display(), "snapshot skipped: {e}");
+                            continue;
+                        }
+                    };
+                    if !handoff::valid_label(&stem) {
                         limited!(warn, file = %path.display(), "snapshot skipped: name must be letters, digits, '-' or '_'");
                         continue;
                     }
                     let ws = path.with_extension("pwws");
                     let prefetch = ws.exists().then_some(ws);
-                    v.push((
-                        stem.to_string(),
-                        path.clone(),
-                        sock_dir.join(format!("{stem}.sock")),
-                        prefetch,
-                    ));
+                    let sock = sock_dir.join(format!("{stem}.sock"));
+                    v.push((stem, url, sock, prefetch));
                 }
-                v.sort();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
                 v
             }
-            (None, Some(mem), Some(sock)) => vec![(
+            (None, Some(url), Some(sock)) => vec![(
                 DEFAULT_SNAPSHOT.to_string(),
-                mem.clone(),
+                url,
                 sock.clone(),
                 self.args.prefetch.clone(),
             )],
-            _ => bail!("give --mem-file and --socket, or --snapshot-dir"),
+            _ => bail!("give --mem-file (or --source) and --socket, or --snapshot-dir"),
         };
         let mut snaps = lock(&self.snapshots);
         // Gone from the directory: stop accepting (their VMs are served on).
@@ -497,22 +522,20 @@ impl Server {
                 tracing::info!(snapshot = %name, "snapshot removed: its socket is closed, its VMs are served on");
             }
         }
-        for (name, mem, socket, prefetch) in wanted {
+        for (name, url, socket, prefetch) in wanted {
             if snaps.contains_key(&name) {
                 continue;
             }
             let opened = (|| -> Result<Snapshot> {
-                let source = Arc::new(
-                    MemFile::open(&mem)
-                        .with_context(|| format!("opening the memory file {}", mem.display()))?,
-                );
-                let template = session_template(&self.args, &mem, prefetch.as_deref())?;
+                let opened = source::open(&url, &self.args.cache)?;
+                let source = opened.source;
+                let template = session_template(&self.args, &*source, prefetch.as_deref())?;
                 let id = match &self.args.record {
                     Some(dir) => {
                         std::fs::create_dir_all(dir).with_context(|| {
                             format!("creating the recording directory {}", dir.display())
                         })?;
-                        Some(crate::sets::snapshot_id(&mem)?)
+                        Some(crate::sets::source_snapshot_id(&*source)?)
                     }
                     None => None,
                 };
@@ -530,7 +553,7 @@ impl Server {
                     None => (bind(&socket)?, false),
                 };
                 let listener_fd: OwnedFd = listener.into();
-                let label = source_label(&name, source.file())?;
+                let label = format!("{name}-{}", opened.identity);
                 if let Some(n) = &self.keeper {
                     if !inherited {
                         n.store(
@@ -538,16 +561,26 @@ impl Server {
                             listener_fd.as_fd(),
                         )?;
                     }
-                    n.store(
-                        &handoff::Name::Source(label.clone()).render(),
-                        source.file().as_fd(),
-                    )?;
+                    // A memory file goes by descriptor; an image is opened
+                    // again by its URL and known by its id.
+                    if let Some(f) = &opened.file {
+                        n.store(
+                            &handoff::Name::Source(label.clone()).render(),
+                            f.file().as_fd(),
+                        )?;
+                    }
                 }
-                lock(&self.sources).insert(label.clone(), source.clone());
+                lock(&self.sources).insert(
+                    label.clone(),
+                    Held {
+                        source: source.clone(),
+                        file: opened.file.clone(),
+                    },
+                );
                 Ok(Snapshot {
                     label,
                     name: name.clone(),
-                    path: mem.clone(),
+                    url: url.display(),
                     source,
                     template,
                     id,
@@ -589,7 +622,7 @@ impl Server {
         mut sources: BTreeMap<String, OwnedFd>,
         from_keeper: bool,
     ) -> usize {
-        let mut opened: HashMap<String, Arc<MemFile>> = HashMap::new();
+        let mut opened: HashMap<String, Arc<dyn PageSource>> = HashMap::new();
         let mut served = 0;
         for (key, fds) in vms {
             match self.adopt_one(&key, &fds, &mut sources, &mut opened, from_keeper) {
@@ -611,7 +644,7 @@ impl Server {
         key: &str,
         fds: &handoff::VmFds,
         sources: &mut BTreeMap<String, OwnedFd>,
-        opened: &mut HashMap<String, Arc<MemFile>>,
+        opened: &mut HashMap<String, Arc<dyn PageSource>>,
         from_keeper: bool,
     ) -> Result<()> {
         let (Some(uffd), Some(conn), Some(pages)) = (&fds.uffd, &fds.conn, &fds.pages) else {
@@ -625,8 +658,6 @@ impl Server {
                 .context("reading its page-state file")?,
         );
         let meta: VmMeta = serde_json::from_slice(pages.meta()).context("reading its metadata")?;
-        // The very file it was served from: handed over with it, or the
-        // snapshot of that name this server already has open.
         // The very file it was served from (by identity, never by path):
         // handed over with it, or open here already.
         let source = match opened.get(&meta.source) {
@@ -640,21 +671,27 @@ impl Server {
                         if source_label(&meta.snapshot, &file)? != meta.source {
                             bail!("the memory file handed over for it is another file");
                         }
-                        Arc::new(
+                        let f = Arc::new(
                             MemFile::from_file(file, &meta.path)
                                 .context("opening its memory file (handed over)")?,
-                        )
+                        );
+                        Held {
+                            source: f.clone(),
+                            file: Some(f),
+                        }
                     }
+                    // An image: this server serves the same one (same id).
                     (None, None) => bail!(
-                        "its memory file ({}, snapshot {:?}) was not handed over and is not \
-                         open here",
+                        "its source ({}, snapshot {:?}) was not handed over and is not \
+                         open here (an image or S3 source must be served by the new server \
+                         too, the same image)",
                         meta.path.display(),
                         meta.snapshot
                     ),
                 };
                 lock(&self.sources).insert(meta.source.clone(), s.clone());
-                opened.insert(meta.source.clone(), s.clone());
-                s
+                opened.insert(meta.source.clone(), s.source.clone());
+                s.source
             }
         };
         let config = lock(&self.snapshots)
@@ -848,11 +885,13 @@ impl Server {
                 });
             }
             // Every file a VM is served from, current or replaced since.
-            for (label, src) in lock(&self.sources).iter() {
-                named.push(handoff::Named {
-                    name: handoff::Name::Source(label.clone()).render(),
-                    fd: dup(src.file().as_fd())?,
-                });
+            for (label, held) in lock(&self.sources).iter() {
+                if let Some(f) = &held.file {
+                    named.push(handoff::Named {
+                        name: handoff::Name::Source(label.clone()).render(),
+                        fd: dup(f.file().as_fd())?,
+                    });
+                }
             }
             let vms = lock(&self.vms);
             for vm in vms.values() {
@@ -950,11 +989,7 @@ impl Server {
 /// under: `<snapshot>-<dev>-<inode>`. A file replaced at the same path is
 /// another source, kept apart: its VMs keep the bytes they started with.
 fn source_label(snapshot: &str, file: &std::fs::File) -> Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let m = file
-        .metadata()
-        .context("the memory file's identity (fstat)")?;
-    Ok(format!("{snapshot}-{:x}-{:x}", m.dev(), m.ino()))
+    Ok(format!("{snapshot}-{}", source::file_identity(file)?))
 }
 
 /// What a VM's page-state file says about it, for a successor.
@@ -1301,7 +1336,7 @@ impl Server {
         let meta = VmMeta {
             name: name.clone(),
             snapshot: snap.name.clone(),
-            path: snap.path.clone(),
+            path: PathBuf::from(&snap.url),
             pid,
             source: snap.label.clone(),
         };
@@ -1370,7 +1405,7 @@ impl Server {
 /// before any VM waits on it).
 fn session_template(
     args: &Config,
-    mem_file: &Path,
+    source: &dyn PageSource,
     prefetch: Option<&Path>,
 ) -> Result<SessionConfig> {
     if args.record.is_some() && prefetch.is_some() {
@@ -1381,7 +1416,7 @@ fn session_template(
     }
     let prefetch = match prefetch {
         Some(p) => {
-            let snapshot = crate::sets::snapshot_id(mem_file)?;
+            let snapshot = crate::sets::source_snapshot_id(source)?;
             let (set, ws) = crate::sets::load(p, &snapshot)?;
             tracing::info!(
                 path = %p.display(),

@@ -17,6 +17,19 @@ pub fn snapshot_id(mem_file: &Path) -> Result<SnapshotId, ServeError> {
         .with_context(|| format!("fingerprinting the memory file {}", mem_file.display()))
 }
 
+/// The identity of the snapshot a source serves (the same as its memory
+/// file's, read through the source: an image of a memory file has the
+/// memory file's identity, so working sets recorded on one apply to the
+/// other).
+pub fn source_snapshot_id(source: &dyn pager::PageSource) -> Result<SnapshotId, ServeError> {
+    SnapshotId::of_reader(source.len(), |offset, buf| {
+        source
+            .read_at(offset, buf)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    })
+    .with_context(|| format!("fingerprinting {}", source.describe()))
+}
+
 /// A recording as a working set of `snapshot` (one run).
 pub fn to_working_set(rec: &Recording, snapshot: SnapshotId) -> WorkingSet {
     let last_page = snapshot.len / workset::PAGE;

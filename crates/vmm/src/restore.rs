@@ -41,8 +41,11 @@ impl RestoreMode {
 }
 
 /// Tuning of the embedded pager.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EmbeddedOptions {
+    /// Where the bytes come from (a pagewire image, object storage);
+    /// default: the snapshot's memory file.
+    pub source: Option<Arc<dyn pager::PageSource>>,
     pub threads: usize,
     pub cluster_pages: usize,
     /// Adaptive fault-around (see `pager::SessionConfig::adaptive_cluster`).
@@ -54,9 +57,24 @@ pub struct EmbeddedOptions {
     pub prefetch: Option<pager::PrefetchSet>,
 }
 
+impl std::fmt::Debug for EmbeddedOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedOptions")
+            .field("source", &self.source.as_ref().map(|s| s.describe()))
+            .field("threads", &self.threads)
+            .field("cluster_pages", &self.cluster_pages)
+            .field("adaptive_cluster", &self.adaptive_cluster)
+            .field("background", &self.background)
+            .field("record", &self.record)
+            .field("prefetch", &self.prefetch)
+            .finish()
+    }
+}
+
 impl Default for EmbeddedOptions {
     fn default() -> EmbeddedOptions {
         EmbeddedOptions {
+            source: None,
             threads: 2,
             cluster_pages: SessionConfig::default().cluster_pages,
             adaptive_cluster: true,
@@ -212,7 +230,19 @@ pub fn restore(
     let state = VmState::load(state_path)?;
     let mem_path = state.memory_path(state_path);
     let expected = state.memory.bytes;
+    let given = match mode {
+        RestoreMode::Embedded(o) => o.source.clone(),
+        _ => None,
+    };
     match std::fs::metadata(&mem_path) {
+        _ if given.as_ref().is_some_and(|s| s.len() < expected) => {
+            return Err(Error::ShortMemoryFile {
+                path: given.as_ref().map_or_else(String::new, |s| s.describe()),
+                actual: given.as_ref().map_or(0, |s| s.len()),
+                expected,
+            })
+        }
+        _ if given.is_some() => {}
         Ok(m) if m.len() < expected => {
             return Err(Error::ShortMemoryFile {
                 path: mem_path.display().to_string(),
@@ -251,8 +281,13 @@ pub fn restore(
         RestoreMode::Embedded(opts) => {
             let uffd = register(memory.host_addr(), memory.len())?;
             tracing::debug!(at = ?started.elapsed(), "registered");
-            let source = pager::MemFile::open(&mem_path)
-                .map_err(|e| Error::Engine(format!("memory file: {e}")))?;
+            let source: Arc<dyn pager::PageSource> = match given {
+                Some(s) => s,
+                None => Arc::new(
+                    pager::MemFile::open(&mem_path)
+                        .map_err(|e| Error::Engine(format!("memory file: {e}")))?,
+                ),
+            };
             tracing::debug!(at = ?started.elapsed(), "source open");
             let engine = Engine::start(
                 EngineConfig {
@@ -274,7 +309,7 @@ pub fn restore(
                         source_offset: 0,
                         page_size: ps,
                     }],
-                    source: Arc::new(source),
+                    source,
                     pid: None,
                     hangup: None,
                     config: SessionConfig {
