@@ -73,6 +73,11 @@ pub struct FcClientArgs {
     /// Every page there must then read zero.
     #[arg(long, value_parser = fc_client::parse_balloon)]
     pub balloon: Vec<fc_client::BalloonRange>,
+    /// Pages OFFSET:LEN (as --balloon) the handler must poison (a corrupt
+    /// chunk of an image): left out of the touch and verify phases, then
+    /// each must fail a system call that reads it with EFAULT. Repeatable.
+    #[arg(long, value_parser = fc_client::parse_balloon)]
+    pub poisoned: Vec<fc_client::BalloonRange>,
     /// Touch this many pages (one thread), then exit at once with code 0
     /// without any cleanup (a VM dying mid-serve).
     #[arg(long)]
@@ -162,6 +167,7 @@ impl FcClientArgs {
             seed: self.seed,
             touch_fraction: self.touch_fraction,
             balloon: self.balloon.clone(),
+            poisoned: self.poisoned.clone(),
             exit_after: self.exit_after,
             write_check: self.write_check,
             timeout_s: self.timeout_s,

@@ -121,6 +121,11 @@ pub struct Config {
     /// accepted) with MADV_DONTNEED, as the balloon device does. Repeatable.
     /// Every page there must then read zero.
     pub balloon: Vec<BalloonRange>,
+    /// Pages OFFSET:LEN (as --balloon) the handler must poison (a corrupt
+    /// chunk of an image): they are left out of the touch and verify
+    /// phases, and afterwards each must make a system call that reads it
+    /// fail with EFAULT (a load would be SIGBUS). Repeatable.
+    pub poisoned: Vec<BalloonRange>,
     /// Touch this many pages (one thread), then exit at once with code 0
     /// without any cleanup (a VM dying mid-serve).
     pub exit_after: Option<usize>,
@@ -1018,6 +1023,10 @@ pub struct WriteCheck {
 #[derive(Serialize, Debug)]
 pub struct Report {
     pub ok: bool,
+    /// Pages of --poisoned, and how many of them the kernel could read
+    /// (must be 0: served garbage instead of poison).
+    pub poisoned_pages: usize,
+    pub poisoned_pages_readable: usize,
     pub pid: u32,
     pub page_size: usize,
     pub pages_total: usize,
@@ -1161,7 +1170,21 @@ pub fn run(args: &Config) -> Result<Outcome> {
         .len();
     let layout = Layout::map(file_size, args.regions, args.huge)?;
     let page_size = layout.page_size;
-    let plan = Plan::new(args, layout.pages_total, page_size)?;
+    let mut plan = Plan::new(args, layout.pages_total, page_size)?;
+    let mut poisoned = vec![false; layout.pages_total];
+    for b in &args.poisoned {
+        ensure!(
+            b.offset % page_size as u64 == 0
+                && b.len % page_size as u64 == 0
+                && b.offset.checked_add(b.len).is_some_and(|e| e <= file_size),
+            "--poisoned {:#x}:{:#x}: page aligned, within guest memory",
+            b.offset,
+            b.len
+        );
+        let first = (b.offset / page_size as u64) as usize;
+        poisoned[first..first + (b.len / page_size as u64) as usize].fill(true);
+    }
+    plan.sequence.retain(|&p| !poisoned[p]);
 
     let mut ballooned = vec![false; layout.pages_total];
     for b in &args.balloon {
@@ -1387,10 +1410,25 @@ pub fn run(args: &Config) -> Result<Outcome> {
     };
     let client_cpu_ms = process_cpu_ms()?;
 
+    // Each page that must be poisoned: the kernel may not read it.
+    let mut poisoned_readable = 0;
+    for (page, _) in poisoned.iter().enumerate().filter(|(_, p)| **p) {
+        let host = layout.locate(page).host;
+        watch.begin(0, Phase::Verify, page);
+        let readable = kernel_can_read(host)?;
+        watch.end(0);
+        if readable {
+            poisoned_readable += 1;
+        }
+    }
     let mismatched_pages = checker.count(MISMATCH);
     let write_failed = write_check.as_ref().is_some_and(|w| w.failed > 0);
     let race_wrong = race.as_ref().is_some_and(|r| r.wrong.is_some());
-    let ok = mismatched_pages == 0 && balloon_nonzero == 0 && !write_failed && !race_wrong;
+    let ok = mismatched_pages == 0
+        && balloon_nonzero == 0
+        && !write_failed
+        && !race_wrong
+        && poisoned_readable == 0;
     let first_mismatches = checker
         .first
         .lock()
@@ -1398,6 +1436,8 @@ pub fn run(args: &Config) -> Result<Outcome> {
         .clone();
     let report = Report {
         ok,
+        poisoned_pages: poisoned.iter().filter(|p| **p).count(),
+        poisoned_pages_readable: poisoned_readable,
         pid: std::process::id(),
         page_size,
         pages_total: layout.pages_total,
@@ -1512,5 +1552,31 @@ impl Embedded {
             .context("reading the CPU time of the serving threads")?;
         self.engine.shutdown();
         Ok((stats, cpu_ms))
+    }
+}
+
+/// Whether the kernel can read 16 bytes at `host` (guest memory): a
+/// poisoned page makes `write` from it fail with EFAULT, where a load would
+/// kill the thread with SIGBUS.
+fn kernel_can_read(host: usize) -> Result<bool> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe() writes two descriptors into the local array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel reads from guest memory that stays mapped for the
+    // process's life; no Rust reference is formed to it, and a poisoned
+    // page makes the call fail instead of faulting here.
+    let r = unsafe { libc::write(fds[1], host as *const libc::c_void, 16) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the two descriptors pipe() gave us.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    match r {
+        16 => Ok(true),
+        -1 if err.raw_os_error() == Some(libc::EFAULT) => Ok(false),
+        _ => bail!("probing a poisoned page: write returned {r}: {err}"),
     }
 }
