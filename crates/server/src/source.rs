@@ -122,7 +122,7 @@ pub fn open(url: &SourceUrl, cache: &CacheOptions) -> Result<Opened> {
         SourceUrl::Image(p) => {
             let img = image::ImageSource::open(p, None, cache.memory_bytes)
                 .with_context(|| format!("opening the image {}", p.display()))?;
-            let identity = format!("img-{}", short(&image_id(p)?));
+            let identity = format!("img-{}", short(&img.layers().top().id_hex()));
             Ok(Opened {
                 source: Arc::new(img),
                 file: None,
@@ -154,30 +154,6 @@ fn open_s3(url: &str, cache: &CacheOptions) -> Result<Opened> {
 #[cfg(not(feature = "s3"))]
 fn open_s3(url: &str, _cache: &CacheOptions) -> Result<Opened> {
     bail!("{url}: this pagewire was built without S3 support (cargo feature `s3`)")
-}
-
-/// The id of the image at `path` (its header and index were checked when
-/// it was opened).
-fn image_id(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let what = path.display().to_string();
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {what}"))?;
-    let mut head = vec![0u8; image::HEADER_LEN];
-    f.read_exact(&mut head)
-        .with_context(|| format!("reading {what}"))?;
-    let need = image::Index::needed(&head, &what).context("reading its header")?;
-    let mut bytes = head;
-    let more = usize::try_from(need)
-        .ok()
-        .and_then(|n| n.checked_sub(bytes.len()))
-        .ok_or_else(|| crate::ServeError::msg(format!("{what}: index too large")))?;
-    let at = bytes.len();
-    bytes.resize(at + more, 0);
-    f.read_exact(&mut bytes[at..])
-        .with_context(|| format!("reading {what}"))?;
-    Ok(image::Index::parse(&bytes, &what)
-        .context("reading its index")?
-        .id_hex())
 }
 
 fn short(id: &str) -> &str {

@@ -51,12 +51,38 @@ impl Server {
         Self::start_with_fd_limits(dir, mem, extra, None)
     }
 
+    /// Starts `serve --source URL` (an image, an object in S3).
+    pub fn start_source(dir: &Path, url: &str, extra: &[&str]) -> Server {
+        Self::spawn(dir, &["--source", url], extra, None, &[])
+    }
+
+    /// `start_source`, with `env` added to the server's environment.
+    pub fn start_source_env(
+        dir: &Path,
+        url: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Server {
+        Self::spawn(dir, &["--source", url], extra, None, env)
+    }
+
     /// Starts `serve` with the soft and hard `RLIMIT_NOFILE` given, if any.
     pub fn start_with_fd_limits(
         dir: &Path,
         mem: &Path,
         extra: &[&str],
         limits: Option<(u64, u64)>,
+    ) -> Server {
+        let mem = mem.to_string_lossy();
+        Self::spawn(dir, &["--mem-file", &mem], extra, limits, &[])
+    }
+
+    fn spawn(
+        dir: &Path,
+        source: &[&str],
+        extra: &[&str],
+        limits: Option<(u64, u64)>,
+        env: &[(String, String)],
     ) -> Server {
         let socket = dir.join("uffd.sock");
         let log = dir.join("serve.log");
@@ -77,26 +103,31 @@ impl Server {
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
-            .arg("--mem-file")
-            .arg(mem)
+            .args(source)
             .arg("--stats-json")
             .arg(&stats)
             .args(extra)
             .env("PAGEWIRE_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()
             .expect("spawn serve");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "server did not listen");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Server {
+        let mut server = Server {
             child,
             socket,
             log,
             stats,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !server.socket.exists() {
+            assert!(
+                Instant::now() < deadline && server.alive(),
+                "server did not listen; log:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
+        server
     }
 
     pub fn log(&self) -> String {
