@@ -71,6 +71,13 @@ pub struct Config {
     /// What the generated file holds: `random` (incompressible pages) or
     /// `mixed` (records and text, one page in 8 random: compressible).
     pub content: String,
+    /// Also pack this many clones of the memory file, each with
+    /// `clone_change` of its pages changed (chosen at random, new content
+    /// of the same kind), against the file's lz4 image as their base, and
+    /// report the bytes stored against the base's (0: none).
+    pub clones: usize,
+    /// Share of a clone's pages changed (0..=1).
+    pub clone_change: f64,
     /// Run every handler this many times, interleaved (round by round),
     /// and add a summary of medians: on a noisy machine one run's figures
     /// can be off by 2x, and ratios are only fair within a round.
@@ -131,6 +138,9 @@ pub struct Report {
     /// The memory file packed for the `image-*` handlers.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     packs: Vec<Pack>,
+    /// Clones packed against the memory file's image (`--clones`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clones: Option<Clones>,
     results: Vec<Row>,
     /// With more than one run: each handler's medians.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -146,6 +156,18 @@ struct Pack {
     image_mib: f64,
     ratio: f64,
     pack_mib_s: f64,
+}
+
+/// `--clones`: a base image and clones packed against it.
+#[derive(Debug, Serialize, Clone)]
+struct Clones {
+    count: usize,
+    changed: f64,
+    base_bytes: u64,
+    /// Every clone image, in bytes.
+    clone_bytes: Vec<u64>,
+    /// (base + clones) / base.
+    total_over_base: f64,
 }
 
 /// A handler's figures over its successful runs: medians, with the range of
@@ -253,6 +275,10 @@ pub fn run(args: &Config) -> Result<Report> {
         }
     };
     let mut packs = Vec::new();
+    let clones = match args.clones {
+        0 => None,
+        n => Some(clones(&exe, &mem, dir.path(), n, args.clone_change)?),
+    };
     for h in &args.handlers {
         if let Some(codec) = h.strip_prefix("image-") {
             if !packs.iter().any(|p: &Pack| p.codec == codec) {
@@ -346,6 +372,7 @@ pub fn run(args: &Config) -> Result<Report> {
         baselines,
         runs: args.runs,
         packs,
+        clones,
         results,
         summary,
     };
@@ -380,6 +407,75 @@ fn pack(exe: &Path, mem: &Path, dir: &Path, codec: &str) -> Result<Pack> {
         image_mib,
         ratio: mem_mib / image_mib.max(1e-9),
         pack_mib_s: mem_mib / r["seconds"].as_f64().unwrap_or(f64::NAN),
+    })
+}
+
+/// Packs the memory file (lz4) as a base and `n` clones of it against it,
+/// each with `change` of its pages rewritten (seeded: the same clones
+/// every run).
+fn clones(exe: &Path, mem: &Path, dir: &Path, n: usize, change: f64) -> Result<Clones> {
+    ensure!(
+        (0.0..=1.0).contains(&change),
+        "--clone-change must be within 0..=1"
+    );
+    let base = dir.join("clone-base.pwimg");
+    let packed = |m: &Path, out: &Path, extra: &[&str]| -> Result<u64> {
+        let o = Command::new(exe)
+            .arg("image")
+            .arg("pack")
+            .arg(m)
+            .arg("-o")
+            .arg(out)
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .context("running image pack")?;
+        ensure!(
+            o.status.success(),
+            "image pack failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+        Ok(std::fs::metadata(out).context("the packed image")?.len())
+    };
+    let base_bytes = packed(mem, &base, &[])?;
+    let data = std::fs::read(mem).context("reading the memory file")?;
+    let pages = data.len() / 4096;
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut clone_bytes = Vec::new();
+    let clone_mem = dir.join("clone.mem");
+    let base_arg = base.to_string_lossy().into_owned();
+    for i in 0..n {
+        let mut c = data.clone();
+        let k = (pages as f64 * change).round() as usize;
+        for _ in 0..k {
+            let p = (next() % pages.max(1) as u64) as usize;
+            // New content of the kind the page had: a copy of another page
+            // with its first word changed (zero pages stay zero-ish).
+            let from = (next() % pages.max(1) as u64) as usize;
+            let (src, dst) = (from * 4096, p * 4096);
+            let page: Vec<u8> = data[src..src + 4096].to_vec();
+            c[dst..dst + 4096].copy_from_slice(&page);
+            c[dst..dst + 8].copy_from_slice(&next().to_le_bytes());
+        }
+        std::fs::write(&clone_mem, &c).context("writing a clone")?;
+        let out = dir.join(format!("clone-{i}.pwimg"));
+        clone_bytes.push(packed(&clone_mem, &out, &["--base", &base_arg])?);
+        let _ = std::fs::remove_file(&out);
+    }
+    let _ = std::fs::remove_file(&clone_mem);
+    let total: u64 = base_bytes + clone_bytes.iter().sum::<u64>();
+    Ok(Clones {
+        count: n,
+        changed: change,
+        base_bytes,
+        clone_bytes,
+        total_over_base: total as f64 / base_bytes.max(1) as f64,
     })
 }
 
@@ -422,6 +518,18 @@ impl fmt::Display for Table<'_> {
          (UFFDIO_COPY of 1 MiB pieces, one thread) {:.2} GiB/s",
             r.baselines.memcpy_gib_s, r.baselines.zero_fill_gib_s, r.baselines.uffd_copy_gib_s
         )?;
+        if let Some(c) = &r.clones {
+            writeln!(
+                f,
+                "{} clones, {:.0}% of pages changed each: base image {:.1} MiB, clones {:.1} MiB \
+                 in all, base + clones = {:.2}x the base",
+                c.count,
+                c.changed * 100.0,
+                c.base_bytes as f64 / (1u64 << 20) as f64,
+                c.clone_bytes.iter().sum::<u64>() as f64 / (1u64 << 20) as f64,
+                c.total_over_base
+            )?;
+        }
         for p in &r.packs {
             writeln!(
                 f,

@@ -60,6 +60,14 @@ pub struct BenchArgs {
     /// mixed (records and text, one page in 8 random: compressible).
     #[arg(long, default_value = "random")]
     pub content: String,
+    /// Also pack this many clones of the memory file against its lz4 image
+    /// (each with --clone-change of its pages changed) and report the bytes
+    /// stored against the base's.
+    #[arg(long, default_value_t = 0)]
+    pub clones: usize,
+    /// Share of each clone's pages changed.
+    #[arg(long, default_value_t = 0.05)]
+    pub clone_change: f64,
     /// Run every handler this many times, interleaved (round by round),
     /// and add a summary of medians: on a noisy machine one run's figures
     /// can be off by 2x, and ratios are only fair within a round.
@@ -99,6 +107,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         mem_file: args.mem_file.clone(),
         zero_every: args.zero_every,
         content: args.content.clone(),
+        clones: args.clones,
+        clone_change: args.clone_change,
         runs: args.runs,
     })?;
     if args.json {
