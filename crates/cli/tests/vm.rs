@@ -308,3 +308,50 @@ fn an_embedded_restore_records_its_working_set_and_the_next_prefetches_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A KVM guest restored from a pagewire image of its snapshot, embedded and
+/// through `serve --source image://`: the guest's own checksums verify.
+#[test]
+fn a_guest_restores_from_an_image_of_its_snapshot() {
+    if !common::have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    snapshot(
+        dir.path(),
+        &["--mem", "64M", "--vcpus", "2", "--guest", "walker"],
+    );
+    let mem = dir.path().join("memory.bin").to_string_lossy().to_string();
+    let img = dir
+        .path()
+        .join("memory.pwimg")
+        .to_string_lossy()
+        .to_string();
+    let packed = pagewire(&["image", "pack", &mem, "-o", &img, "--json"]);
+    let r = json_ok(&packed);
+    assert!(
+        r["image_len"].as_u64() < r["mem_len"].as_u64(),
+        "the walker's memory should pack smaller: {r}"
+    );
+    let url = format!("image://{img}");
+    restore(dir.path(), "embedded", &["--source", &url]);
+    let socket = dir.path().join("img.sock");
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--source", &url, "--exit-after", "1"])
+        .env("PAGEWIRE_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start serve");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "serve did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let sock = socket.to_string_lossy().to_string();
+    restore(dir.path(), "serve", &["--socket", &sock]);
+    let _ = child.kill();
+    let _ = child.wait();
+}
