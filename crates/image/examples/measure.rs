@@ -94,7 +94,7 @@ fn generate_mixed(path: &Path, size: u64) -> std::io::Result<()> {
             let mut at = 0;
             while at < PAGE {
                 let r = rng.next();
-                let w = if r % 5 == 0 {
+                let w = if r.is_multiple_of(5) {
                     format!("{} ", r % 100_000)
                 } else {
                     format!("{} ", WORDS[(r >> 8) as usize % WORDS.len()])
@@ -148,7 +148,7 @@ fn random_reads(img: &Path, budget: Duration) -> f64 {
     for p in order {
         src.read_at(p * PAGE as u64, &mut buf).expect("read");
         n += 1;
-        if n % 256 == 0 && t.elapsed() > budget {
+        if n.is_multiple_of(256) && t.elapsed() > budget {
             break;
         }
     }
