@@ -2,7 +2,9 @@
 
 use crate::{ImageError, PAGE};
 
+/// The first 8 bytes of every image.
 pub const MAGIC: [u8; 8] = *b"PWIMAGE\0";
+/// The format version this build reads and writes.
 pub const VERSION: u32 = 1;
 /// The fixed header's size; the index follows it.
 pub const HEADER_LEN: usize = 256;
@@ -11,26 +13,34 @@ pub const HEADER_LEN: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Codec {
+    /// Stored as is (compression did not save 1/8).
     None,
+    /// lz4 block format (`lz4_flex`).
     Lz4,
+    /// One zstd frame.
     Zstd,
 }
 
 /// The fixed header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// The format version ([`VERSION`]).
     pub version: u32,
     /// Bytes per chunk (slot): a power of two, 4 KiB to 4 MiB.
     pub chunk_size: u32,
     /// The memory's size in bytes.
     pub mem_len: u64,
+    /// Slots: `ceil(mem_len / chunk_size)`.
     pub slot_count: u64,
+    /// Entries of the blob table.
     pub blob_count: u64,
     /// Where the index (slots, blobs, base name) starts and its length.
     pub index_offset: u64,
+    /// The index's length.
     pub index_len: u64,
     /// Where blob data starts and its length; the file ends there.
     pub data_offset: u64,
+    /// The data section's length.
     pub data_len: u64,
     /// blake3 of the index bytes: the image's identity, checked at open.
     pub id: [u8; 32],
@@ -44,7 +54,9 @@ pub struct Header {
 pub struct Slot {
     /// Index into the blob table; `None`: no page from a blob.
     pub blob: Option<u32>,
+    /// Pages taken from the blob, in order (bit `p` of word `p / 64`).
     pub own: Vec<u64>,
+    /// Pages taken from the base at the same offset.
     pub from_base: Vec<u64>,
 }
 
@@ -52,18 +64,27 @@ pub struct Slot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlobLocation {
     /// In this image's data, at `offset` from the data section's start.
-    Data { offset: u64 },
+    Data {
+        /// From the data section's start.
+        offset: u64,
+    },
     /// The base image's blob of this index (identical content).
-    Base { index: u32 },
+    Base {
+        /// The blob's index in the base's table.
+        index: u32,
+    },
 }
 
 /// A stored blob: the pages a slot takes from it, concatenated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobEntry {
+    /// Where its stored bytes are.
     pub location: BlobLocation,
+    /// How they are stored.
     pub codec: Codec,
     /// Decoded size in 4 KiB pages.
     pub pages: u32,
+    /// Stored bytes.
     pub stored_len: u32,
     /// xxh3-64 of the stored bytes: checked on every read.
     pub checksum: u64,
@@ -74,8 +95,11 @@ pub struct BlobEntry {
 /// An image's header and tables, parsed and validated.
 #[derive(Debug, Clone)]
 pub struct Index {
+    /// The fixed header.
     pub header: Header,
+    /// One per chunk of memory.
     pub slots: Vec<Slot>,
+    /// The blob table.
     pub blobs: Vec<BlobEntry>,
     /// The base's file (or object) name, relative to this image's directory
     /// (or key prefix), when it has a base.
@@ -307,6 +331,7 @@ impl Index {
         self.header.pages_per_chunk()
     }
 
+    /// Whether the image refers to a base image.
     pub fn has_base(&self) -> bool {
         self.header.base_id != [0; 32]
     }

@@ -9,7 +9,9 @@ use crate::{ImageError, PAGE};
 /// Which image of a [`Layers`] a blob is stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Layer {
+    /// The image served.
     Top,
+    /// Its base.
     Base,
 }
 
@@ -17,17 +19,22 @@ pub enum Layer {
 /// that refers to a base blob resolves to `Base`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BlobKey {
+    /// The image whose data holds the blob.
     pub layer: Layer,
+    /// The blob's index in that image's blob table.
     pub index: u32,
 }
 
 /// Where a page's bytes come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageFrom {
+    /// A zero page.
     Zero,
     /// Page `page` of the decoded blob.
     Blob {
+        /// The blob.
         key: BlobKey,
+        /// The page's index in the decoded blob.
         page: u32,
     },
 }
@@ -60,10 +67,14 @@ pub struct Layers {
 pub enum ReadError {
     /// Every byte outside these source ranges was filled.
     Untrusted {
+        /// Memory offsets, sorted and disjoint, within the read.
         bad: Vec<Range<u64>>,
+        /// What failed, for the caller (the getter logs).
         why: String,
     },
+    /// A blob is being fetched (every missing one was asked for).
     Pending,
+    /// A getter failed otherwise, or the read lies past the end.
     Failed(String),
 }
 

@@ -21,11 +21,12 @@ use crate::{ImageError, PAGE};
 /// Why: a fault decodes its whole chunk, and the chunk's other pages are
 /// likely to fault soon (locality) or to be faulted by another VM restored
 /// from the same image; keeping them decoded turns those faults into a
-/// memory copy. 128 MiB holds 512 chunks of the default 256 KiB, the
-/// working set a restored VM touches in its first seconds in our traces,
-/// at a fixed cost per image whatever the memory's size. Pages are copied
+/// memory copy. 128 MiB holds 1024 chunks of the default 128 KiB: half of
+/// a 256 MiB guest's data, at a fixed cost per image whatever the memory's
+/// size. Pages are copied
 /// into the guest once served, so a bigger cache mostly helps random access
-/// over a big image; a smaller one costs a decode (~40-100 us) per miss.
+/// over a big image; a smaller one costs a pread and decode of a chunk per miss (tens of
+/// microseconds at 128 KiB).
 pub const DEFAULT_CACHE_BYTES: usize = 128 << 20;
 
 /// Serves pages from an image file and its base file: each read decodes

@@ -529,3 +529,42 @@ fn parse_never_panics_on_damaged_indexes() {
         let _ = Index::parse(&b[..cut], "t");
     }
 }
+
+/// Writes small valid images (header and index) as seeds of the
+/// `image_index` fuzz target: `IMAGE_SEEDS=fuzz/corpus/image_index cargo
+/// test -p pagewire-image -- --ignored write_fuzz_seeds`.
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let Some(out) = std::env::var_os("IMAGE_SEEDS") else {
+        return;
+    };
+    let out = PathBuf::from(out);
+    std::fs::create_dir_all(&out).expect("dir");
+    let dir = tempfile::tempdir().expect("dir");
+    let mut rng = Rng(0x5EED_0000_0000_0001);
+    let (base, clone, _) = base_and_clone(&mut rng, 40);
+    let mut seeds = Vec::new();
+    for (name, codec, chunk) in [
+        ("a", Codec::Lz4, 16u32 << 10),
+        ("b", Codec::Zstd, 4096),
+        ("c", Codec::None, 64 << 10),
+    ] {
+        let img = check_roundtrip(dir.path(), name, &base, &opts(codec, chunk));
+        seeds.push((name.to_string(), img));
+    }
+    let clone_mem = dir.path().join("clone.mem");
+    write(&clone_mem, &clone);
+    let clone_img = dir.path().join("clone.img");
+    let o = PackOptions {
+        base: Some(seeds[0].1.clone()),
+        ..opts(Codec::Lz4, 16 << 10)
+    };
+    pack(&clone_mem, &clone_img, &o, &mut |_| {}).expect("pack");
+    seeds.push(("clone".into(), clone_img));
+    for (name, img) in seeds {
+        let bytes = std::fs::read(&img).expect("read");
+        let n = Index::needed(&bytes, "seed").expect("needed") as usize;
+        write(&out.join(format!("seed-{name}")), &bytes[..n]);
+    }
+}
