@@ -12,7 +12,7 @@ use pager::{PageSource, SourceError};
 
 use crate::format::{BlobEntry, BlobLocation, Codec, Index, HEADER_LEN};
 use crate::read::{
-    check_stored, decode_into, BlobCache, BlobKey, GetError, Layer, Layers, ReadError,
+    check_stored, decode_into, BlobCache, BlobKey, GetError, Layer, Layers, PageFrom, ReadError,
 };
 use crate::{ImageError, PAGE};
 
@@ -48,6 +48,9 @@ pub(crate) struct LayerFile {
     pub(crate) path: PathBuf,
     /// Blobs that failed their checksum: never decoded again.
     bad: Vec<AtomicBool>,
+    /// Blobs stored as is (codec none) whose checksum was checked: read
+    /// straight from the file into the caller's buffer from then on.
+    verified: Vec<AtomicBool>,
 }
 
 /// An image and its base, opened and checked.
@@ -133,6 +136,7 @@ pub(crate) fn open_layers(path: &Path, base: Option<&Path>) -> Result<Opened, Im
         file,
         path,
         bad: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        verified: (0..n).map(|_| AtomicBool::new(false)).collect(),
     };
     let top = layer(file, path.to_path_buf(), layers.top().blobs.len());
     let base = match (base_file, base_path, layers.base()) {
@@ -229,6 +233,157 @@ impl ImageSource {
         }
     }
 
+    /// The index a blob's entry and data offset are in.
+    fn index_of(&self, key: BlobKey) -> &Index {
+        match key.layer {
+            Layer::Base => self.layers.base().unwrap_or(self.layers.top()),
+            Layer::Top => self.layers.top(),
+        }
+    }
+
+    /// Logs and counts a corrupt blob, once (whichever thread sees it
+    /// first), and marks it bad.
+    fn corrupt_once(&self, key: BlobKey, e: &ImageError) {
+        let layer = self.layer(key);
+        if layer
+            .bad
+            .get(key.index as usize)
+            .is_some_and(|b| !b.swap(true, Ordering::Relaxed))
+        {
+            self.corrupt.fetch_add(1, Ordering::Relaxed);
+            let ranges = self.layers.ranges_of(key);
+            tracing::error!(
+                image = %layer.path.display(),
+                blob = key.index,
+                "{}: {e}; the memory it holds, {}, is poisoned (the guest gets SIGBUS there)",
+                layer.path.display(),
+                format_ranges(&ranges),
+            );
+        }
+    }
+
+    /// Where the page at `offset` is stored as is, in a blob whose
+    /// checksum was checked: (its layer file, its file offset). Checks the
+    /// blob (reading it whole once) the first time; `None` for pages that
+    /// are zero, compressed, bad, or whose blob cannot be read now.
+    fn direct(&self, offset: u64) -> Option<(&LayerFile, u64)> {
+        let PageFrom::Blob { key, page } = self.layers.locate(offset) else {
+            return None;
+        };
+        let entry = self.layers.entry(key);
+        let BlobLocation::Data { offset: at } = entry.location else {
+            return None;
+        };
+        if entry.codec != Codec::None {
+            return None;
+        }
+        let layer = self.layer(key);
+        let i = key.index as usize;
+        if layer.bad.get(i)?.load(Ordering::Relaxed) {
+            return None;
+        }
+        let start = self.index_of(key).header.data_offset + at;
+        if !layer.verified.get(i)?.load(Ordering::Relaxed) {
+            let checked = STORED.with(|s| {
+                let mut s = s.borrow_mut();
+                s.resize(entry.stored_len as usize, 0);
+                layer.file.read_exact_at(&mut s, start).ok()?;
+                Some(check_stored(key.index, entry, &s))
+            })?;
+            if let Err(e) = checked {
+                self.corrupt_once(key, &e);
+                return None;
+            }
+            layer.verified.get(i)?.store(true, Ordering::Relaxed);
+        }
+        Some((layer, start + u64::from(page) * PAGE as u64))
+    }
+
+    /// Fills `buf` from `offset`: pages stored as is come straight from the
+    /// file (after their blob's checksum was checked once), as from a raw
+    /// memory file, with no copy and no cache; zero pages are zeroed; the
+    /// rest (compressed, bad, or in a blob not checked yet that cannot be
+    /// read) goes through [`Layers::read`] and the cache.
+    fn read_pages(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        let end = offset + buf.len() as u64;
+        let mut bad: Vec<Range<u64>> = Vec::new();
+        let mut why = String::new();
+        let mut pending = false;
+        let mut pos = offset;
+        while pos < end {
+            let page_end = ((pos & !(PAGE as u64 - 1)) + PAGE as u64).min(end);
+            let zero = matches!(self.layers.locate(pos & !(PAGE as u64 - 1)), PageFrom::Zero);
+            let direct = if zero { None } else { self.direct(pos & !(PAGE as u64 - 1)) };
+            if zero || direct.is_some() {
+                // A run of zero pages, or of pages contiguous in one file.
+                let mut run_end = page_end;
+                while run_end < end {
+                    let next = match (zero, &direct) {
+                        (true, _) => {
+                            matches!(self.layers.locate(run_end), PageFrom::Zero)
+                        }
+                        (false, Some((l, at))) => self.direct(run_end).is_some_and(|(l2, at2)| {
+                            std::ptr::eq(*l, l2)
+                                && at2 == at + (run_end - (pos & !(PAGE as u64 - 1)))
+                        }),
+                        (false, None) => false,
+                    };
+                    if !next {
+                        break;
+                    }
+                    run_end = (run_end + PAGE as u64).min(end);
+                }
+                let dst = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+                match direct {
+                    None => dst.fill(0),
+                    Some((layer, at)) => {
+                        let from = at + (pos & (PAGE as u64 - 1));
+                        if let Err(e) = layer.file.read_exact_at(dst, from) {
+                            return Err(ReadError::Failed(format!(
+                                "{}: reading [{from:#x}, +{:#x}): {e}",
+                                layer.path.display(),
+                                dst.len()
+                            )));
+                        }
+                    }
+                }
+                pos = run_end;
+                continue;
+            }
+            // A run of pages that need decoding: up to the next page that
+            // does not.
+            let mut run_end = page_end;
+            while run_end < end {
+                let p = run_end;
+                if matches!(self.layers.locate(p), PageFrom::Zero) || self.direct(p).is_some() {
+                    break;
+                }
+                run_end = (run_end + PAGE as u64).min(end);
+            }
+            let dst = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            match self.layers.read(pos, dst, &mut |k, e| self.get(k, e)) {
+                Ok(()) => {}
+                Err(ReadError::Untrusted { bad: b, why: w }) => {
+                    bad.extend(b);
+                    if !why.is_empty() {
+                        why.push_str("; ");
+                    }
+                    why.push_str(&w);
+                }
+                Err(ReadError::Pending) => pending = true,
+                Err(e @ ReadError::Failed(_)) => return Err(e),
+            }
+            pos = run_end;
+        }
+        if pending {
+            Err(ReadError::Pending)
+        } else if !bad.is_empty() {
+            Err(ReadError::Untrusted { bad, why })
+        } else {
+            Ok(())
+        }
+    }
+
     /// The getter of [`Layers::read`]: cache, else pread + decode + cache.
     fn get(&self, key: BlobKey, entry: &BlobEntry) -> Result<Arc<[u8]>, GetError> {
         let layer = self.layer(key);
@@ -261,18 +416,7 @@ impl ImageSource {
                 key.index
             ))),
             Err(Fetch::Corrupt(e)) => {
-                // One line and one count per blob, whichever thread sees it first.
-                if bad.is_some_and(|b| !b.swap(true, Ordering::Relaxed)) {
-                    self.corrupt.fetch_add(1, Ordering::Relaxed);
-                    let ranges = self.layers.ranges_of(key);
-                    tracing::error!(
-                        image = %layer.path.display(),
-                        blob = key.index,
-                        "{}: {e}; the memory it holds, {}, is poisoned (the guest gets SIGBUS there)",
-                        layer.path.display(),
-                        format_ranges(&ranges),
-                    );
-                }
+                self.corrupt_once(key, &e);
                 Err(poisoned())
             }
         }
@@ -302,9 +446,7 @@ impl PageSource for ImageSource {
                 source_len: len,
             });
         }
-        self.layers
-            .read(offset, buf, &mut |k, e| self.get(k, e))
-            .map_err(|e| match e {
+        self.read_pages(offset, buf).map_err(|e| match e {
                 ReadError::Untrusted { bad, why } => SourceError::Untrusted { bad, why },
                 ReadError::Pending => SourceError::Pending,
                 ReadError::Failed(why) => SourceError::Io {
