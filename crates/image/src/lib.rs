@@ -24,7 +24,7 @@ mod tools;
 pub use format::{BlobEntry, BlobLocation, Codec, Header, Index, Slot, HEADER_LEN, MAGIC, VERSION};
 pub use pack::{pack, PackOptions, PackReport};
 pub use read::{decode, BlobCache, BlobKey, GetError, Layer, Layers, PageFrom, ReadError};
-pub use source::ImageSource;
+pub use source::{ImageSource, DEFAULT_CACHE_BYTES};
 pub use tools::{inspect, unpack, verify, Inspection, VerifyReport};
 
 /// Why an image cannot be opened, read or written. Every message says what
@@ -61,3 +61,7 @@ pub enum ImageError {
 
 /// The bytes of a 4 KiB page: the unit of elision and of base references.
 pub const PAGE: usize = 4096;
+
+/// The chunk size `pack` uses unless told otherwise: 256 KiB (see
+/// `docs/image-format.md`, "Measurements", for the figures behind it).
+pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;

@@ -1,49 +1,333 @@
 //! A local image (and its base) as a page source.
 
-use std::path::Path;
+use std::cell::RefCell;
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use pager::{PageSource, SourceError};
 
-use crate::ImageError;
+use crate::format::{BlobEntry, BlobLocation, Codec, Index, HEADER_LEN};
+use crate::read::{
+    check_stored, decode_into, BlobCache, BlobKey, GetError, Layer, Layers, ReadError,
+};
+use crate::{ImageError, PAGE};
+
+/// The default bound of an [`ImageSource`]'s decoded-blob cache: 128 MiB.
+///
+/// Why: a fault decodes its whole chunk, and the chunk's other pages are
+/// likely to fault soon (locality) or to be faulted by another VM restored
+/// from the same image; keeping them decoded turns those faults into a
+/// memory copy. 128 MiB holds 512 chunks of the default 256 KiB, the
+/// working set a restored VM touches in its first seconds in our traces,
+/// at a fixed cost per image whatever the memory's size. Pages are copied
+/// into the guest once served, so a bigger cache mostly helps random access
+/// over a big image; a smaller one costs a decode (~40-100 us) per miss.
+pub const DEFAULT_CACHE_BYTES: usize = 128 << 20;
 
 /// Serves pages from an image file and its base file: each read decodes
 /// only the blobs it touches, keeps decoded blobs in a bounded
 /// [`BlobCache`](crate::BlobCache), and reports the pages of a blob that
 /// fails its checksum as untrusted (logged once per blob, counted).
 pub struct ImageSource {
-    _p: (),
+    layers: Layers,
+    top: LayerFile,
+    base: Option<LayerFile>,
+    cache: BlobCache,
+    corrupt: AtomicU64,
+    zeros: Vec<Range<u64>>,
+}
+
+/// One image file of the layers.
+pub(crate) struct LayerFile {
+    pub(crate) file: File,
+    pub(crate) path: PathBuf,
+    /// Blobs that failed their checksum: never decoded again.
+    bad: Vec<AtomicBool>,
+}
+
+/// An image and its base, opened and checked.
+pub(crate) struct Opened {
+    pub(crate) layers: Layers,
+    pub(crate) top: LayerFile,
+    pub(crate) base: Option<LayerFile>,
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> ImageError + '_ {
+    move |error| ImageError::Io {
+        path: path.display().to_string(),
+        error,
+    }
+}
+
+/// Opens an image file and parses its header and index, checking its length.
+pub(crate) fn open_index(path: &Path) -> Result<(File, Index), ImageError> {
+    let io = io_err(path);
+    let file = File::open(path).map_err(&io)?;
+    let len = file.metadata().map_err(&io)?.len();
+    let what = path.display().to_string();
+    let mut first = vec![0u8; HEADER_LEN.min(len as usize)];
+    file.read_exact_at(&mut first, 0).map_err(&io)?;
+    let needed = Index::needed(&first, &what)?;
+    if needed > len {
+        return Err(ImageError::Truncated {
+            what,
+            why: format!("{len} bytes, the header and index need {needed}"),
+        });
+    }
+    let needed = usize::try_from(needed).map_err(|_| ImageError::BadHeader {
+        what: what.clone(),
+        why: "index too large".into(),
+    })?;
+    let mut bytes = vec![0u8; needed];
+    file.read_exact_at(&mut bytes, 0).map_err(&io)?;
+    let index = Index::parse(&bytes, &what)?;
+    index.check_len(len, &what)?;
+    Ok((file, index))
+}
+
+/// Opens `path` and its base (`base`, or the name its index gives, beside
+/// it) and checks that they match.
+pub(crate) fn open_layers(path: &Path, base: Option<&Path>) -> Result<Opened, ImageError> {
+    let (file, index) = open_index(path)?;
+    let what = path.display().to_string();
+    let base_path = match (base, &index.base_name) {
+        (Some(b), _) => Some(b.to_path_buf()),
+        (None, Some(name)) => Some(path.parent().unwrap_or(Path::new(".")).join(name)),
+        (None, None) => None,
+    };
+    let base = match &base_path {
+        Some(bp) if index.has_base() => match open_index(bp) {
+            Ok(b) => Some(b),
+            Err(ImageError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ImageError::MissingBase {
+                    what,
+                    base: bp.display().to_string(),
+                    why: error.to_string(),
+                })
+            }
+            Err(e) => return Err(e),
+        },
+        Some(bp) => {
+            return Err(ImageError::Invalid(format!(
+                "{what} has no base image, but {} was given as its base",
+                bp.display()
+            )))
+        }
+        None => None,
+    };
+    let base_what = base_path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "its base".into());
+    let (base_file, base_index) = match base {
+        Some((f, i)) => (Some(f), Some(i)),
+        None => (None, None),
+    };
+    let layers = Layers::new_named(index, base_index, &what, &base_what)?;
+    let layer = |file: File, path: PathBuf, n: usize| LayerFile {
+        file,
+        path,
+        bad: (0..n).map(|_| AtomicBool::new(false)).collect(),
+    };
+    let top = layer(file, path.to_path_buf(), layers.top().blobs.len());
+    let base = match (base_file, base_path, layers.base()) {
+        (Some(f), Some(p), Some(b)) => Some(layer(f, p, b.blobs.len())),
+        _ => None,
+    };
+    Ok(Opened { layers, top, base })
+}
+
+/// Why a blob could not be had.
+pub(crate) enum Fetch {
+    Io(std::io::Error),
+    Corrupt(ImageError),
+}
+
+thread_local! {
+    /// Stored (compressed) bytes of the blob being decoded: one buffer per
+    /// serving thread, not an allocation per read.
+    static STORED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Reads and decodes blob `index` of an image (its xxh3 is checked, not
+/// its content hash) into a new buffer.
+pub(crate) fn load_blob(
+    file: &File,
+    index: &Index,
+    blob: u32,
+    entry: &BlobEntry,
+) -> Result<Arc<[u8]>, Fetch> {
+    let BlobLocation::Data { offset } = entry.location else {
+        return Err(Fetch::Corrupt(ImageError::Corrupt {
+            blob,
+            why: "refers to a base blob, not to bytes of this image".into(),
+        }));
+    };
+    let at = index.header.data_offset + offset;
+    let n = entry.pages as usize * PAGE;
+    let mut out: Arc<[u8]> = std::iter::repeat_n(0u8, n).collect();
+    let Some(dst) = Arc::get_mut(&mut out) else {
+        return Err(Fetch::Io(std::io::Error::other("a fresh buffer is shared")));
+    };
+    if entry.codec == Codec::None {
+        // Stored as is: read straight into the decoded buffer.
+        file.read_exact_at(dst, at).map_err(Fetch::Io)?;
+        check_stored(blob, entry, dst).map_err(Fetch::Corrupt)?;
+    } else {
+        STORED.with(|s| {
+            let mut s = s.borrow_mut();
+            s.resize(entry.stored_len as usize, 0);
+            file.read_exact_at(&mut s, at).map_err(Fetch::Io)?;
+            decode_into(blob, entry, &s, dst).map_err(Fetch::Corrupt)
+        })?;
+    }
+    Ok(out)
 }
 
 impl ImageSource {
     /// Opens `path`; its base is `base`, or else the name its index gives,
     /// beside it. Every check of [`Index`](crate::Index) and
     /// [`Layers::new`](crate::Layers::new) happens here, before any VM waits.
+    /// `cache_bytes` bounds the decoded blobs kept
+    /// ([`DEFAULT_CACHE_BYTES`] is a good default).
     pub fn open(
         path: &Path,
         base: Option<&Path>,
         cache_bytes: usize,
     ) -> Result<ImageSource, ImageError> {
-        let _ = (path, base, cache_bytes);
-        todo!()
+        let Opened { layers, top, base } = open_layers(path, base)?;
+        let zeros = layers.zero_ranges();
+        Ok(ImageSource {
+            layers,
+            top,
+            base,
+            cache: BlobCache::new(cache_bytes),
+            corrupt: AtomicU64::new(0),
+            zeros,
+        })
     }
 
     /// Blobs that failed their checksum so far.
     pub fn corrupt_blobs(&self) -> u64 {
-        todo!()
+        self.corrupt.load(Ordering::Relaxed)
     }
+
+    /// The image over its base.
+    pub fn layers(&self) -> &Layers {
+        &self.layers
+    }
+
+    fn layer(&self, key: BlobKey) -> &LayerFile {
+        match (key.layer, &self.base) {
+            (Layer::Base, Some(b)) => b,
+            _ => &self.top,
+        }
+    }
+
+    /// The getter of [`Layers::read`]: cache, else pread + decode + cache.
+    fn get(&self, key: BlobKey, entry: &BlobEntry) -> Result<Arc<[u8]>, GetError> {
+        let layer = self.layer(key);
+        let poisoned = || {
+            GetError::Untrusted(format!(
+                "chunk {} of {} is corrupt: its pages are poisoned",
+                key.index,
+                layer.path.display()
+            ))
+        };
+        let bad = layer.bad.get(key.index as usize);
+        if bad.is_some_and(|b| b.load(Ordering::Relaxed)) {
+            return Err(poisoned());
+        }
+        if let Some(blob) = self.cache.get(&entry.hash) {
+            return Ok(blob);
+        }
+        let index = match key.layer {
+            Layer::Base => self.layers.base().unwrap_or(self.layers.top()),
+            Layer::Top => self.layers.top(),
+        };
+        match load_blob(&layer.file, index, key.index, entry) {
+            Ok(blob) => {
+                self.cache.insert(entry.hash, blob.clone());
+                Ok(blob)
+            }
+            Err(Fetch::Io(e)) => Err(GetError::Failed(format!(
+                "{}: reading chunk {}: {e}",
+                layer.path.display(),
+                key.index
+            ))),
+            Err(Fetch::Corrupt(e)) => {
+                // One line and one count per blob, whichever thread sees it first.
+                if bad.is_some_and(|b| !b.swap(true, Ordering::Relaxed)) {
+                    self.corrupt.fetch_add(1, Ordering::Relaxed);
+                    let ranges = self.layers.ranges_of(key);
+                    tracing::error!(
+                        image = %layer.path.display(),
+                        blob = key.index,
+                        "{}: {e}; the memory it holds, {}, is poisoned (the guest gets SIGBUS there)",
+                        layer.path.display(),
+                        format_ranges(&ranges),
+                    );
+                }
+                Err(poisoned())
+            }
+        }
+    }
+}
+
+/// Ranges as `[0x1000, 0x3000) ...`, for logs.
+fn format_ranges(ranges: &[Range<u64>]) -> String {
+    let parts: Vec<String> = ranges
+        .iter()
+        .map(|r| format!("[{:#x}, {:#x})", r.start, r.end))
+        .collect();
+    parts.join(" ")
 }
 
 impl PageSource for ImageSource {
     fn len(&self) -> u64 {
-        todo!()
+        self.layers.len()
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let _ = (offset, buf);
-        todo!()
+        let len = self.layers.len();
+        if offset.checked_add(buf.len() as u64).is_none_or(|e| e > len) {
+            return Err(SourceError::OutOfRange {
+                offset,
+                len: buf.len(),
+                source_len: len,
+            });
+        }
+        self.layers
+            .read(offset, buf, &mut |k, e| self.get(k, e))
+            .map_err(|e| match e {
+                ReadError::Untrusted { bad, why } => SourceError::Untrusted { bad, why },
+                ReadError::Pending => SourceError::Pending,
+                ReadError::Failed(why) => SourceError::Io {
+                    path: self.top.path.display().to_string(),
+                    error: std::io::Error::other(why),
+                },
+            })
+    }
+
+    fn zero_ranges(&self) -> &[Range<u64>] {
+        &self.zeros
     }
 
     fn describe(&self) -> String {
-        todo!()
+        let h = &self.layers.top().header;
+        let base = match &self.base {
+            Some(b) => format!(" over base {}", b.path.display()),
+            None => String::new(),
+        };
+        format!(
+            "image {}{base} ({} bytes in {} KiB chunks)",
+            self.top.path.display(),
+            h.mem_len,
+            h.chunk_size >> 10
+        )
     }
 }
