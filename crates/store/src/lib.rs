@@ -3,7 +3,7 @@
 //! its chunks (blobs) on demand through bounded local caches.
 //!
 //! # Shape
-//! - [`S3Url`]: `s3://BUCKET/KEY`.
+//! - [`S3Url`], an `s3://BUCKET/KEY` address.
 //! - [`Client`]: the store's connection (from the usual `AWS_*` environment
 //!   with [`Client::from_env`], or explicit [`S3Options`]), its own small
 //!   tokio runtime, and [`StoreConfig`].

@@ -356,7 +356,7 @@ impl Shared {
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(blob);
         }
-        if let Some(blob) = self.from_disk(key, entry) {
+        if let Some(blob) = self.read_disk(key, entry) {
             self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
             self.memory.insert(entry.hash, blob.clone());
             return Ok(blob);
@@ -396,10 +396,11 @@ impl Shared {
     }
 
     /// The blob from the disk cache, decoded; a bad file is deleted.
-    fn from_disk(&self, key: BlobKey, entry: &BlobEntry) -> Option<Arc<[u8]>> {
+    fn read_disk(&self, key: BlobKey, entry: &BlobEntry) -> Option<Arc<[u8]>> {
         let disk = self.disk.as_ref()?;
         let why = match disk.get(&entry.hash) {
             Lookup::Miss => return None,
+            // Deleted by the look-up.
             Lookup::Bad(why) => why,
             Lookup::Hit(c) => {
                 // The file may hold the blob as another image stored it
@@ -412,17 +413,18 @@ impl Shared {
                     checksum: c.checksum,
                     hash: entry.hash,
                 };
-                if c.pages != entry.pages {
+                let why = if c.pages != entry.pages {
                     format!("{} pages, the index says {}", c.pages, entry.pages)
                 } else {
                     match image::decode(key.index, &as_stored, &c.stored, false) {
                         Ok(v) => return Some(Arc::from(v)),
                         Err(e) => e.to_string(),
                     }
-                }
+                };
+                disk.remove_bad(&entry.hash);
+                why
             }
         };
-        disk.remove_bad(&entry.hash);
         tracing::warn!(blob = %crate::client::hex(&entry.hash), "bad disk cache file deleted, the blob will be fetched again: {why}");
         None
     }
@@ -490,7 +492,7 @@ impl Shared {
         // blob the disk has.
         let this = self.clone();
         let e = entry.clone();
-        if let Ok(Some(blob)) = tokio::task::spawn_blocking(move || this.from_disk(key, &e)).await {
+        if let Ok(Some(blob)) = tokio::task::spawn_blocking(move || this.read_disk(key, &e)).await {
             self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
             self.memory.insert(entry.hash, blob.clone());
             return Ok(blob);

@@ -240,7 +240,10 @@ fn pages_of(src: &S3Source, key: BlobKey) -> Vec<Range<u64>> {
 }
 
 /// An image pushed to a fresh bucket: (env, its memory, its URL).
-fn pushed(what: &str, config: StoreConfig) -> Option<(Env, Vec<u8>, S3Url, tempfile::TempDir, Rng)> {
+fn pushed(
+    what: &str,
+    config: StoreConfig,
+) -> Option<(Env, Vec<u8>, S3Url, tempfile::TempDir, Rng)> {
     let env = Env::new(config)?;
     let mut rng = Rng::new(what);
     let tmp = tempfile::tempdir().unwrap();
@@ -259,7 +262,8 @@ fn pushed(what: &str, config: StoreConfig) -> Option<(Env, Vec<u8>, S3Url, tempf
 
 #[test]
 fn push_open_and_read_every_byte() {
-    let Some((env, mem, url, _tmp, mut rng)) = pushed("push_open_and_read_every_byte", quick()) else {
+    let Some((env, mem, url, _tmp, mut rng)) = pushed("push_open_and_read_every_byte", quick())
+    else {
         return;
     };
     let src = env.client.open(&url).expect("open");
@@ -268,7 +272,12 @@ fn push_open_and_read_every_byte() {
     let got = read_all(&src, &mut rng).expect("read");
     assert!(got == mem, "the bytes differ from the memory file");
     for r in src.zero_ranges() {
-        assert!(mem[r.start as usize..r.end as usize].iter().all(|&b| b == 0), "{r:?}");
+        assert!(
+            mem[r.start as usize..r.end as usize]
+                .iter()
+                .all(|&b| b == 0),
+            "{r:?}"
+        );
     }
     let stats = src.stats();
     let blobs = src.layers().top().blobs.len() as u64;
@@ -296,15 +305,24 @@ fn a_clone_with_its_base() {
     let dest = env.url("set");
     let report = env.client.push(&clone, &dest, &mut |_| {}).expect("push");
     assert!(report.base_uploaded, "{report:?}");
-    assert_eq!(report.base_url.as_deref(), Some(&*env.url("set/base.pwi").to_string()));
+    assert_eq!(
+        report.base_url.as_deref(),
+        Some(&*env.url("set/base.pwi").to_string())
+    );
     // Again: the store has the base.
     let report = env.client.push(&clone, &dest, &mut |_| {}).expect("push");
-    assert!(!report.base_uploaded && report.base_bytes == 0, "{report:?}");
+    assert!(
+        !report.base_uploaded && report.base_bytes == 0,
+        "{report:?}"
+    );
 
     let src = env.client.open(&env.url("set/clone.pwi")).expect("open");
     assert!(src.layers().base().is_some());
     assert!(read_all(&src, &mut rng).expect("read") == clone_mem);
-    let src = env.client.open(&env.url("set/base.pwi")).expect("open base");
+    let src = env
+        .client
+        .open(&env.url("set/base.pwi"))
+        .expect("open base");
     assert!(read_all(&src, &mut rng).expect("read") == base_mem);
 
     // Another image under the base's name: the wrong base.
@@ -312,7 +330,10 @@ fn a_clone_with_its_base() {
     env.client
         .put_file(&other, &env.url("set/base.pwi"), &mut |_| {})
         .unwrap();
-    let e = env.client.open(&env.url("set/clone.pwi")).expect_err("wrong base");
+    let e = env
+        .client
+        .open(&env.url("set/clone.pwi"))
+        .expect_err("wrong base");
     assert!(
         matches!(e, StoreError::Image(image::ImageError::BaseMismatch { .. })),
         "{e}"
@@ -321,7 +342,10 @@ fn a_clone_with_its_base() {
     let store = env.client.object_store(&env.bucket).unwrap();
     let path = object_store::path::Path::parse("set/base.pwi").unwrap();
     env.client.block_on(store.delete(&path)).unwrap();
-    let e = env.client.open(&env.url("set/clone.pwi")).expect_err("no base");
+    let e = env
+        .client
+        .open(&env.url("set/clone.pwi"))
+        .expect_err("no base");
     let msg = e.to_string();
     assert!(
         matches!(e, StoreError::Image(image::ImageError::MissingBase { .. }))
@@ -336,7 +360,8 @@ fn concurrent_reads_of_one_blob_make_one_fetch() {
         inject_delay: Some(Duration::from_millis(200)),
         ..quick()
     };
-    let Some((env, mem, url, _tmp, _rng)) = pushed("concurrent_reads_of_one_blob_make_one_fetch", config)
+    let Some((env, mem, url, _tmp, _rng)) =
+        pushed("concurrent_reads_of_one_blob_make_one_fetch", config)
     else {
         return;
     };
@@ -364,7 +389,8 @@ fn concurrent_reads_of_one_blob_make_one_fetch() {
 
 #[test]
 fn read_at_or_wake_answers_pending_then_wakes() {
-    let Some((env, mem, url, _tmp, _rng)) = pushed("read_at_or_wake_answers_pending_then_wakes", quick())
+    let Some((env, mem, url, _tmp, _rng)) =
+        pushed("read_at_or_wake_answers_pending_then_wakes", quick())
     else {
         return;
     };
@@ -383,7 +409,8 @@ fn read_at_or_wake_answers_pending_then_wakes() {
     // Every blob of the read was asked for at once: wait until the read
     // succeeds (each wake is one blob).
     loop {
-        rx.recv_timeout(Duration::from_secs(60)).expect("the waker fires");
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("the waker fires");
         match src.read_at_or_wake(0, &mut buf, &waker) {
             Ok(()) => break,
             Err(SourceError::Pending) => continue,
@@ -396,7 +423,8 @@ fn read_at_or_wake_answers_pending_then_wakes() {
 
 #[test]
 fn a_fetch_that_fails_poisons_only_its_blobs() {
-    let Some((env, mem, url, _tmp, mut rng)) = pushed("a_fetch_that_fails_poisons_only_its_blobs", quick())
+    let Some((env, mem, url, _tmp, mut rng)) =
+        pushed("a_fetch_that_fails_poisons_only_its_blobs", quick())
     else {
         return;
     };
@@ -433,7 +461,10 @@ fn a_fetch_that_fails_poisons_only_its_blobs() {
     let SourceError::Untrusted { bad, why } = e else {
         panic!("expected Untrusted, got {e}")
     };
-    assert!(why.contains("not found") && why.contains(&url.to_string()), "{why}");
+    assert!(
+        why.contains("not found") && why.contains(&url.to_string()),
+        "{why}"
+    );
     let mut bad_merged: Vec<Range<u64>> = Vec::new();
     for r in bad.clone() {
         match bad_merged.last_mut() {
@@ -468,7 +499,8 @@ fn read_half(src: &S3Source, half: u64, rng: &mut Rng) -> Vec<u8> {
 
 #[test]
 fn a_corrupt_blob_in_the_store_is_untrusted_alone() {
-    let Some((env, mem, url, _tmp, mut rng)) = pushed("a_corrupt_blob_in_the_store_is_untrusted_alone", quick())
+    let Some((env, mem, url, _tmp, mut rng)) =
+        pushed("a_corrupt_blob_in_the_store_is_untrusted_alone", quick())
     else {
         return;
     };
@@ -479,7 +511,8 @@ fn a_corrupt_blob_in_the_store_is_untrusted_alone() {
     let image::BlobLocation::Data { offset } = entry.location else {
         panic!("a top image's blob is in its data")
     };
-    let at = src.layers().top().header.data_offset + offset + rng.below(u64::from(entry.stored_len));
+    let at =
+        src.layers().top().header.data_offset + offset + rng.below(u64::from(entry.stored_len));
     drop(src);
     let mut object = env.get(url.key());
     object[at as usize] ^= 0x40;
@@ -500,7 +533,8 @@ fn a_corrupt_blob_in_the_store_is_untrusted_alone() {
     }
     assert_eq!(bad_merged, pages_of(&src, key), "{why}");
     for r in pages_of(&src, key) {
-        all[r.start as usize..r.end as usize].copy_from_slice(&mem[r.start as usize..r.end as usize]);
+        all[r.start as usize..r.end as usize]
+            .copy_from_slice(&mem[r.start as usize..r.end as usize]);
     }
     assert!(all == mem, "every other byte is right");
     assert_eq!(src.stats().failures, 1);
@@ -508,7 +542,8 @@ fn a_corrupt_blob_in_the_store_is_untrusted_alone() {
 
 #[test]
 fn the_disk_cache_survives_is_bounded_and_checked() {
-    let Some((env, mem, url, tmp, mut rng)) = pushed("the_disk_cache_survives_is_bounded_and_checked", quick())
+    let Some((env, mem, url, tmp, mut rng)) =
+        pushed("the_disk_cache_survives_is_bounded_and_checked", quick())
     else {
         return;
     };
@@ -561,8 +596,14 @@ fn the_disk_cache_survives_is_bounded_and_checked() {
     assert!(src.stats().disk_bytes <= limit);
     assert!(read_all(&src, &mut rng).unwrap() == mem);
     let stats = src.stats();
-    assert!(stats.disk_bytes <= limit && stats.disk_evictions > 0, "{stats:?}");
-    let on_disk: u64 = walk(&cache).iter().map(|p| p.metadata().unwrap().len()).sum();
+    assert!(
+        stats.disk_bytes <= limit && stats.disk_evictions > 0,
+        "{stats:?}"
+    );
+    let on_disk: u64 = walk(&cache)
+        .iter()
+        .map(|p| p.metadata().unwrap().len())
+        .sum();
     assert!(on_disk <= limit, "{on_disk} > {limit}");
 }
 
@@ -587,7 +628,8 @@ fn hints_fetch_ahead_and_faults_go_first() {
         inject_delay: Some(Duration::from_millis(100)),
         ..quick()
     };
-    let Some((env, mem, url, _tmp, mut rng)) = pushed("hints_fetch_ahead_and_faults_go_first", config)
+    let Some((env, mem, url, _tmp, mut rng)) =
+        pushed("hints_fetch_ahead_and_faults_go_first", config)
     else {
         return;
     };
@@ -599,14 +641,17 @@ fn hints_fetch_ahead_and_faults_go_first() {
     // the other hints (each GET is delayed by 100 ms).
     let last = *keys.last().unwrap();
     let last_page = pages_of(&src, last)[0].start;
-    src.hint(&[0..last_page]);
+    src.hint(std::slice::from_ref(&(0..last_page)));
     let hinted = src.stats().hinted;
     assert_eq!(hinted, keys.len() as u64 - 1);
     let mut buf = vec![0u8; PAGE];
     src.read_at(last_page, &mut buf).expect("read");
     assert!(buf[..] == mem[last_page as usize..last_page as usize + PAGE]);
     let at_fault = src.stats().fetches;
-    assert!(at_fault < hinted, "the fault waited behind the hints: {at_fault} fetches");
+    assert!(
+        at_fault < hinted,
+        "the fault waited behind the hints: {at_fault} fetches"
+    );
     // Everything reads, each blob fetched once.
     assert!(read_all(&src, &mut rng).expect("read") == mem);
     assert_eq!(src.stats().fetches, keys.len() as u64);
