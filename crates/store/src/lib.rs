@@ -55,6 +55,23 @@
 //! atomic writes, checks and eviction. A cache never fails a read: a bad
 //! file is deleted and its blob fetched again, a write error is logged at
 //! most once a minute.
+//!
+//! # Figures
+//! `examples/s3_bench.rs` against moto_server on this 2-core host (release
+//! build; 64 MiB of memory, half random pages, packed with zstd into 32 MiB
+//! of 256 KiB chunks):
+//!
+//! | what | figure |
+//! | --- | --- |
+//! | push (one multipart upload) | 0.31 s, 109 MB/s |
+//! | cold read, one fetch at a time | 23 ms a fetch (moto's speed: a Python server answering one range GET at a time) |
+//! | cold read with every chunk hinted, 16 at once | 5.3 s for 256 fetches: no faster, moto serializes them |
+//! | warm, from memory | 1.7 GB/s |
+//! | a new source, every chunk from the disk cache | 0.86 GB/s, 0 fetches |
+//! | reads of cached pages while 43 fetches delayed by 500 ms are in flight | p50 0.1 µs, p99 0.2 µs, max 0.4 µs; asking for the 43 took 38 µs in all |
+//!
+//! The last line is the point of the design: a fault on a cached page is
+//! served in a fraction of a microsecond whatever the store is doing.
 
 #![warn(missing_docs)]
 
