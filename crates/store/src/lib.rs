@@ -19,9 +19,9 @@
 //! the caller's waker is added to that blob's waiters, and the read answers
 //! `Pending`. The fetcher (two runtime threads of the client's own) calls
 //! every waiter once the blob is decoded and cached (or has failed for
-//! good), and the engine serves the fault again. [`read_at`]
-//! (pager::PageSource::read_at) is the same read that then waits (for tools
-//! and tests).
+//! good), and the engine serves the fault again.
+//! [`read_at`](pager::PageSource::read_at) is the same read that then waits
+//! (for tools and tests).
 //!
 //! # Single flight and priorities
 //! A blob being fetched has one entry in the source's table of flights;
