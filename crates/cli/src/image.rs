@@ -227,7 +227,8 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
         .len();
     let started = Instant::now();
     let bar = Bar::new(len, "pushing");
-    let r = store::push(&a.image, &a.url, &mut |d| bar.set(d))
+    let dest = store::S3Url::parse(&a.url)?;
+    let r = store::push(&a.image, &dest, &mut |d| bar.set(d))
         .with_context(|| format!("pushing {} to {}", a.image.display(), a.url));
     bar.finish();
     let r = r?;

@@ -313,7 +313,11 @@ impl ImageSource {
         while pos < end {
             let page_end = ((pos & !(PAGE as u64 - 1)) + PAGE as u64).min(end);
             let zero = matches!(self.layers.locate(pos & !(PAGE as u64 - 1)), PageFrom::Zero);
-            let direct = if zero { None } else { self.direct(pos & !(PAGE as u64 - 1)) };
+            let direct = if zero {
+                None
+            } else {
+                self.direct(pos & !(PAGE as u64 - 1))
+            };
             if zero || direct.is_some() {
                 // A run of zero pages, or of pages contiguous in one file.
                 let mut run_end = page_end;
@@ -447,13 +451,13 @@ impl PageSource for ImageSource {
             });
         }
         self.read_pages(offset, buf).map_err(|e| match e {
-                ReadError::Untrusted { bad, why } => SourceError::Untrusted { bad, why },
-                ReadError::Pending => SourceError::Pending,
-                ReadError::Failed(why) => SourceError::Io {
-                    path: self.top.path.display().to_string(),
-                    error: std::io::Error::other(why),
-                },
-            })
+            ReadError::Untrusted { bad, why } => SourceError::Untrusted { bad, why },
+            ReadError::Pending => SourceError::Pending,
+            ReadError::Failed(why) => SourceError::Io {
+                path: self.top.path.display().to_string(),
+                error: std::io::Error::other(why),
+            },
+        })
     }
 
     fn zero_ranges(&self) -> &[Range<u64>] {

@@ -142,8 +142,9 @@ fn open_s3(url: &str, cache: &CacheOptions) -> Result<Opened> {
         fetch_concurrency: cache.fetch_concurrency.max(1),
         ..store::StoreConfig::default()
     };
-    let s = store::S3Source::open(url, &config).with_context(|| format!("opening {url}"))?;
-    let identity = format!("s3-{}", short(&s.id_hex()));
+    let parsed = store::S3Url::object(url).context("the source")?;
+    let s = store::S3Source::open(&parsed, config).with_context(|| format!("opening {url}"))?;
+    let identity = format!("s3-{}", short(&s.layers().top().id_hex()));
     Ok(Opened {
         source: Arc::new(s),
         file: None,
