@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use testbed::{bail, chain, ensure, Context as _, Error, Mapping, TempDir};
 
+#[cfg(feature = "s3")]
+mod s3;
+
 pub use testbed::Result;
 
 /// What to run: the `pagewire bench` flags, one field each (the binary
@@ -78,6 +81,12 @@ pub struct Config {
     pub clones: usize,
     /// Share of a clone's pages changed (0..=1).
     pub clone_change: f64,
+    /// Where the `s3-*` handlers push their images, `s3://BUCKET/PREFIX`
+    /// (endpoint, region and keys from the AWS environment); default: a
+    /// local `moto_server` the bench starts.
+    pub s3: Option<String>,
+    /// `s3-stall`: the delay added to every fetch of the cold image.
+    pub s3_delay_ms: u64,
     /// Run every handler this many times, interleaved (round by round),
     /// and add a summary of medians: on a noisy machine one run's figures
     /// can be off by 2x, and ratios are only fair within a round.
@@ -275,17 +284,32 @@ pub fn run(args: &Config) -> Result<Report> {
         }
     };
     let mut packs = Vec::new();
+    let wants_s3 = args.handlers.iter().any(|h| h.starts_with("s3-"));
     let clones = match args.clones {
         0 => None,
         n => Some(clones(&exe, &mem, dir.path(), n, args.clone_change)?),
     };
     for h in &args.handlers {
-        if let Some(codec) = h.strip_prefix("image-") {
+        let codec = match h.strip_prefix("image-") {
+            Some(c) => Some(c),
+            None => h.starts_with("s3-").then_some("lz4"),
+        };
+        if let Some(codec) = codec {
             if !packs.iter().any(|p: &Pack| p.codec == codec) {
                 packs.push(pack(&exe, &mem, dir.path(), codec)?);
             }
         }
     }
+    #[cfg(feature = "s3")]
+    let mut s3 = match packs.iter().find(|p| p.codec == "lz4") {
+        Some(p) if wants_s3 => Some(s3::S3::setup(&exe, dir.path(), args, &p.path, p.mem_mib)?),
+        _ => None,
+    };
+    #[cfg(not(feature = "s3"))]
+    ensure!(
+        !wants_s3,
+        "the s3 handlers need a pagewire built with the `s3` cargo feature"
+    );
     let baselines = Baselines {
         memcpy_gib_s: memcpy_gib_s(args.size as usize),
         zero_fill_gib_s: zero_fill_gib_s(args.size as usize),
@@ -329,8 +353,31 @@ pub fn run(args: &Config) -> Result<Report> {
                         .context("no image packed")
                         .and_then(|p| {
                             let url = format!("image://{}", p.path.display());
-                            Source(Some(&url)).run(&exe, dir.path(), &mem, args, h)
+                            let via = Via {
+                                source: Some(&url),
+                                ..Via::default()
+                            };
+                            via.run(&exe, dir.path(), &mem, args, h)
                         })
+                }
+                #[cfg(feature = "s3")]
+                "s3-cold" | "s3-warm" | "s3-get" | "s3-stall" => {
+                    let Some(s3) = s3.as_mut() else {
+                        return Err(Error::Invalid("no S3 image".into()));
+                    };
+                    let rows = match h.as_str() {
+                        "s3-cold" => s3.cold(&exe, dir.path(), &mem, args, run).map(|r| vec![r]),
+                        "s3-warm" => s3.warm(&exe, dir.path(), &mem, args).map(|r| vec![r]),
+                        "s3-get" => s3.get_loop(&exe).map(|r| vec![r]),
+                        _ => s3.stall(&exe, dir.path(), &mem, args),
+                    };
+                    match rows {
+                        Ok(rows) => {
+                            results.extend(rows.into_iter().map(|r| Row { run, ..r }));
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
                 "embedded" => embedded(&exe, &mem, args, args.prefetch.as_deref()),
                 "embedded-ws" => ws().and_then(|w| {
@@ -341,7 +388,7 @@ pub fn run(args: &Config) -> Result<Report> {
                 }),
                 other => Err(Error::Invalid(format!(
                     "unknown handler {other:?} (serve, embedded, floor, serve-ws, embedded-ws, \
-                     image-lz4, image-zstd, image-none)"
+                     image-lz4, image-zstd, image-none, s3-cold, s3-warm, s3-get, s3-stall)"
                 ))),
             };
             results.push(Row {
@@ -479,13 +526,9 @@ fn clones(exe: &Path, mem: &Path, dir: &Path, n: usize, change: f64) -> Result<C
     })
 }
 
-/// Where `serve` takes its bytes from in a run: the memory file, or a
-/// `--source` URL.
-struct Source<'a>(Option<&'a str>);
-
-impl Source<'_> {
+impl Via<'_> {
     fn run(&self, exe: &Path, dir: &Path, mem: &Path, args: &Config, name: &str) -> Result<Row> {
-        external_with(exe, dir, mem, args, name, None, None, None, self.0, &[])
+        external_with(exe, dir, mem, args, name, None, None, None, *self)
     }
 }
 
@@ -721,12 +764,20 @@ fn external(
     prefetch: Option<&Path>,
     record: Option<&Path>,
 ) -> Result<Row> {
-    external_with(exe, dir, mem, args, name, cmd, prefetch, record, None, &[])
+    external_with(exe, dir, mem, args, name, cmd, prefetch, record, Via::default())
 }
 
-/// `external`, with `serve` taking its bytes from `source` (a `--source`
-/// URL; any handler whose name is not `floor` or a command is a `serve`)
-/// and `env` added to its environment.
+/// How `serve` gets its bytes in a run: from `source` (a `--source` URL;
+/// then any handler whose name is not `floor` or a command is a `serve`),
+/// with `env` added to its environment and `extra` flags.
+#[derive(Default, Clone, Copy)]
+struct Via<'a> {
+    source: Option<&'a str>,
+    env: &'a [(String, String)],
+    extra: &'a [String],
+}
+
+/// `external`, with `serve` as `via` says.
 #[allow(clippy::too_many_arguments)]
 fn external_with(
     exe: &Path,
@@ -737,9 +788,9 @@ fn external_with(
     cmd: Option<&String>,
     prefetch: Option<&Path>,
     record: Option<&Path>,
-    source: Option<&str>,
-    env: &[(String, String)],
+    via: Via<'_>,
 ) -> Result<Row> {
+    let Via { source, env, extra } = via;
     let socket = dir.join(format!("{name}.sock"));
     let stats = dir.join(format!("{name}.stats"));
     let _ = std::fs::remove_file(&socket);
@@ -753,7 +804,7 @@ fn external_with(
                 Some(url) => c.arg("--source").arg(url),
                 None => c.arg("--mem-file").arg(mem),
             };
-            c.envs(env.iter().map(|(k, v)| (k, v)));
+            c.envs(env.iter().map(|(k, v)| (k, v))).args(extra);
             c.arg("--stats-json")
                 .arg(&stats)
                 .args(["--exit-after", "1", "--threads"])

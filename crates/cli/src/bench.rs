@@ -21,8 +21,10 @@ pub struct BenchArgs {
     /// Handlers to compare, comma separated: serve, embedded, floor,
     /// serve-ws, embedded-ws (with a recorded working set, see --prefetch),
     /// image-lz4, image-zstd, image-none (serve from the memory file packed
-    /// into an image; the pack is timed), s3-cold, s3-warm, s3-get (see
-    /// --s3).
+    /// into an image; the pack is timed), s3-cold (an empty disk cache),
+    /// s3-warm (a filled one), s3-get (a plain parallel GET loop over the
+    /// image's chunks: the store's own speed), s3-stall (a warm VM alone and
+    /// beside a cold one whose fetches take --s3-delay-ms more); see --s3.
     #[arg(long, value_delimiter = ',', default_value = "floor,serve,embedded")]
     pub handlers: Vec<String>,
     /// Another handler to compare: a shell command in which {socket} and
@@ -68,6 +70,14 @@ pub struct BenchArgs {
     /// Share of each clone's pages changed.
     #[arg(long, default_value_t = 0.05)]
     pub clone_change: f64,
+    /// Where the s3-* handlers push their images, s3://BUCKET/PREFIX
+    /// (endpoint, region and keys from the AWS environment); default: a
+    /// local moto_server started for the run (pip install 'moto[server]').
+    #[arg(long)]
+    pub s3: Option<String>,
+    /// s3-stall: the delay added to every fetch of the cold image, ms.
+    #[arg(long, default_value_t = 50)]
+    pub s3_delay_ms: u64,
     /// Run every handler this many times, interleaved (round by round),
     /// and add a summary of medians: on a noisy machine one run's figures
     /// can be off by 2x, and ratios are only fair within a round.
@@ -109,6 +119,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         content: args.content.clone(),
         clones: args.clones,
         clone_change: args.clone_change,
+        s3: args.s3.clone(),
+        s3_delay_ms: args.s3_delay_ms,
         runs: args.runs,
     })?;
     if args.json {

@@ -24,6 +24,20 @@ pub enum ImageCommand {
     /// Upload an image (and its base, unless the same one is there) to
     /// S3-compatible object storage: `s3://BUCKET/PREFIX`.
     Push(PushArgs),
+    /// GET every chunk of an image in object storage, N at once, and say
+    /// how fast: the store's own speed (`bench`'s s3-get baseline).
+    #[command(name = "get-loop", hide = true)]
+    GetLoop(GetLoopArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GetLoopArgs {
+    /// `s3://BUCKET/KEY` of the image.
+    pub url: String,
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -144,6 +158,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ImageCommand::Push(a) => push(&a),
+        ImageCommand::GetLoop(a) => get_loop(&a),
     }
 }
 
@@ -239,6 +254,27 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
         serde_json::to_string(&r)?
     );
     Ok(())
+}
+
+#[cfg(feature = "s3")]
+fn get_loop(a: &GetLoopArgs) -> anyhow::Result<()> {
+    let url = store::S3Url::object(&a.url)?;
+    let r = store::get_loop(&url, a.concurrency.max(1))
+        .with_context(|| format!("GETting the chunks of {}", a.url))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("{}: {}", a.url, serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "s3"))]
+fn get_loop(a: &GetLoopArgs) -> anyhow::Result<()> {
+    bail!(
+        "{}: this pagewire was built without S3 support (cargo feature `s3`)",
+        a.url
+    )
 }
 
 #[cfg(not(feature = "s3"))]
