@@ -764,7 +764,17 @@ fn external(
     prefetch: Option<&Path>,
     record: Option<&Path>,
 ) -> Result<Row> {
-    external_with(exe, dir, mem, args, name, cmd, prefetch, record, Via::default())
+    external_with(
+        exe,
+        dir,
+        mem,
+        args,
+        name,
+        cmd,
+        prefetch,
+        record,
+        Via::default(),
+    )
 }
 
 /// How `serve` gets its bytes in a run: from `source` (a `--source` URL;

@@ -113,11 +113,20 @@ impl S3 {
     }
 
     /// A run with an empty disk cache of its own.
-    pub fn cold(&self, exe: &Path, dir: &Path, mem: &Path, args: &Config, run: usize) -> Result<Row> {
+    pub fn cold(
+        &self,
+        exe: &Path,
+        dir: &Path,
+        mem: &Path,
+        args: &Config,
+        run: usize,
+    ) -> Result<Row> {
         let cache = dir.join(format!("s3-cache-cold-{run}"));
         let _ = std::fs::remove_dir_all(&cache);
         let extra = cache_flags(&cache);
-        let row = self.via(&self.url, &extra).run(exe, dir, mem, args, "s3-cold");
+        let row = self
+            .via(&self.url, &extra)
+            .run(exe, dir, mem, args, "s3-cold");
         let _ = std::fs::remove_dir_all(&cache);
         row
     }
@@ -132,13 +141,21 @@ impl S3 {
             ensure!(row.ok, "the warm-up run failed: {:?}", row.error);
             self.warmed = true;
         }
-        self.via(&self.url, &extra).run(exe, dir, mem, args, "s3-warm")
+        self.via(&self.url, &extra)
+            .run(exe, dir, mem, args, "s3-warm")
     }
 
     /// The plain parallel GET loop over the image's chunk objects.
     pub fn get_loop(&self, exe: &Path) -> Result<Row> {
         let o = Command::new(exe)
-            .args(["image", "get-loop", &self.url, "--concurrency", "16", "--json"])
+            .args([
+                "image",
+                "get-loop",
+                &self.url,
+                "--concurrency",
+                "16",
+                "--json",
+            ])
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()
@@ -148,7 +165,8 @@ impl S3 {
             "image get-loop failed: {}",
             String::from_utf8_lossy(&o.stderr).trim()
         );
-        let r: serde_json::Value = serde_json::from_slice(&o.stdout).context("get-loop's report")?;
+        let r: serde_json::Value =
+            serde_json::from_slice(&o.stdout).context("get-loop's report")?;
         let secs = r["seconds"].as_f64().unwrap_or(f64::NAN);
         Ok(Row {
             handler: "s3-get".into(),
@@ -187,7 +205,11 @@ impl S3 {
             .stdin(Stdio::null())
             .output()
             .context("packing the cold image")?;
-        ensure!(o.status.success(), "image pack failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+        ensure!(
+            o.status.success(),
+            "image pack failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
         let cold_url = self.push(exe, &cold_img)?;
         let snaps = dir.join("s3-stall");
         let _ = std::fs::remove_dir_all(&snaps);
@@ -216,7 +238,10 @@ impl S3 {
             let (warm_sock, cold_sock) = (snaps.join("warm.sock"), snaps.join("cold.sock"));
             let deadline = Instant::now() + Duration::from_secs(30);
             while !(warm_sock.exists() && cold_sock.exists()) {
-                ensure!(Instant::now() < deadline, "serve did not listen on both sockets");
+                ensure!(
+                    Instant::now() < deadline,
+                    "serve did not listen on both sockets"
+                );
                 std::thread::sleep(Duration::from_millis(10));
             }
             let warm = |name: &str| -> Result<Row> {

@@ -27,8 +27,9 @@ pub struct ServeArgs {
     /// AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
     #[arg(long, conflicts_with = "snapshot_dir")]
     pub source: Option<String>,
-    /// Decoded image chunks kept in memory per source.
-    #[arg(long, default_value = "256M", value_parser = testbed::parse_size)]
+    /// Decoded image chunks kept in memory per source (compressed chunks;
+    /// chunks stored as is are read from the file or the disk cache).
+    #[arg(long, default_value = "32M", value_parser = testbed::parse_size)]
     pub memory_cache: u64,
     /// Where chunks fetched from S3 are kept on disk (shared by every
     /// server using the same directory; survives restarts). Default:

@@ -53,7 +53,11 @@ fn an_image_in_s3_serves_every_byte_cold_and_warm() {
         .arg(&img)
         .output()
         .expect("pack");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new(BIN)
         .args(["image", "push"])
         .arg(&img)
@@ -61,7 +65,11 @@ fn an_image_in_s3_serves_every_byte_cold_and_warm() {
         .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("push");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let url = format!("s3://{bucket}/images/snap.pwimg");
     let cache = dir.path().join("cache");
     let cache_arg = cache.to_str().expect("utf-8").to_string();

@@ -635,7 +635,16 @@ struct CacheInner {
     lru: lru::LruCache<[u8; 32], Arc<[u8]>>,
     bytes: usize,
     max: usize,
+    /// Buffers of evicted blobs nobody else holds, to decode the next ones
+    /// into: a fresh allocation of a chunk's size is fresh memory, and its
+    /// first touch costs the kernel a zero-filled page per 4 KiB (measured
+    /// on sequential reads of a compressible image: a quarter of the
+    /// server's CPU went to those page faults).
+    spare: Vec<Arc<[u8]>>,
 }
+
+/// Evicted buffers kept for reuse at most.
+const SPARE_BUFFERS: usize = 16;
 
 impl BlobCache {
     /// A cache of at most `max_bytes` of decoded blobs (a blob larger than
@@ -646,6 +655,7 @@ impl BlobCache {
                 lru: lru::LruCache::unbounded(),
                 bytes: 0,
                 max: max_bytes,
+                spare: Vec::new(),
             }),
         }
     }
@@ -674,10 +684,29 @@ impl BlobCache {
         c.bytes += size;
         while c.bytes > c.max {
             match c.lru.pop_lru() {
-                Some((_, old)) => c.bytes -= old.len(),
+                Some((_, mut old)) => {
+                    c.bytes -= old.len();
+                    if c.spare.len() < SPARE_BUFFERS && Arc::get_mut(&mut old).is_some() {
+                        c.spare.push(old);
+                    }
+                }
                 None => break,
             }
         }
+    }
+
+    /// A buffer of `len` bytes to decode a blob into (contents
+    /// unspecified): an evicted blob's, when one of that size is free,
+    /// else a new one.
+    pub fn buffer(&self, len: usize) -> Arc<[u8]> {
+        let reused = {
+            let mut c = self.lock();
+            c.spare
+                .iter()
+                .position(|b| b.len() == len)
+                .map(|i| c.spare.swap_remove(i))
+        };
+        reused.unwrap_or_else(|| std::iter::repeat_n(0u8, len).collect())
     }
 
     /// Bytes kept.

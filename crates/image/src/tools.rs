@@ -171,7 +171,7 @@ pub fn verify(
             }
             _ => (&top.file, layers.top(), String::new()),
         };
-        match load_blob(file, index, key.index, entry) {
+        match load_blob(file, index, key.index, entry, None) {
             Ok(blob) => {
                 if let Err(e) = check_content(key.index, entry, &blob) {
                     report.corrupt.push((key.index, format!("{where_}{e}")));
@@ -228,7 +228,7 @@ pub fn unpack(
             (Layer::Base, Some(bf), Some(bi)) => (&bf.file, bi),
             _ => (&top.file, layers.top()),
         };
-        load_blob(file, index, key.index, entry).map_err(|e| match e {
+        load_blob(file, index, key.index, entry, None).map_err(|e| match e {
             Fetch::Io(e) => GetError::Failed(e.to_string()),
             Fetch::Corrupt(e) => GetError::Untrusted(e.to_string()),
         })

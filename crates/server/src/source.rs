@@ -86,7 +86,7 @@ pub struct CacheOptions {
 impl Default for CacheOptions {
     fn default() -> Self {
         CacheOptions {
-            memory_bytes: 256 << 20,
+            memory_bytes: image::DEFAULT_CACHE_BYTES,
             cache_dir: None,
             cache_bytes: 10 << 30,
             fetch_concurrency: 16,
