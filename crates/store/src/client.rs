@@ -1,7 +1,7 @@
 //! The connection to the store, its runtime, requests with retries, and
 //! `push`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::future::Future;
 use std::io::Read;
@@ -12,13 +12,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use image::{Index, HEADER_LEN};
+use futures::{StreamExt, TryStreamExt};
+use image::{BlobLocation, Index, HEADER_LEN};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::{
     BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
     WriteMultipart,
 };
 
+use crate::layout::{chunk_name, chunk_url, chunks_prefix, list_chunks, read_manifest};
 use crate::source::S3Source;
 use crate::{S3Url, StoreConfig, StoreError, INJECT_DELAY_ENV};
 
@@ -355,13 +357,16 @@ impl Client {
         S3Source::open_with(self, url)
     }
 
-    /// Uploads the image file `image` to `dest/<its file name>` (`dest` is
-    /// a key prefix), after its base (found beside it by the name its index
-    /// gives) to `dest/<base name>` unless an object with the base's id is
-    /// there already. Both are streamed from their files (multipart uploads
-    /// for large files); the base goes first so that the image is never in
-    /// the store without its base. `progress` is called with the bytes
-    /// uploaded so far.
+    /// Pushes the image file `image` under the prefix `dest` (see the
+    /// crate's notes, "Bucket layout"): lists `dest/chunks/` once, uploads
+    /// the chunk objects of the image and of its base (found beside it by
+    /// the name its index gives) that are not there yet, 16 at once, read
+    /// from the files; then the base's manifest `dest/<base name>` unless
+    /// one with the base's id is there already; then the image's manifest
+    /// `dest/<its file name>`, last, so that a manifest never names a chunk
+    /// the store has not. `progress` is called with the bytes of the image
+    /// processed so far (chunks found or uploaded, then its manifest); it
+    /// ends at the file's length.
     pub fn push(
         &self,
         image: &Path,
@@ -370,7 +375,7 @@ impl Client {
     ) -> Result<PushReport, StoreError> {
         let start = Instant::now();
         let what = image.display().to_string();
-        let index = local_index(image)?;
+        let (index, image_len) = local_index(image)?;
         let name = image
             .file_name()
             .and_then(|n| n.to_str())
@@ -382,19 +387,16 @@ impl Client {
                 ),
             })?;
         let image_url = dest.join(name)?;
+        let chunks = chunks_prefix(dest)?;
         let stores = self.stores(dest.bucket())?;
-        let mut done = 0u64;
-        let mut report = PushReport {
-            image_url: image_url.to_string(),
-            image_bytes: 0,
-            base_url: None,
-            base_bytes: 0,
-            base_uploaded: false,
-            seconds: 0.0,
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |error| StoreError::Io { path, error }
         };
+        let mut base = None;
         if let (true, Some(base_name)) = (index.has_base(), &index.base_name) {
             let base_path = image.parent().unwrap_or(Path::new(".")).join(base_name);
-            let base_index = local_index(&base_path).map_err(|e| match e {
+            let (base_index, _) = local_index(&base_path).map_err(|e| match e {
                 StoreError::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound => {
                     StoreError::Image(image::ImageError::MissingBase {
                         what: what.clone(),
@@ -413,19 +415,289 @@ impl Client {
                 }));
             }
             let base_url = dest.join(base_name)?;
-            report.base_url = Some(base_url.to_string());
-            let remote = self.remote_id(&stores, &base_url)?;
-            if remote == Some(base_index.header.id) {
-                tracing::info!(base = %base_url, "the store has the base already");
+            let file = File::open(&base_path).map_err(io(&base_path))?;
+            base = Some((base_path, base_index, base_url, Arc::new(file)));
+        }
+        let image_file = Arc::new(File::open(image).map_err(io(image))?);
+        let mut report = PushReport {
+            image_url: image_url.to_string(),
+            base_url: base.as_ref().map(|b| b.2.to_string()),
+            base_uploaded: false,
+            chunks_uploaded: 0,
+            chunks_present: 0,
+            bytes_uploaded: 0,
+            bytes_present: 0,
+            seconds: 0.0,
+        };
+
+        // Which chunks the store has, and which to upload.
+        let present = list_chunks(self, &*stores.upload, &chunks)?;
+        let mut jobs = Vec::new();
+        let mut seen = HashSet::new();
+        let mut done = 0u64;
+        let mut layers: Vec<(&Index, &Path, &Arc<File>, bool)> = Vec::new();
+        if let Some((path, index, _, file)) = &base {
+            layers.push((index, path, file, false));
+        }
+        layers.push((&index, image, &image_file, true));
+        for (index, path, file, top) in layers {
+            for entry in &index.blobs {
+                let BlobLocation::Data { offset } = entry.location else {
+                    continue;
+                };
+                let len = u64::from(entry.stored_len);
+                let image_bytes = if top { len } else { 0 };
+                let name = chunk_name(entry);
+                if !seen.insert(name.clone()) {
+                    // The same content twice in this push.
+                    done += image_bytes;
+                    continue;
+                }
+                match present.get(&name) {
+                    Some(&size) if size == len => {
+                        report.chunks_present += 1;
+                        report.bytes_present += len;
+                        done += image_bytes;
+                        continue;
+                    }
+                    Some(&size) => tracing::warn!(
+                        chunk = %name,
+                        "the store's chunk object has {size} bytes, not {len}: uploading it again"
+                    ),
+                    None => {}
+                }
+                jobs.push(Job {
+                    file: file.clone(),
+                    path: path.display().to_string(),
+                    at: index.header.data_offset + offset,
+                    len,
+                    url: chunks.join(&name)?,
+                    image_bytes,
+                });
+            }
+        }
+        progress(done);
+        report.chunks_uploaded = jobs.len() as u64;
+        report.bytes_uploaded = jobs.iter().map(|j| j.len).sum();
+        tracing::info!(
+            image = %image_url,
+            upload = report.chunks_uploaded,
+            present = report.chunks_present,
+            "pushing chunks"
+        );
+        self.upload_chunks(&stores, jobs, &mut |n| {
+            done += n;
+            progress(done);
+        })?;
+
+        // The manifests, base first: each only names chunks now there.
+        if let Some((path, index, url, file)) = &base {
+            if self.remote_id(&stores, url)? == Some(index.header.id) {
+                tracing::info!(base = %url, "the store has the base's manifest already");
             } else {
-                report.base_bytes =
-                    self.upload(&stores, &base_path, &base_url, &mut done, progress)?;
+                self.put_manifest(&stores, file, path, index, url)?;
                 report.base_uploaded = true;
             }
         }
-        report.image_bytes = self.upload(&stores, image, &image_url, &mut done, progress)?;
+        self.put_manifest(&stores, &image_file, image, &index, &image_url)?;
+        progress(image_len);
         report.seconds = start.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    /// Uploads `jobs`, [`PUSH_CONCURRENCY`] at once; `progress` is called
+    /// (on this thread) with each finished job's `image_bytes`. Stops at
+    /// the first failure.
+    fn upload_chunks(
+        &self,
+        stores: &Stores,
+        jobs: Vec<Job>,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), StoreError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let store = stores.upload.clone();
+        let task = self.inner.runtime.handle().spawn(async move {
+            let tx = &tx;
+            let store = &store;
+            futures::stream::iter(jobs.into_iter().map(Ok))
+                .try_for_each_concurrent(PUSH_CONCURRENCY, |job| async move {
+                    let Job {
+                        file,
+                        path,
+                        at,
+                        len,
+                        url,
+                        image_bytes,
+                    } = job;
+                    let read = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; len as usize];
+                        file.read_exact_at(&mut buf, at).map(|()| buf)
+                    })
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r);
+                    let buf = read.map_err(|error| StoreError::Io {
+                        path: path.clone(),
+                        error,
+                    })?;
+                    store
+                        .put(&url.path(), PutPayload::from(buf))
+                        .await
+                        .map_err(|e| StoreError::Request {
+                            op: "upload to".to_string(),
+                            url: url.to_string(),
+                            why: e.to_string(),
+                        })?;
+                    // The receiver outlives the task.
+                    let _ = tx.send(image_bytes);
+                    Ok(())
+                })
+                .await
+        });
+        // Ends when the task drops the sender: done or failed.
+        for n in rx {
+            progress(n);
+        }
+        match self.inner.runtime.block_on(task) {
+            Ok(result) => result,
+            Err(e) => Err(StoreError::Client(format!("the upload task failed: {e}"))),
+        }
+    }
+
+    /// Uploads the manifest of the image file `path` (its first
+    /// `data_offset` bytes) to `url`.
+    fn put_manifest(
+        &self,
+        stores: &Stores,
+        file: &File,
+        path: &Path,
+        index: &Index,
+        url: &S3Url,
+    ) -> Result<(), StoreError> {
+        let mut buf = vec![0u8; index.header.data_offset as usize];
+        file.read_exact_at(&mut buf, 0)
+            .map_err(|error| StoreError::Io {
+                path: path.display().to_string(),
+                error,
+            })?;
+        self.inner
+            .runtime
+            .block_on(stores.upload.put(&url.path(), PutPayload::from(buf)))
+            .map_err(|e| StoreError::Request {
+                op: "upload to".to_string(),
+                url: url.to_string(),
+                why: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    /// GETs every chunk object of the image whose manifest is `url` (and
+    /// of its base), `concurrency` at once, discarding the bytes: what a
+    /// plain parallel GET loop gets from the store, the baseline for
+    /// [`S3Source`]'s cold reads. When `url` is a prefix (or names no
+    /// object), every chunk object under `url/chunks/`. Requests are
+    /// retried as fetches are; a missing chunk object fails the loop.
+    pub fn get_loop(&self, url: &S3Url, concurrency: usize) -> Result<GetLoopReport, StoreError> {
+        if concurrency == 0 {
+            return Err(StoreError::Config(
+                "get_loop: concurrency must be at least 1".to_string(),
+            ));
+        }
+        let manifest = if url.key().is_empty() {
+            None
+        } else {
+            match read_manifest(self, url) {
+                Ok(index) => Some(index),
+                Err(StoreError::NoSuchObject { .. }) => None,
+                Err(e) => return Err(e),
+            }
+        };
+        let stores = self.stores(url.bucket())?;
+        let mut objects: Vec<(S3Url, u64)> = Vec::new();
+        match manifest {
+            Some(top) => {
+                let prefix = url.parent();
+                let chunks = chunks_prefix(&prefix)?;
+                let base = match (top.has_base(), &top.base_name) {
+                    (true, Some(name)) => {
+                        let base_url = prefix.join(name)?;
+                        Some(read_manifest(self, &base_url).map_err(|e| match e {
+                            StoreError::NoSuchObject { .. } => {
+                                StoreError::Image(image::ImageError::MissingBase {
+                                    what: url.to_string(),
+                                    base: base_url.to_string(),
+                                    why:
+                                        "no such object (push the image with its base)".to_string(),
+                                })
+                            }
+                            e => e,
+                        })?)
+                    }
+                    _ => None,
+                };
+                let mut seen = HashSet::new();
+                for index in std::iter::once(&top).chain(base.as_ref()) {
+                    for entry in &index.blobs {
+                        if matches!(entry.location, BlobLocation::Data { .. })
+                            && seen.insert(chunk_name(entry))
+                        {
+                            objects.push((chunk_url(&chunks, entry)?, u64::from(entry.stored_len)));
+                        }
+                    }
+                }
+            }
+            None => {
+                let chunks = chunks_prefix(url)?;
+                for (name, size) in list_chunks(self, &*stores.fetch, &chunks)? {
+                    objects.push((chunks.join(&name)?, size));
+                }
+                if objects.is_empty() {
+                    return Err(StoreError::NoSuchObject {
+                        url: format!("{url} (neither a manifest nor a prefix with chunks)"),
+                    });
+                }
+            }
+        }
+        let retry = self.retry();
+        let store = stores.fetch;
+        let count = objects.len() as u64;
+        let start = Instant::now();
+        let bytes = self.inner.runtime.block_on(async {
+            let retried = AtomicU64::new(0);
+            let (retried, store) = (&retried, &store);
+            futures::stream::iter(objects)
+                .map(|(url, _)| async move {
+                    let path = url.path();
+                    retry
+                        .run(retried, || async {
+                            Ok(store.get(&path).await?.bytes().await?.len() as u64)
+                        })
+                        .await
+                        .map_err(|f| match f {
+                            Failure::NotFound => StoreError::NoSuchObject {
+                                url: url.to_string(),
+                            },
+                            Failure::Failed(why) => StoreError::Request {
+                                op: "GET".to_string(),
+                                url: url.to_string(),
+                                why,
+                            },
+                        })
+                })
+                .buffer_unordered(concurrency)
+                .try_fold(0u64, |sum, n| async move { Ok(sum + n) })
+                .await
+        })?;
+        Ok(GetLoopReport {
+            url: url.to_string(),
+            objects: count,
+            bytes,
+            seconds: start.elapsed().as_secs_f64(),
+            concurrency,
+        })
     }
 
     /// The id of the image at `url`, `None` when there is no object there
@@ -449,7 +721,8 @@ impl Client {
             let Ok(needed) = Index::needed(&first, &url.to_string()) else {
                 return Ok(None);
             };
-            if needed > size {
+            if needed != size {
+                // Not a manifest (or a truncated one): replace it.
                 return Ok(None);
             }
             let all = retry
@@ -601,8 +874,9 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A local image's index, checked against the file's length.
-fn local_index(path: &Path) -> Result<Index, StoreError> {
+/// A local image's index, checked against the file's length, and that
+/// length.
+fn local_index(path: &Path) -> Result<(Index, u64), StoreError> {
     let what = path.display().to_string();
     let io = |error| StoreError::Io {
         path: what.clone(),
@@ -623,25 +897,60 @@ fn local_index(path: &Path) -> Result<Index, StoreError> {
     file.read_exact_at(&mut bytes, 0).map_err(io)?;
     let index = Index::parse(&bytes, &what)?;
     index.check_len(len, &what)?;
-    Ok(index)
+    Ok((index, len))
 }
 
 /// What [`Client::push`] did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PushReport {
-    /// Where the image went.
+    /// The image's manifest.
     pub image_url: String,
-    /// Bytes of the image uploaded.
-    pub image_bytes: u64,
-    /// Where its base is (when it has one).
+    /// Its base's manifest (when it has a base).
     pub base_url: Option<String>,
-    /// Bytes of the base uploaded (0 when the store had it).
-    pub base_bytes: u64,
-    /// Whether the base was uploaded (false: the store had it).
+    /// Whether the base's manifest was uploaded (false: the store had one
+    /// with the base's id, or there is no base).
     pub base_uploaded: bool,
+    /// Chunk objects uploaded (of the image and its base).
+    pub chunks_uploaded: u64,
+    /// Chunk objects the store had already (any image's under the prefix).
+    pub chunks_present: u64,
+    /// Bytes of the chunks uploaded.
+    pub bytes_uploaded: u64,
+    /// Bytes of the chunks the store had already.
+    pub bytes_present: u64,
     /// How long the push took.
     pub seconds: f64,
 }
+
+/// What [`Client::get_loop`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GetLoopReport {
+    /// The manifest (or prefix) whose chunks were fetched.
+    pub url: String,
+    /// Chunk objects fetched.
+    pub objects: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// How long the GETs took (the manifests' reads aside).
+    pub seconds: f64,
+    /// GETs in flight at once.
+    pub concurrency: usize,
+}
+
+/// One chunk to upload: `len` bytes at `at` of `file`.
+struct Job {
+    file: Arc<File>,
+    /// The file's name, for errors.
+    path: String,
+    at: u64,
+    len: u64,
+    url: S3Url,
+    /// Its bytes when it is the image's (progress), else 0.
+    image_bytes: u64,
+}
+
+/// Chunk uploads in flight in [`Client::push`].
+const PUSH_CONCURRENCY: usize = 16;
 
 /// [`Client::push`] with a client from the environment and the default
 /// configuration.
@@ -651,4 +960,10 @@ pub fn push(
     progress: &mut dyn FnMut(u64),
 ) -> Result<PushReport, StoreError> {
     Client::from_env(StoreConfig::default())?.push(image, dest, progress)
+}
+
+/// [`Client::get_loop`] with a client from the environment and the
+/// default configuration.
+pub fn get_loop(url: &S3Url, concurrency: usize) -> Result<GetLoopReport, StoreError> {
+    Client::from_env(StoreConfig::default())?.get_loop(url, concurrency)
 }

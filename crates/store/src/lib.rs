@@ -77,6 +77,7 @@
 
 mod client;
 mod disk;
+mod layout;
 mod source;
 #[doc(hidden)]
 pub mod testing;
@@ -85,7 +86,7 @@ mod url;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use client::{push, Client, PushReport, S3Options};
+pub use client::{get_loop, push, Client, GetLoopReport, PushReport, S3Options};
 pub use source::{S3Source, StoreStats};
 pub use url::S3Url;
 

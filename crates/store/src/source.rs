@@ -5,15 +5,13 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use image::{
-    BlobCache, BlobEntry, BlobKey, BlobLocation, GetError, Index, Layer, Layers, ReadError,
-    HEADER_LEN,
-};
+use image::{BlobCache, BlobEntry, BlobKey, BlobLocation, GetError, Layer, Layers, ReadError};
 use object_store::{ObjectStore, ObjectStoreExt};
 use pager::{PageSource, SourceError, Waker};
 
-use crate::client::{failure, Client, Failure, Retry, Runtime};
+use crate::client::{failure, Client, Retry, Runtime};
 use crate::disk::{DiskCache, Lookup};
+use crate::layout::{chunk_url, chunks_prefix, read_manifest};
 use crate::{S3Url, StoreError};
 
 /// Counters of a source, for logs and metrics.
@@ -60,14 +58,6 @@ struct Counters {
     hinted: AtomicU64,
 }
 
-/// One image object.
-#[derive(Debug)]
-struct Object {
-    url: S3Url,
-    store: Arc<dyn ObjectStore>,
-    index_data_offset: u64,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Priority {
     Demand,
@@ -98,8 +88,11 @@ struct State {
 /// What fetch workers share with the source.
 struct Shared {
     layers: Layers,
-    top: Object,
-    base: Option<Object>,
+    /// The image's manifest.
+    manifest: S3Url,
+    /// `PREFIX/chunks`: every chunk object, the image's and its base's.
+    chunks: S3Url,
+    store: Arc<dyn ObjectStore>,
     memory: BlobCache,
     disk: Option<DiskCache>,
     state: Mutex<State>,
@@ -130,63 +123,6 @@ impl std::fmt::Debug for S3Source {
     }
 }
 
-/// Reads the index of the image object `url`; returns it and the object.
-fn open_object(client: &Client, url: &S3Url) -> Result<(Index, Object), StoreError> {
-    let stores = client.stores(url.bucket())?;
-    let store = stores.fetch;
-    let path = url.path();
-    let what = url.to_string();
-    let retry = client.retry();
-    let retried = AtomicU64::new(0);
-    let request = |op: String, f: Failure| match f {
-        Failure::NotFound => StoreError::NoSuchObject { url: what.clone() },
-        Failure::Failed(why) => StoreError::Request {
-            op,
-            url: what.clone(),
-            why,
-        },
-    };
-    let (size, bytes) = client.runtime().block_on(async {
-        let size = retry
-            .run(&retried, || store.head(&path))
-            .await
-            .map_err(|f| request("HEAD".to_string(), f))?
-            .size;
-        let head_len = size.min(HEADER_LEN as u64);
-        let get = |r: Range<u64>| {
-            let op = format!("GET bytes {}..{} of", r.start, r.end);
-            let (store, path, retried) = (&store, &path, &retried);
-            async move {
-                retry
-                    .run(retried, || store.get_range(path, r.clone()))
-                    .await
-                    .map_err(|f| request(op, f))
-            }
-        };
-        let first = get(0..head_len).await?;
-        let needed = Index::needed(&first, &what)?;
-        if needed > size {
-            return Err(StoreError::Image(image::ImageError::Truncated {
-                what: what.clone(),
-                why: format!("its index ends at byte {needed}, the object has {size}"),
-            }));
-        }
-        let mut bytes = first.to_vec();
-        if needed > head_len {
-            bytes.extend_from_slice(&get(head_len..needed).await?);
-        }
-        Ok::<_, StoreError>((size, bytes))
-    })?;
-    let index = Index::parse(&bytes, &what)?;
-    index.check_len(size, &what)?;
-    let object = Object {
-        url: url.clone(),
-        store,
-        index_data_offset: index.header.data_offset,
-    };
-    Ok((index, object))
-}
-
 impl S3Source {
     /// Opens the image object `url` with a client from the environment
     /// ([`Client::from_env`]).
@@ -194,19 +130,23 @@ impl S3Source {
         S3Source::open_with(&Client::from_env(config)?, url)
     }
 
-    /// Opens the image object `url` through `client`: reads its header and
-    /// index (checked), checks its size, opens its base (the object of the
-    /// name its index gives, beside it) the same way and checks that it is
-    /// the base the image was packed against, opens the disk cache. Every
-    /// error that can be found before a VM waits is found here.
+    /// Opens the image whose manifest is `url` through `client`: reads
+    /// its manifest (header and index, checked, and exactly that long),
+    /// its base's manifest (the name its index gives, beside it) the same
+    /// way and checks that it is the base the image was packed against,
+    /// opens the disk cache. Chunk objects are `PREFIX/chunks/...` beside
+    /// the manifest (see the crate's notes). Every error that can be found
+    /// before a VM waits is found here.
     pub fn open_with(client: &Client, url: &S3Url) -> Result<S3Source, StoreError> {
         let config = client.config().clone();
-        let (top_index, top) = open_object(client, url)?;
-        let (base_index, base) = match (top_index.has_base(), &top_index.base_name) {
+        let prefix = url.parent();
+        let chunks = chunks_prefix(&prefix)?;
+        let top_index = read_manifest(client, url)?;
+        let (base_index, base_url) = match (top_index.has_base(), &top_index.base_name) {
             (true, Some(name)) => {
-                let base_url = url.parent().join(name)?;
-                match open_object(client, &base_url) {
-                    Ok((i, o)) => (Some(i), Some(o)),
+                let base_url = prefix.join(name)?;
+                match read_manifest(client, &base_url) {
+                    Ok(i) => (Some(i), Some(base_url)),
                     Err(StoreError::NoSuchObject { .. }) => {
                         return Err(StoreError::Image(image::ImageError::MissingBase {
                             what: url.to_string(),
@@ -231,16 +171,17 @@ impl S3Source {
                 })?),
                 None => None,
             };
-        let describe = match &base {
-            Some(b) => format!("{url} over base {} ({} bytes)", b.url, layers.len()),
+        let describe = match &base_url {
+            Some(b) => format!("{url} over base {b} ({} bytes)", layers.len()),
             None => format!("{url} ({} bytes)", layers.len()),
         };
         let concurrency = config.fetch_concurrency;
         let runtime = client.runtime().clone();
         let shared = Shared {
             layers,
-            top,
-            base,
+            manifest: url.clone(),
+            chunks,
+            store: client.stores(url.bucket())?.fetch,
             memory: BlobCache::new(config.memory_bytes),
             disk,
             state: Mutex::new(State::default()),
@@ -324,7 +265,7 @@ impl S3Source {
             }
             Err(ReadError::Untrusted { bad, why }) => Err(SourceError::Untrusted { bad, why }),
             Err(ReadError::Failed(why)) => Err(SourceError::Io {
-                path: self.shared.top.url.to_string(),
+                path: self.shared.manifest.to_string(),
                 error: std::io::Error::other(why),
             }),
         }
@@ -335,13 +276,6 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is updated in steps that each leave it consistent.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn object(&self, layer: Layer) -> Option<&Object> {
-        match layer {
-            Layer::Top => Some(&self.top),
-            Layer::Base => self.base.as_ref(),
-        }
     }
 
     /// The blob getter of reads: memory, disk, else join or start a fetch.
@@ -497,40 +431,39 @@ impl Shared {
             self.memory.insert(entry.hash, blob.clone());
             return Ok(blob);
         }
-        let object = self
-            .object(key.layer)
-            .ok_or_else(|| format!("blob {} of a base the image has not", key.index))?;
-        let BlobLocation::Data { offset } = entry.location else {
-            return Err(format!(
-                "blob {} of {} is not in its data (bad index)",
-                key.index, object.url
-            ));
+        let what = match key.layer {
+            Layer::Top => "",
+            Layer::Base => " of the base",
         };
-        let start = object.index_data_offset + offset;
-        let range = start..start + u64::from(entry.stored_len);
-        let path = object.url.path();
+        if !matches!(entry.location, BlobLocation::Data { .. }) {
+            return Err(format!(
+                "blob {}{what} of {} is not in its image's data (bad index)",
+                key.index, self.manifest
+            ));
+        }
+        let url = chunk_url(&self.chunks, &entry).map_err(|e| e.to_string())?;
+        let path = url.path();
+        let store = &self.store;
         let stored = self
             .retry
-            .run(&self.counters.retries, || {
-                object.store.get_range(&path, range.clone())
+            .run(&self.counters.retries, || async {
+                store.get(&path).await?.bytes().await
             })
             .await
-            .map_err(|f| {
-                format!(
-                    "fetching blob {} (bytes {}..{} of {}): {}",
-                    key.index,
-                    range.start,
-                    range.end,
-                    object.url,
-                    failure(f)
-                )
-            })?;
+            .map_err(|f| format!("fetching blob {}{what} ({url}): {}", key.index, failure(f)))?;
+        if stored.len() != entry.stored_len as usize {
+            return Err(format!(
+                "blob {}{what}: {url} has {} bytes, the manifest says {} (re-push the image)",
+                key.index,
+                stored.len(),
+                entry.stored_len
+            ));
+        }
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
         self.counters
             .fetched_bytes
             .fetch_add(stored.len() as u64, Ordering::Relaxed);
         let this = self.clone();
-        let url = object.url.to_string();
         let decoded = tokio::task::spawn_blocking(move || {
             // Checked against its content address before it is trusted or
             // cached.

@@ -46,6 +46,14 @@ impl Env {
             .to_vec()
     }
 
+    fn delete(&self, key: &str) {
+        let store = self.client.object_store(&self.bucket).expect("store");
+        let path = object_store::path::Path::parse(key).expect("path");
+        self.client
+            .block_on(async move { store.delete(&path).await })
+            .expect("delete");
+    }
+
     fn put(&self, key: &str, bytes: Vec<u8>) {
         let store = self.client.object_store(&self.bucket).expect("store");
         let path = object_store::path::Path::parse(key).expect("path");
@@ -113,6 +121,39 @@ fn open_errors_are_clear() {
         .open(&S3Url::parse("s3://no-such-bucket-pw/x").unwrap())
         .expect_err("missing bucket");
     assert!(e.to_string().contains("s3://no-such-bucket-pw/x"), "{e}");
+}
+
+#[test]
+fn a_truncated_or_whole_image_manifest_is_refused_at_open() {
+    let Some((env, _mem, url, tmp, mut rng)) = pushed(
+        "a_truncated_or_whole_image_manifest_is_refused_at_open",
+        quick(),
+    ) else {
+        return;
+    };
+    let manifest = env.get(url.key());
+    let file = std::fs::read(tmp.path().join("vm.pwi")).unwrap();
+    assert!(file.starts_with(&manifest) && manifest.len() < file.len());
+    // Cut short anywhere past the header (the index is missing bytes).
+    let cut = image::HEADER_LEN + rng.below((manifest.len() - image::HEADER_LEN) as u64) as usize;
+    env.put(url.key(), manifest[..cut].to_vec());
+    let e = env.client.open(&url).expect_err("truncated");
+    let msg = e.to_string();
+    assert!(
+        matches!(e, StoreError::Image(image::ImageError::Truncated { .. }))
+            && msg.contains(&url.to_string())
+            && msg.contains("push the image again"),
+        "{msg}"
+    );
+    // The whole image file where the manifest belongs.
+    env.put(url.key(), file);
+    let e = env.client.open(&url).expect_err("not a manifest");
+    assert!(e.to_string().contains("not a manifest"), "{e}");
+    // Pushed again: right.
+    env.client
+        .push(&tmp.path().join("vm.pwi"), &url.parent(), &mut |_| {})
+        .expect("push");
+    env.client.open(&url).expect("open");
 }
 
 #[test]
@@ -239,6 +280,28 @@ fn pages_of(src: &S3Source, key: BlobKey) -> Vec<Range<u64>> {
     out
 }
 
+/// The chunk object key of a blob under `prefix`.
+fn chunk_key(prefix: &str, entry: &image::BlobEntry) -> String {
+    let hex: String = entry.hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}/chunks/{hex}.{}", entry.codec.name())
+}
+
+/// The distinct chunk names an index stores in its own data.
+fn chunk_names(index: &image::Index) -> std::collections::BTreeSet<String> {
+    index
+        .blobs
+        .iter()
+        .filter(|e| matches!(e.location, image::BlobLocation::Data { .. }))
+        .map(|e| chunk_key("", e))
+        .collect()
+}
+
+/// A local image's index.
+fn local_index(path: &Path) -> image::Index {
+    let bytes = std::fs::read(path).unwrap();
+    image::Index::parse(&bytes, "local").unwrap()
+}
+
 /// An image pushed to a fresh bucket: (env, its memory, its URL).
 fn pushed(
     what: &str,
@@ -250,11 +313,25 @@ fn pushed(
     let pages = 300 + rng.below(200) as usize;
     let mem = memory(&mut rng, pages);
     let img = pack(tmp.path(), "vm.pwi", &mem, None);
+    let mut seen = Vec::new();
     let report = env
         .client
-        .push(&img, &env.url("images"), &mut |_| {})
+        .push(&img, &env.url("images"), &mut |d| seen.push(d))
         .expect("push");
     assert_eq!(report.base_url, None);
+    let names = chunk_names(&local_index(&img));
+    assert_eq!(
+        (report.chunks_uploaded, report.chunks_present),
+        (names.len() as u64, 0),
+        "{report:?}"
+    );
+    let file_len = std::fs::metadata(&img).unwrap().len();
+    assert_eq!(
+        seen.last().copied(),
+        Some(file_len),
+        "progress ends at the file's length"
+    );
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
     let url = env.url("images/vm.pwi");
     assert_eq!(report.image_url, url.to_string());
     Some((env, mem, url, tmp, rng))
@@ -302,19 +379,55 @@ fn a_clone_with_its_base() {
     }
     let base = pack(tmp.path(), "base.pwi", &base_mem, None);
     let clone = pack(tmp.path(), "clone.pwi", &clone_mem, Some(base.clone()));
+    let base_names = chunk_names(&local_index(&base));
+    let clone_names = chunk_names(&local_index(&clone));
+    let new_names = clone_names.difference(&base_names).count() as u64;
+    assert!(new_names > 0 && new_names < base_names.len() as u64);
     let dest = env.url("set");
+    // The base alone first.
+    let report = env.client.push(&base, &dest, &mut |_| {}).expect("push");
+    assert_eq!(
+        report.chunks_uploaded,
+        base_names.len() as u64,
+        "{report:?}"
+    );
+    // Then the clone: only its new chunks go up; the base's manifest is
+    // there already.
     let report = env.client.push(&clone, &dest, &mut |_| {}).expect("push");
-    assert!(report.base_uploaded, "{report:?}");
     assert_eq!(
         report.base_url.as_deref(),
         Some(&*env.url("set/base.pwi").to_string())
     );
-    // Again: the store has the base.
+    assert!(!report.base_uploaded, "{report:?}");
+    assert_eq!(report.chunks_uploaded, new_names, "{report:?}");
+    assert_eq!(report.chunks_present, base_names.len() as u64, "{report:?}");
+    // Again: nothing to upload.
     let report = env.client.push(&clone, &dest, &mut |_| {}).expect("push");
-    assert!(
-        !report.base_uploaded && report.base_bytes == 0,
+    assert_eq!(
+        (
+            report.chunks_uploaded,
+            report.bytes_uploaded,
+            report.base_uploaded
+        ),
+        (0, 0, false),
         "{report:?}"
     );
+    // Another image of the same memory under another name, in the same
+    // prefix: every chunk is there (dedup across images).
+    let copy = pack(tmp.path(), "copy.pwi", &base_mem, None);
+    let report = env.client.push(&copy, &dest, &mut |_| {}).expect("push");
+    assert_eq!(report.chunks_uploaded, 0, "{report:?}");
+
+    // The plain GET loop: every chunk of the clone and its base, once.
+    let r = env
+        .client
+        .get_loop(&env.url("set/clone.pwi"), 4)
+        .expect("get loop");
+    let all = base_names.union(&clone_names).count() as u64;
+    assert_eq!(r.objects, all, "{r:?}");
+    // Over the prefix: every chunk object there.
+    let r = env.client.get_loop(&dest, 4).expect("get loop");
+    assert_eq!(r.objects, all, "{r:?}");
 
     let src = env.client.open(&env.url("set/clone.pwi")).expect("open");
     assert!(src.layers().base().is_some());
@@ -325,11 +438,11 @@ fn a_clone_with_its_base() {
         .expect("open base");
     assert!(read_all(&src, &mut rng).expect("read") == base_mem);
 
-    // Another image under the base's name: the wrong base.
+    // Another image's manifest under the base's name: the wrong base.
     let other = pack(tmp.path(), "other.pwi", &memory(&mut rng, 16), None);
-    env.client
-        .put_file(&other, &env.url("set/base.pwi"), &mut |_| {})
-        .unwrap();
+    let bytes = std::fs::read(&other).unwrap();
+    let manifest_len = local_index(&other).header.data_offset as usize;
+    env.put("set/base.pwi", bytes[..manifest_len].to_vec());
     let e = env
         .client
         .open(&env.url("set/clone.pwi"))
@@ -339,9 +452,7 @@ fn a_clone_with_its_base() {
         "{e}"
     );
     // No base at all.
-    let store = env.client.object_store(&env.bucket).unwrap();
-    let path = object_store::path::Path::parse("set/base.pwi").unwrap();
-    env.client.block_on(store.delete(&path)).unwrap();
+    env.delete("set/base.pwi");
     let e = env
         .client
         .open(&env.url("set/clone.pwi"))
@@ -422,57 +533,41 @@ fn read_at_or_wake_answers_pending_then_wakes() {
 }
 
 #[test]
-fn a_fetch_that_fails_poisons_only_its_blobs() {
+fn a_missing_chunk_object_poisons_only_its_blob() {
     let Some((env, mem, url, _tmp, mut rng)) =
-        pushed("a_fetch_that_fails_poisons_only_its_blobs", quick())
+        pushed("a_missing_chunk_object_poisons_only_its_blob", quick())
     else {
         return;
     };
     let src = env.client.open(&url).expect("open");
-    // Fetch the first half's blobs, then delete the object.
+    // Fetch the first half's blobs, then delete the chunk object of a blob
+    // of the second half only.
     let half = (src.len() / 2) & !(PAGE as u64 - 1);
     let mut buf = vec![0u8; half as usize];
     src.read_at(0, &mut buf).expect("read");
-    let store = env.client.object_store(&env.bucket).unwrap();
-    let path = object_store::path::Path::parse(url.key()).unwrap();
-    env.client.block_on(store.delete(&path)).unwrap();
-
     let fetched: std::collections::HashSet<BlobKey> =
         src.layers().blobs_for(0..half).into_iter().collect();
-    let mut expected: Vec<Range<u64>> = src
+    let later: Vec<BlobKey> = src
         .layers()
-        .blobs_for(0..src.len())
+        .blobs_for(half..src.len())
         .into_iter()
         .filter(|k| !fetched.contains(k))
-        .flat_map(|k| pages_of(&src, k))
         .collect();
-    expected.sort_by_key(|r| r.start);
-    // Merge adjacent ranges of different blobs.
-    let mut merged: Vec<Range<u64>> = Vec::new();
-    for r in expected {
-        match merged.last_mut() {
-            Some(m) if m.end == r.start => m.end = r.end,
-            _ => merged.push(r),
-        }
-    }
-    assert!(!merged.is_empty(), "the second half needs blobs of its own");
+    assert!(!later.is_empty(), "the second half needs blobs of its own");
+    let victim = later[rng.below(later.len() as u64) as usize];
+    let key = chunk_key("images", src.layers().entry(victim));
+    env.delete(&key);
+
     let mut all = vec![0u8; src.len() as usize];
     let e = src.read_at(0, &mut all).expect_err("deleted");
     let SourceError::Untrusted { bad, why } = e else {
         panic!("expected Untrusted, got {e}")
     };
     assert!(
-        why.contains("not found") && why.contains(&url.to_string()),
+        why.contains("not found") && why.contains(&format!("s3://{}/{key}", env.bucket)),
         "{why}"
     );
-    let mut bad_merged: Vec<Range<u64>> = Vec::new();
-    for r in bad.clone() {
-        match bad_merged.last_mut() {
-            Some(m) if m.end == r.start => m.end = r.end,
-            _ => bad_merged.push(r),
-        }
-    }
-    assert_eq!(bad_merged, merged);
+    assert_eq!(merge(bad.clone()), pages_of(&src, victim));
     // Every other byte is right.
     for (i, (a, b)) in all.iter().zip(&mem).enumerate() {
         if !bad.iter().any(|r| r.contains(&(i as u64))) {
@@ -480,10 +575,24 @@ fn a_fetch_that_fails_poisons_only_its_blobs() {
         }
     }
     // The failure is remembered: no new fetch; the good half still reads.
-    let failures = src.stats().failures;
+    let stats = src.stats();
+    assert_eq!(stats.failures, 1, "{stats:?}");
     assert!(src.read_at(0, &mut all).is_err());
-    assert_eq!(src.stats().failures, failures);
+    assert_eq!(src.stats().failures, 1);
+    assert_eq!(src.stats().fetches, stats.fetches);
     assert!(read_half(&src, half, &mut rng) == mem[..half as usize]);
+}
+
+/// Adjacent ranges merged.
+fn merge(ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    let mut merged: Vec<Range<u64>> = Vec::new();
+    for r in ranges {
+        match merged.last_mut() {
+            Some(m) if m.end == r.start => m.end = r.end,
+            _ => merged.push(r),
+        }
+    }
+    merged
 }
 
 fn read_half(src: &S3Source, half: u64, rng: &mut Rng) -> Vec<u8> {
@@ -507,16 +616,12 @@ fn a_corrupt_blob_in_the_store_is_untrusted_alone() {
     let src = env.client.open(&url).expect("open");
     let keys = src.layers().blobs_for(0..src.len());
     let key = keys[rng.below(keys.len() as u64) as usize];
-    let entry = src.layers().entry(key).clone();
-    let image::BlobLocation::Data { offset } = entry.location else {
-        panic!("a top image's blob is in its data")
-    };
-    let at =
-        src.layers().top().header.data_offset + offset + rng.below(u64::from(entry.stored_len));
+    let object = chunk_key("images", src.layers().entry(key));
     drop(src);
-    let mut object = env.get(url.key());
-    object[at as usize] ^= 0x40;
-    env.put(url.key(), object);
+    let mut bytes = env.get(&object);
+    let at = rng.below(bytes.len() as u64) as usize;
+    bytes[at] ^= 0x40;
+    env.put(&object, bytes);
 
     let src = env.client.open(&url).expect("open");
     let mut all = vec![0u8; src.len() as usize];
@@ -524,14 +629,8 @@ fn a_corrupt_blob_in_the_store_is_untrusted_alone() {
     let SourceError::Untrusted { bad, why } = e else {
         panic!("expected Untrusted, got {e}")
     };
-    let mut bad_merged: Vec<Range<u64>> = Vec::new();
-    for r in bad {
-        match bad_merged.last_mut() {
-            Some(m) if m.end == r.start => m.end = r.end,
-            _ => bad_merged.push(r),
-        }
-    }
-    assert_eq!(bad_merged, pages_of(&src, key), "{why}");
+    assert!(why.contains(&object), "{why}");
+    assert_eq!(merge(bad), pages_of(&src, key), "{why}");
     for r in pages_of(&src, key) {
         all[r.start as usize..r.end as usize]
             .copy_from_slice(&mem[r.start as usize..r.end as usize]);
