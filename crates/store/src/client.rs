@@ -5,7 +5,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::future::Future;
 use std::io::Read;
-use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -492,7 +491,7 @@ impl Client {
 
         // The manifests, base first: each only names chunks now there.
         if let Some((path, index, url, file)) = &base {
-            if self.remote_id(&stores, url)? == Some(index.header.id) {
+            if self.remote_id(url)? == Some(index.header.id) {
                 tracing::info!(base = %url, "the store has the base's manifest already");
             } else {
                 self.put_manifest(&stores, file, path, index, url)?;
@@ -700,54 +699,18 @@ impl Client {
         })
     }
 
-    /// The id of the image at `url`, `None` when there is no object there
-    /// (or not an image).
-    fn remote_id(&self, stores: &Stores, url: &S3Url) -> Result<Option<[u8; 32]>, StoreError> {
-        let retried = AtomicU64::new(0);
-        let retry = self.retry();
-        let path = url.path();
-        let store = &stores.fetch;
-        let result = self.inner.runtime.block_on(async {
-            let size = match retry.run(&retried, || store.head(&path)).await {
-                Ok(meta) => meta.size,
-                Err(Failure::NotFound) => return Ok(None),
-                Err(Failure::Failed(why)) => return Err(("HEAD", 0..0, why)),
-            };
-            let head_len = size.min(HEADER_LEN as u64);
-            let first = retry
-                .run(&retried, || store.get_range(&path, 0..head_len))
-                .await
-                .map_err(|f| ("GET", 0..head_len, failure(f)))?;
-            let Ok(needed) = Index::needed(&first, &url.to_string()) else {
-                return Ok(None);
-            };
-            if needed != size {
-                // Not a manifest (or a truncated one): replace it.
-                return Ok(None);
-            }
-            let all = retry
-                .run(&retried, || store.get_range(&path, 0..needed))
-                .await
-                .map_err(|f| ("GET", 0..needed, failure(f)))?;
-            Ok(Index::parse(&all, &url.to_string())
-                .ok()
-                .map(|i| i.header.id))
-        });
-        result.map_err(
-            |(op, range, why): (&str, Range<u64>, String)| StoreError::Request {
-                op: if range.is_empty() {
-                    op.to_string()
-                } else {
-                    format!("{op} bytes {}..{} of", range.start, range.end)
-                },
-                url: url.to_string(),
-                why,
-            },
-        )
+    /// The id of the image whose manifest is at `url`; `None` when there is
+    /// no object there, or not a whole manifest (it is then replaced).
+    fn remote_id(&self, url: &S3Url) -> Result<Option<[u8; 32]>, StoreError> {
+        match read_manifest(self, url) {
+            Ok(index) => Ok(Some(index.header.id)),
+            Err(StoreError::NoSuchObject { .. } | StoreError::Image(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
-    /// Uploads file `path` as is to the object `url` (streamed: see
-    /// [`Client::push`]); returns its length. `progress` is called with the
+    /// Uploads file `path` as is to the object `url` (one PUT when small,
+    /// else a multipart upload); returns its length. `progress` is called with the
     /// bytes uploaded so far.
     pub fn put_file(
         &self,
