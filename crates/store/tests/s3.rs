@@ -373,7 +373,7 @@ fn a_clone_with_its_base() {
     let tmp = tempfile::tempdir().unwrap();
     let base_mem = memory(&mut rng, 256);
     let mut clone_mem = base_mem.clone();
-    for _ in 0..20 {
+    for _ in 0..5 {
         let p = rng.below(256) as usize;
         rng.fill(&mut clone_mem[p * PAGE..p * PAGE + 100]);
     }
@@ -382,7 +382,7 @@ fn a_clone_with_its_base() {
     let base_names = chunk_names(&local_index(&base));
     let clone_names = chunk_names(&local_index(&clone));
     let new_names = clone_names.difference(&base_names).count() as u64;
-    assert!(new_names > 0 && new_names < base_names.len() as u64);
+    assert!(new_names > 0, "the clone has chunks of its own");
     let dest = env.url("set");
     // The base alone first.
     let report = env.client.push(&base, &dest, &mut |_| {}).expect("push");
@@ -666,6 +666,22 @@ fn the_disk_cache_survives_is_bounded_and_checked() {
     assert!(read_all(&src, &mut rng).unwrap() == mem);
     assert_eq!(src.stats().fetches, 0, "{:?}", src.stats());
     assert_eq!(src.stats().disk_hits, blobs);
+    drop(src);
+
+    // Another image of the same memory, under another prefix and name:
+    // the cache is keyed by content, so nothing is fetched either.
+    let copy = tmp.path().join("copy.pwi");
+    std::fs::copy(tmp.path().join("vm.pwi"), &copy).unwrap();
+    let report = client
+        .push(&copy, &env.url("elsewhere"), &mut |_| {})
+        .unwrap();
+    assert_eq!(
+        report.chunks_uploaded, blobs,
+        "another prefix: its own chunks"
+    );
+    let src = client.open(&env.url("elsewhere/copy.pwi")).unwrap();
+    assert!(read_all(&src, &mut rng).unwrap() == mem);
+    assert_eq!(src.stats().fetches, 0, "{:?}", src.stats());
     drop(src);
 
     // A corrupt file is deleted and its blob fetched again.
