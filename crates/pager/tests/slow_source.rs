@@ -396,3 +396,130 @@ fn queued_work_over_a_slow_source_waits_and_finishes() {
     assert_eq!(h.stats().faults, 0);
     assert_same(&mem.read_all(), &data, "whole memory");
 }
+
+/// A sequential fault whose own chunk is at hand, but whose cluster reaches
+/// into a chunk being fetched, is served without waiting for that fetch.
+#[test]
+fn a_sequential_fault_on_a_page_at_hand_does_not_wait_for_its_neighbours() {
+    let Some(u) = uffd(Features::empty()) else {
+        return;
+    };
+    let pages = 8 * CHUNK;
+    let mem = Mem::anon(pages * PAGE, false).expect("mmap");
+    u.register(mem.addr, mem.len, RegisterMode::MISSING)
+        .expect("register");
+    let data = content(pages, PAGE);
+    let source = Arc::new(Gated::new(data.clone(), [0, 1, 2]));
+    let engine = engine(2);
+    let config = SessionConfig {
+        adaptive_cluster: false,
+        ..SessionConfig::default()
+    };
+    let h = engine
+        .add(spec(
+            "seq",
+            u,
+            &mem,
+            PageSize::Base4K,
+            source.clone(),
+            config,
+        ))
+        .expect("add");
+    // Page 0: its block 0..32 (chunks 0 and 1) is mapped; the stream goes
+    // on at page 32, whose sequential cluster 32..64 reaches chunk 3.
+    read_pages(&mem, 0..1)
+        .recv_timeout(Duration::from_secs(30))
+        .expect("page 0");
+    settle(&h, |s| s.pages_on_demand + s.pages_fault_around >= 32);
+    let got = read_pages(&mem, 32..33)
+        .recv_timeout(Duration::from_secs(30))
+        .expect("page 32 (its chunk at hand) waited for chunk 3's fetch");
+    assert_same(&got, &data[32 * PAGE..33 * PAGE], "page 32");
+    for c in 3..8 {
+        source.release(c);
+    }
+    assert_same(&mem.read_all(), &data, "whole memory");
+}
+
+/// Readahead whose window met a fetch maps it once the fetch ends.
+#[test]
+fn readahead_goes_on_once_its_fetch_ends() {
+    let Some(u) = uffd(Features::empty()) else {
+        return;
+    };
+    let pages = 16 * CHUNK;
+    let mem = Mem::anon(pages * PAGE, false).expect("mmap");
+    u.register(mem.addr, mem.len, RegisterMode::MISSING)
+        .expect("register");
+    let data = content(pages, PAGE);
+    let source = Arc::new(Gated::new(data.clone(), [0, 1, 2, 3]));
+    let engine = engine(2);
+    let config = SessionConfig {
+        adaptive_cluster: false,
+        ..SessionConfig::default()
+    };
+    let h = engine
+        .add(spec(
+            "ra",
+            u,
+            &mem,
+            PageSize::Base4K,
+            source.clone(),
+            config,
+        ))
+        .expect("add");
+    read_pages(&mem, 0..1)
+        .recv_timeout(Duration::from_secs(30))
+        .expect("page 0");
+    settle(&h, |s| s.pages_on_demand + s.pages_fault_around >= 32);
+    read_pages(&mem, 32..33)
+        .recv_timeout(Duration::from_secs(30))
+        .expect("page 32");
+    settle(&h, |s| s.source_waits >= 1);
+    for c in 4..16 {
+        source.release(c);
+    }
+    settle(&h, |s| s.pages_readahead > 0);
+    assert_same(&mem.read_all(), &data, "whole memory");
+}
+
+/// A balloon REMOVE of a page whose fault waits on a fetch: the fault ends,
+/// and the page reads as zero, never the fetched bytes.
+#[test]
+fn a_page_released_while_its_fault_waits_reads_zero() {
+    let Some(u) = uffd(Features::EVENT_REMOVE) else {
+        return;
+    };
+    let pages = 4 * CHUNK;
+    let mem = Mem::anon(pages * PAGE, false).expect("mmap");
+    u.register(mem.addr, mem.len, RegisterMode::MISSING)
+        .expect("register");
+    let data = content(pages, PAGE);
+    let source = Arc::new(Gated::new(data.clone(), [0, 1, 3]));
+    let engine = engine(1);
+    let h = engine
+        .add(spec(
+            "rm",
+            u,
+            &mem,
+            PageSize::Base4K,
+            source.clone(),
+            SessionConfig::default(),
+        ))
+        .expect("add");
+    let p = 2 * CHUNK + 4;
+    let slow = read_pages(&mem, p..p + 1);
+    settle(&h, |s| s.source_waits >= 1);
+    mem.dontneed(p * PAGE, PAGE);
+    source.release(2);
+    slow.recv_timeout(Duration::from_secs(30))
+        .expect("a parked fault was never served after a REMOVE");
+    // Whatever the racing read saw, the page is zero from now on.
+    let got = read_pages(&mem, p..p + 1)
+        .recv_timeout(Duration::from_secs(30))
+        .expect("reader");
+    assert!(
+        got.iter().all(|&b| b == 0),
+        "a released page read source bytes"
+    );
+}

@@ -315,6 +315,10 @@ pub struct Session {
     /// Given to the source with each read; set by the engine. Without it
     /// reads wait for the source (`PageSource::read_at`).
     waker: OnceLock<Waker>,
+    /// Readahead, prefetch and background population wait for a fetch to
+    /// end (their last read answered Pending). Apart from `paused`: it ends
+    /// on the waker, not on a timer, and costs no back-off.
+    source_paused: AtomicBool,
 }
 
 /// Work put aside because the kernel kept failing it with EAGAIN.
@@ -537,6 +541,7 @@ impl Session {
             source_waiting: Mutex::new(Vec::with_capacity(MAX_DEFERRED)),
             source_wakes: Arc::new(AtomicU64::new(0)),
             waker: OnceLock::new(),
+            source_paused: AtomicBool::new(false),
         }
     }
 
@@ -582,11 +587,7 @@ impl Session {
                 }
             }
         }
-        if self.paused.load(Ordering::Acquire) {
-            let mut aside = self.aside.lock().unwrap_or_else(|e| e.into_inner());
-            aside.unprompted_after = None;
-            self.paused.store(false, Ordering::Release);
-        }
+        self.source_paused.store(false, Ordering::Release);
     }
 
     pub fn name(&self) -> &str {
@@ -854,6 +855,9 @@ impl Session {
 
     /// Whether readahead and background population wait (EAGAIN lasted).
     fn unprompted_paused(&self) -> bool {
+        if self.source_paused.load(Ordering::Acquire) {
+            return true;
+        }
         if !self.paused.load(Ordering::Acquire) {
             return false;
         }
@@ -1147,7 +1151,7 @@ impl Session {
         mut layout: RwLockReadGuard<'_, Layout>,
         id: u64,
         claims: &mut Vec<Claim>,
-        ctx: Ctx,
+        mut ctx: Ctx,
         deferred: &mut Faults,
         events: &mut Vec<Event>,
     ) -> Served {
@@ -1212,6 +1216,17 @@ impl Session {
                     };
                     self.reconcile(r, claims, fault_page);
                     if matches!(read, Err(SourceError::Pending)) {
+                        let first_is_fault =
+                            fault_page.is_some() && claims.first().map(|c| c.page) == fault_page;
+                        if !alone && first_is_fault && claims.len() > 1 {
+                            // The faulting page's own bytes may be at hand
+                            // (a sequential cluster crossing into a chunk
+                            // being fetched): read and map it alone first.
+                            alone = true;
+                            ctx.fault_alone = true;
+                            data = None;
+                            continue;
+                        }
                         return self.wait_for_source(r, claims, fault_page, &ctx, wakes);
                     }
                     if let Some(span) = span {
@@ -1354,7 +1369,14 @@ impl Session {
                 if c.zero {
                     return true;
                 }
-                self.fail_pages(r, c.page, 1, "source read failed");
+                if (lo..=hi).contains(&c.page) {
+                    self.fail_pages(r, c.page, 1, "source read failed");
+                } else {
+                    // Not read (the faulting page went alone): given back,
+                    // for a later fault to read.
+                    r.set(c.page, PageState::Missing);
+                    let _ = self.uffd.wake(r.page_addr(c.page), ps);
+                }
                 false
             });
             return;
@@ -1408,6 +1430,17 @@ impl Session {
         Stats::add(&self.stats.source_waits, 1);
         let ps = r.region.page_size.bytes();
         let parked = fault_page.filter(|&p| claims.first().map(|c| c.page) == Some(p));
+        if ctx.origin == Origin::Readahead {
+            // The stream's window moved past these pages when they were
+            // claimed: back to the first, so that they are read ahead once
+            // the fetch ends.
+            if let Some(first) = claims.iter().map(|c| c.page).min() {
+                let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+                if stream.region == r.id {
+                    stream.ahead = stream.ahead.min(first);
+                }
+            }
+        }
         for c in claims.drain(..) {
             let back = match r.state(c.page) {
                 PageState::Claimed => PageState::Missing,
@@ -1452,7 +1485,13 @@ impl Session {
             // is left to later faults.
             None if fault_page.is_some() => Served::Done,
             None => {
-                self.pause_unprompted();
+                // Queued work waits for the fetch (prefetch puts its run
+                // back at the front); a fetch that ended meanwhile lifts
+                // the pause at once.
+                self.source_paused.store(true, Ordering::Release);
+                if self.source_wakes.load(Ordering::Acquire) != wakes {
+                    self.source_paused.store(false, Ordering::Release);
+                }
                 Served::PutAside
             }
         }
