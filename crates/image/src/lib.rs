@@ -25,7 +25,9 @@ mod tools;
 
 pub use format::{BlobEntry, BlobLocation, Codec, Header, Index, Slot, HEADER_LEN, MAGIC, VERSION};
 pub use pack::{pack, PackOptions, PackReport};
-pub use read::{decode, BlobCache, BlobKey, GetError, Layer, Layers, PageFrom, ReadError};
+pub use read::{
+    decode, decode_into, BlobCache, BlobKey, GetError, Layer, Layers, PageFrom, ReadError,
+};
 pub use source::{ImageSource, DEFAULT_CACHE_BYTES};
 pub use tools::{inspect, unpack, verify, Inspection, VerifyReport};
 

@@ -550,8 +550,8 @@ pub(crate) fn check_content(
 }
 
 /// [`decode`] into `out` (exactly the blob's decoded size), without the
-/// content check.
-pub(crate) fn decode_into(
+/// content check: for a buffer from [`BlobCache::buffer`].
+pub fn decode_into(
     index: u32,
     entry: &BlobEntry,
     stored: &[u8],

@@ -79,7 +79,8 @@
 //! bytes that fail a check) is remembered as failed: reads of its pages
 //! answer `Untrusted` with the reason, which names the chunk object's key
 //! (the engine poisons those pages only, the server stays up), logged once
-//! per blob.
+//! per failure. After 10 s a new demand fetches it again: an outage of the
+//! store poisons the pages asked for during it, not every later VM's.
 //!
 //! # Caches
 //! Memory: [`image::BlobCache`] of decoded blobs, `memory_bytes`. Disk

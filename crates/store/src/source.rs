@@ -71,6 +71,10 @@ struct Flight {
     waiters: Vec<Waker>,
 }
 
+/// How long a blob whose fetch failed for good is answered as untrusted
+/// before a new demand fetches it again.
+const FAILED_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Default)]
 struct State {
     flights: HashMap<BlobKey, Flight>,
@@ -79,8 +83,10 @@ struct State {
     workers: usize,
     /// Workers fetching a hinted blob.
     hint_workers: usize,
-    /// Blobs whose fetch failed for good, and why.
-    failed: HashMap<BlobKey, String>,
+    /// Blobs whose fetch failed for good, why, and when: a VM asking for
+    /// one after `FAILED_FOR` starts a new fetch (an outage of the store
+    /// poisons the pages asked for during it, not every later VM's).
+    failed: HashMap<BlobKey, (String, std::time::Instant)>,
     /// The last blobs fetched (see the crate's notes on single flight).
     ready: VecDeque<(BlobKey, Arc<[u8]>)>,
 }
@@ -296,8 +302,11 @@ impl Shared {
             return Ok(blob);
         }
         let mut state = self.lock();
-        if let Some(why) = state.failed.get(&key) {
-            return Err(GetError::Untrusted(why.clone()));
+        if let Some((why, at)) = state.failed.get(&key) {
+            if at.elapsed() < FAILED_FOR {
+                return Err(GetError::Untrusted(why.clone()));
+            }
+            state.failed.remove(&key);
         }
         if let Some((_, blob)) = state.ready.iter().find(|(k, _)| *k == key) {
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
@@ -306,7 +315,11 @@ impl Shared {
         let state = &mut *state;
         match state.flights.get_mut(&key) {
             Some(flight) => {
-                flight.waiters.push(waker.clone());
+                // A fault put aside and tried again asks again: one wake
+                // per waker is enough.
+                if !flight.waiters.iter().any(|w| Arc::ptr_eq(w, waker)) {
+                    flight.waiters.push(waker.clone());
+                }
                 if flight.queued == Some(Priority::Hint) {
                     // A fault waits for it now: ahead of the hints.
                     flight.queued = Some(Priority::Demand);
@@ -350,9 +363,17 @@ impl Shared {
                 let why = if c.pages != entry.pages {
                     format!("{} pages, the index says {}", c.pages, entry.pages)
                 } else {
-                    match image::decode(key.index, &as_stored, &c.stored, false) {
-                        Ok(v) => return Some(Arc::from(v)),
-                        Err(e) => e.to_string(),
+                    // Decoded into a buffer the memory cache recycles: a
+                    // fresh one per chunk costs a page fault per 4 KiB.
+                    let mut out = self.memory.buffer(entry.pages as usize * image::PAGE);
+                    match Arc::get_mut(&mut out) {
+                        Some(dst) => {
+                            match image::decode_into(key.index, &as_stored, &c.stored, dst) {
+                                Ok(()) => return Some(out),
+                                Err(e) => e.to_string(),
+                            }
+                        }
+                        None => "a fresh buffer is shared".to_string(),
                     }
                 };
                 disk.remove_bad(&entry.hash);
@@ -497,13 +518,14 @@ impl Shared {
             }
             Err(why) => {
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                // Logged once: the blob stays failed.
+                // Logged once per failure; the blob stays failed for
+                // FAILED_FOR.
                 tracing::error!(
                     layer = ?key.layer,
                     blob = key.index,
                     "a chunk cannot be fetched, its pages will be poisoned: {why}"
                 );
-                state.failed.insert(key, why);
+                state.failed.insert(key, (why, std::time::Instant::now()));
             }
         }
         let waiters = state
