@@ -54,9 +54,18 @@ const LOG_EVERY: Duration = Duration::from_secs(60);
 pub(crate) struct Cached {
     pub codec: Codec,
     pub pages: u32,
-    /// xxh3 of `stored` (checked).
+    /// xxh3 of the stored bytes (checked).
     pub checksum: u64,
-    pub stored: Vec<u8>,
+    /// The whole file: its header, then the stored bytes (not moved down
+    /// over the header: that copy cost as much as the read).
+    file: Vec<u8>,
+}
+
+impl Cached {
+    /// The blob's stored bytes.
+    pub fn stored(&self) -> &[u8] {
+        self.file.get(FILE_HEADER..).unwrap_or(&[])
+    }
 }
 
 /// What a look-up found.
@@ -183,6 +192,14 @@ fn check(hash: &[u8; 32], file: &[u8]) -> Result<(Codec, u32, u64), String> {
     let h = file
         .get(..FILE_HEADER)
         .ok_or_else(|| format!("{} bytes, shorter than its header", file.len()))?;
+    let (codec, pages, stored_len, checksum) = check_header(hash, h)?;
+    let payload = &file[FILE_HEADER..];
+    check_payload(payload, stored_len, checksum)?;
+    Ok((codec, pages, checksum))
+}
+
+/// A cache file's header: (codec, pages, stored length, checksum).
+fn check_header(hash: &[u8; 32], h: &[u8]) -> Result<(Codec, u32, u64, u64), String> {
     let field = |r: std::ops::Range<usize>| {
         let mut b = [0u8; 8];
         b[..r.len()].copy_from_slice(&h[r]);
@@ -198,7 +215,11 @@ fn check(hash: &[u8; 32], file: &[u8]) -> Result<(Codec, u32, u64), String> {
     if h[32..64] != hash[..] {
         return Err("holds another blob than its name says".to_string());
     }
-    let payload = &file[FILE_HEADER..];
+    Ok((codec, pages, stored_len, checksum))
+}
+
+/// A cache file's payload against its header's length and checksum.
+fn check_payload(payload: &[u8], stored_len: u64, checksum: u64) -> Result<(), String> {
     if payload.len() as u64 != stored_len {
         return Err(format!(
             "{} payload bytes, its header says {stored_len} (cut short?)",
@@ -211,7 +232,7 @@ fn check(hash: &[u8; 32], file: &[u8]) -> Result<(Codec, u32, u64), String> {
             "payload checksum {actual:016x}, its header says {checksum:016x}"
         ));
     }
-    Ok((codec, pages, checksum))
+    Ok(())
 }
 
 impl DiskCache {
@@ -295,6 +316,30 @@ impl DiskCache {
     }
 
     /// Reads blob `hash`: checks the file, deletes it when bad.
+    /// A blob stored as is (codec none, `dst.len()` bytes), read straight
+    /// into `dst` and checked: no intermediate copy. `None` when the file
+    /// holds it otherwise (another codec, another size) or is missing or
+    /// bad: then [`get`](Self::get) says which.
+    pub fn get_raw_into(&self, hash: &[u8; 32], dst: &mut [u8]) -> Option<()> {
+        use std::os::unix::fs::FileExt;
+        let path = self.path(hash);
+        let f = fs::File::open(&path).ok()?;
+        let mut h = [0u8; FILE_HEADER];
+        f.read_exact_at(&mut h, 0).ok()?;
+        let (codec, _, stored_len, checksum) = check_header(hash, &h).ok()?;
+        if codec != Codec::None || stored_len != dst.len() as u64 {
+            return None;
+        }
+        let size = f.metadata().ok()?.len();
+        if size != FILE_HEADER as u64 + stored_len {
+            return None;
+        }
+        f.read_exact_at(dst, FILE_HEADER as u64).ok()?;
+        check_payload(dst, stored_len, checksum).ok()?;
+        self.used(hash, &path, size);
+        Some(())
+    }
+
     pub fn get(&self, hash: &[u8; 32]) -> Lookup {
         let path = self.path(hash);
         let bytes = match fs::read(&path) {
@@ -310,13 +355,11 @@ impl DiskCache {
         match check(hash, &bytes) {
             Ok((codec, pages, checksum)) => {
                 self.used(hash, &path, bytes.len() as u64);
-                let mut stored = bytes;
-                stored.drain(..FILE_HEADER);
                 Lookup::Hit(Cached {
                     codec,
                     pages,
                     checksum,
-                    stored,
+                    file: bytes,
                 })
             }
             Err(why) => {
@@ -499,7 +542,7 @@ mod tests {
         let Lookup::Hit(c) = cache.get(&h) else {
             panic!("miss")
         };
-        assert_eq!((c.codec, c.pages, &c.stored), (Codec::Zstd, 2, &data));
+        assert_eq!((c.codec, c.pages, c.stored()), (Codec::Zstd, 2, &data[..]));
         assert_eq!(c.checksum, xxhash_rust::xxh3::xxh3_64(&data));
         drop(cache);
         let cache = DiskCache::open(tmp.path(), 1 << 20).unwrap();
@@ -574,7 +617,7 @@ mod tests {
         let (h, data) = blob(9, 2000);
         a.put(&h, Codec::Lz4, 1, &data);
         assert!(!b.contains(&h));
-        assert!(matches!(b.get(&h), Lookup::Hit(c) if c.stored == data));
+        assert!(matches!(b.get(&h), Lookup::Hit(c) if c.stored() == &data[..]));
         assert!(b.contains(&h));
         // Both write the same blob: harmless.
         b.put(&h, Codec::Lz4, 1, &data);

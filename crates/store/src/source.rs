@@ -257,9 +257,11 @@ impl S3Source {
         }
         let shared = &self.shared;
         let mut started = false;
+        let mut lent = Vec::new();
         let result = shared.layers.read(offset, buf, &mut |key, entry| {
-            shared.get(key, entry, waker, &mut started)
+            shared.get(key, entry, waker, &mut started, &mut lent)
         });
+        give_back(&mut lent);
         if started {
             Shared::spawn_workers(&self.shared);
         }
@@ -278,6 +280,36 @@ impl S3Source {
     }
 }
 
+thread_local! {
+    /// Buffers for blobs read from the disk cache as is (see `read_disk`).
+    static SCRATCH: std::cell::RefCell<Vec<Arc<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer of `len` bytes: one of this thread's that an earlier read
+/// gave back ([`give_back`]), else a new one.
+fn scratch(len: usize) -> Arc<[u8]> {
+    SCRATCH
+        .with(|s| {
+            let mut s = s.borrow_mut();
+            let i = s.iter().position(|b| b.len() == len)?;
+            Some(s.swap_remove(i))
+        })
+        .unwrap_or_else(|| std::iter::repeat_n(0u8, len).collect())
+}
+
+/// Keeps the buffers a finished read lent out for the next reads of this
+/// thread (a few: one per blob a read spans).
+fn give_back(lent: &mut Vec<Arc<[u8]>>) {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        for mut b in lent.drain(..) {
+            if s.len() < 8 && Arc::get_mut(&mut b).is_some() {
+                s.push(b);
+            }
+        }
+    });
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is updated in steps that each leave it consistent.
@@ -291,14 +323,20 @@ impl Shared {
         entry: &BlobEntry,
         waker: &Waker,
         started: &mut bool,
+        lent: &mut Vec<Arc<[u8]>>,
     ) -> Result<Arc<[u8]>, GetError> {
         if let Some(blob) = self.memory.get(&entry.hash) {
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(blob);
         }
-        if let Some(blob) = self.read_disk(key, entry) {
+        if let Some(blob) = self.read_disk(key, entry, lent) {
             self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
-            self.memory.insert(entry.hash, blob.clone());
+            // A blob stored as is costs a read from the disk cache (the
+            // kernel's page cache) either way: memory keeps the decoded
+            // ones, which cost a decompression.
+            if entry.codec != image::Codec::None {
+                self.memory.insert(entry.hash, blob.clone());
+            }
             return Ok(blob);
         }
         let mut state = self.lock();
@@ -343,8 +381,24 @@ impl Shared {
     }
 
     /// The blob from the disk cache, decoded; a bad file is deleted.
-    fn read_disk(&self, key: BlobKey, entry: &BlobEntry) -> Option<Arc<[u8]>> {
+    fn read_disk(
+        &self,
+        key: BlobKey,
+        entry: &BlobEntry,
+        lent: &mut Vec<Arc<[u8]>>,
+    ) -> Option<Arc<[u8]>> {
         let disk = self.disk.as_ref()?;
+        if entry.codec == image::Codec::None {
+            // Stored as is: straight from the file into one of this
+            // thread's buffers, free again once the read has copied it out.
+            let mut out = scratch(entry.pages as usize * image::PAGE);
+            if let Some(dst) = Arc::get_mut(&mut out) {
+                if disk.get_raw_into(&entry.hash, dst).is_some() {
+                    lent.push(out.clone());
+                    return Some(out);
+                }
+            }
+        }
         let why = match disk.get(&entry.hash) {
             Lookup::Miss => return None,
             // Deleted by the look-up.
@@ -356,7 +410,7 @@ impl Shared {
                     location: BlobLocation::Data { offset: 0 },
                     codec: c.codec,
                     pages: c.pages,
-                    stored_len: c.stored.len() as u32,
+                    stored_len: c.stored().len() as u32,
                     checksum: c.checksum,
                     hash: entry.hash,
                 };
@@ -368,7 +422,7 @@ impl Shared {
                     let mut out = self.memory.buffer(entry.pages as usize * image::PAGE);
                     match Arc::get_mut(&mut out) {
                         Some(dst) => {
-                            match image::decode_into(key.index, &as_stored, &c.stored, dst) {
+                            match image::decode_into(key.index, &as_stored, c.stored(), dst) {
                                 Ok(()) => return Some(out),
                                 Err(e) => e.to_string(),
                             }
@@ -447,7 +501,9 @@ impl Shared {
         // blob the disk has.
         let this = self.clone();
         let e = entry.clone();
-        if let Ok(Some(blob)) = tokio::task::spawn_blocking(move || this.read_disk(key, &e)).await {
+        if let Ok(Some(blob)) =
+            tokio::task::spawn_blocking(move || this.read_disk(key, &e, &mut Vec::new())).await
+        {
             self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
             self.memory.insert(entry.hash, blob.clone());
             return Ok(blob);
