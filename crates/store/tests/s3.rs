@@ -665,7 +665,9 @@ fn the_disk_cache_survives_is_bounded_and_checked() {
     assert_eq!(src.stats().disk_bytes, disk_bytes, "the scan finds them");
     assert!(read_all(&src, &mut rng).unwrap() == mem);
     assert_eq!(src.stats().fetches, 0, "{:?}", src.stats());
-    assert_eq!(src.stats().disk_hits, blobs);
+    // At least once each: blobs stored as is are not kept in memory (the
+    // page cache holds their file), so a blob read twice is two hits.
+    assert!(src.stats().disk_hits >= blobs, "{:?}", src.stats());
     drop(src);
 
     // Another image of the same memory, under another prefix and name:
