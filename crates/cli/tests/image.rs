@@ -235,3 +235,72 @@ fn bad_images_are_refused_before_any_vm_waits() {
     pack(&other_mem, &base, &[]); // another image under the base's name
     serve_fails(&format!("image://{}", s(&clone)), "another base");
 }
+
+/// A VM served from an image under `--supervise` is served on through a
+/// SIGKILL of its server: the new server opens the same image and knows it
+/// by its id. Every byte is checked.
+#[test]
+fn a_vm_served_from_an_image_survives_a_sigkill_of_its_server() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let mem = mem_file(dir.path(), 64 * MIB);
+    let img = dir.path().join("m.pwimg");
+    pack(&mem, &img, &["--codec", "lz4"]);
+    let mut sup = Server::start_source(
+        dir.path(),
+        &format!("image://{}", s(&img)),
+        &[
+            "--supervise",
+            "--orphan-timeout-s",
+            "20",
+            "--fixed-cluster",
+            "--cluster-pages",
+            "1",
+        ],
+    );
+    let c = client(&sup, &mem, &["--threads", "2", "--timeout-s", "60"])
+        .spawn()
+        .expect("client");
+    sup.wait_log("session started");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The supervised server: the supervisor's child.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let pid = loop {
+        let out = Command::new("pgrep")
+            .arg("-P")
+            .arg(sup.child.id().to_string())
+            .output()
+            .expect("pgrep");
+        let kids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        if let Some(p) = kids.first() {
+            break *p;
+        }
+        assert!(std::time::Instant::now() < deadline, "no supervised server");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let out = c.wait_with_output().expect("client");
+    let r = verified(&out, &sup.log());
+    assert_eq!(r["pages_verified"], r["pages_total"], "{r}");
+    let log = sup.log();
+    assert!(log.contains("VM served on"), "{log}");
+    let _ = Command::new("kill")
+        .args(["-TERM", &sup.child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sup.child.try_wait().ok().flatten().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = sup.child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -473,7 +473,7 @@ impl Server {
                     .with_context(|| format!("reading the snapshot directory {}", dir.display()))?;
                 for e in entries.flatten() {
                     let path = e.path();
-                    let Some((stem, url)) = source::dir_entry(&path) else {
+                    let Some((stem, rank, url)) = source::dir_entry(&path) else {
                         continue;
                     };
                     let url = match url {
@@ -490,10 +490,20 @@ impl Server {
                     let ws = path.with_extension("pwws");
                     let prefetch = ws.exists().then_some(ws);
                     let sock = sock_dir.join(format!("{stem}.sock"));
-                    v.push((stem, url, sock, prefetch));
+                    v.push((rank, (stem, url, sock, prefetch)));
                 }
-                v.sort_by(|a, b| a.0.cmp(&b.0));
-                v
+                // One source per name, whatever order the directory lists
+                // them in: a memory file, else an image, else a URL.
+                v.sort_by(|a, b| (&a.1 .0, a.0).cmp(&(&b.1 .0, b.0)));
+                let mut one: Vec<(String, SourceUrl, PathBuf, Option<PathBuf>)> = Vec::new();
+                for (_, w) in v {
+                    if one.last().is_some_and(|l| l.0 == w.0) {
+                        limited!(warn, snapshot = %w.0, source = %w.1.display(), "snapshot skipped: another file gives the same name (a .mem is served before a .pwimg, a .pwimg before a .url)");
+                        continue;
+                    }
+                    one.push(w);
+                }
+                one
             }
             (None, Some(url), Some(sock)) => vec![(
                 DEFAULT_SNAPSHOT.to_string(),
@@ -680,14 +690,37 @@ impl Server {
                             file: Some(f),
                         }
                     }
-                    // An image: this server serves the same one (same id).
-                    (None, None) => bail!(
-                        "its source ({}, snapshot {:?}) was not handed over and is not \
-                         open here (an image or S3 source must be served by the new server \
-                         too, the same image)",
-                        meta.path.display(),
-                        meta.snapshot
-                    ),
+                    // An image or an object in a store: opened again from
+                    // its URL, and served on only if it is the very image
+                    // (the label holds its id).
+                    (None, None) => {
+                        let url = meta.path.to_string_lossy().into_owned();
+                        let reopened = SourceUrl::parse(&url)
+                            .ok()
+                            .filter(|u| !matches!(u, SourceUrl::File(_)))
+                            .map(|u| source::open(&u, &self.args.cache));
+                        match reopened {
+                            Some(Ok(o))
+                                if format!("{}-{}", meta.snapshot, o.identity) == meta.source =>
+                            {
+                                Held {
+                                    source: o.source,
+                                    file: o.file,
+                                }
+                            }
+                            Some(Ok(_)) => bail!(
+                                "its source {url} now holds another image than the one it was \
+                                 served from"
+                            ),
+                            Some(Err(e)) => bail!("its source {url} cannot be opened again: {e}"),
+                            None => bail!(
+                                "its source ({}, snapshot {:?}) was not handed over and is not \
+                                 open here",
+                                meta.path.display(),
+                                meta.snapshot
+                            ),
+                        }
+                    }
                 };
                 lock(&self.sources).insert(meta.source.clone(), s.clone());
                 opened.insert(meta.source.clone(), s.source.clone());

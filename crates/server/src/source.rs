@@ -171,21 +171,42 @@ pub(crate) fn file_identity(file: &std::fs::File) -> Result<String> {
 }
 
 /// What a snapshot directory entry serves, if it is one: `NAME.mem` (a raw
-/// memory file), `NAME.pwimg` (an image) or `NAME.url` (a file holding a
-/// source URL, such as `s3://bucket/key`, on its first line).
-pub(crate) fn dir_entry(path: &Path) -> Option<(String, Result<SourceUrl>)> {
+/// memory file), `NAME.pwimg` (an image) or `NAME.url` (a regular file of
+/// at most 4 KiB holding a source URL, such as `s3://bucket/key`, on its
+/// first line; a relative path in it is relative to the directory). Also
+/// its rank when several files give one name: `.mem`, then `.pwimg`, then
+/// `.url` (the others are skipped with a warning).
+pub(crate) fn dir_entry(path: &Path) -> Option<(String, u8, Result<SourceUrl>)> {
     let stem = path.file_stem()?.to_str()?.to_string();
     match path.extension()?.to_str()? {
-        "mem" => Some((stem, Ok(SourceUrl::File(path.to_path_buf())))),
-        "pwimg" => Some((stem, Ok(SourceUrl::Image(path.to_path_buf())))),
-        "url" => {
-            let url = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))
-                .and_then(|t| SourceUrl::parse(t.lines().next().unwrap_or("").trim()));
-            Some((stem, url))
-        }
+        "mem" => Some((stem, 0, Ok(SourceUrl::File(path.to_path_buf())))),
+        "pwimg" => Some((stem, 1, Ok(SourceUrl::Image(path.to_path_buf())))),
+        "url" => Some((stem, 2, url_file(path))),
         _ => None,
     }
+}
+
+/// The URL in a `.url` file.
+fn url_file(path: &Path) -> Result<SourceUrl> {
+    use std::io::Read;
+    let what = || format!("reading {}", path.display());
+    let f = std::fs::File::open(path).with_context(what)?;
+    let meta = f.metadata().with_context(what)?;
+    if !meta.is_file() || meta.len() > 4096 {
+        bail!(
+            "{}: a .url file must be a regular file of at most 4 KiB",
+            path.display()
+        );
+    }
+    let mut text = String::new();
+    f.take(4096).read_to_string(&mut text).with_context(what)?;
+    let url = SourceUrl::parse(text.lines().next().unwrap_or("").trim())?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    Ok(match url {
+        SourceUrl::File(p) if p.is_relative() => SourceUrl::File(dir.join(p)),
+        SourceUrl::Image(p) if p.is_relative() => SourceUrl::Image(dir.join(p)),
+        other => other,
+    })
 }
 
 #[cfg(test)]
