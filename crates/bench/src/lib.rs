@@ -369,7 +369,7 @@ pub fn run(args: &Config) -> Result<Report> {
                         "s3-cold" => s3.cold(&exe, dir.path(), &mem, args, run).map(|r| vec![r]),
                         "s3-warm" => s3.warm(&exe, dir.path(), &mem, args).map(|r| vec![r]),
                         "s3-get" => s3.get_loop(&exe).map(|r| vec![r]),
-                        _ => s3.stall(&exe, dir.path(), &mem, args),
+                        _ => s3.stall(&exe, dir.path(), &mem, args, run),
                     };
                     match rows {
                         Ok(rows) => {

@@ -180,23 +180,34 @@ impl S3 {
 
     /// `s3-stall`: a warm VM alone, then beside a cold one whose fetches
     /// are each delayed by `delay_ms`.
-    pub fn stall(&mut self, exe: &Path, dir: &Path, mem: &Path, args: &Config) -> Result<Vec<Row>> {
+    pub fn stall(
+        &mut self,
+        exe: &Path,
+        dir: &Path,
+        mem: &Path,
+        args: &Config,
+        run: usize,
+    ) -> Result<Vec<Row>> {
         // Warm the disk cache for the warm image first.
         if !self.warmed {
             self.warm(exe, dir, mem, args)?;
         }
         // Another image, none of whose chunks is cached: the memory file
-        // with the first word of each page changed.
+        // with the first word of each page changed, differently each run
+        // (the disk cache is shared: last run's cold image is warm now).
         let mut data = std::fs::read(mem).context("reading the memory file")?;
+        let mark = (run as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         for page in data.chunks_mut(4096) {
             if page.iter().any(|&b| b != 0) {
-                page[0] ^= 0xA5;
+                for (b, m) in page.iter_mut().zip(mark.to_le_bytes()) {
+                    *b ^= m;
+                }
             }
         }
         let cold_mem = dir.join("mem-cold");
         std::fs::write(&cold_mem, &data).context("writing the cold memory file")?;
         drop(data);
-        let cold_img = dir.join("mem-cold.pwimg");
+        let cold_img = dir.join(format!("mem-cold-{run}.pwimg"));
         let o = Command::new(exe)
             .args(["image", "pack"])
             .arg(&cold_mem)
@@ -218,6 +229,8 @@ impl S3 {
         std::fs::write(snaps.join("cold.url"), format!("{cold_url}\n")).context("cold.url")?;
         // One disk cache for both: the warm image's chunks are in it, the
         // cold one's never were (other content).
+        let stats = dir.join(format!("s3-stall-{run}.stats"));
+        let _ = std::fs::remove_file(&stats);
         let mut server = Command::new(exe)
             .arg("serve")
             .arg("--snapshot-dir")
@@ -229,9 +242,11 @@ impl S3 {
             .args(["--cluster-pages", &args.cluster_pages.to_string()])
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("PAGEWIRE_S3_INJECT_DELAY_MS", args.s3_delay_ms.to_string())
+            .arg("--stats-json")
+            .arg(&stats)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("s3-stall.log")).context("the server's log")?)
             .spawn()
             .context("starting serve")?;
         let rows = (|| -> Result<Vec<Row>> {
@@ -254,17 +269,49 @@ impl S3 {
             };
             let _first = warm("s3-alone")?;
             let alone = warm("s3-alone")?;
-            let cold = client_command(exe, &cold_mem, args)
+            // A fault per client thread (one by default), so that many
+            // fetches of --s3-delay-ms and more in flight, all the while
+            // the warm VM runs.
+            let mut cold = client_command(exe, &cold_mem, args)
+                .args(["--timeout-s", "600"])
                 .arg("--socket")
                 .arg(&cold_sock)
-                .stdout(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
                 .spawn()
                 .context("starting the cold client")?;
-            // Let the cold VM's fetches start.
             std::thread::sleep(Duration::from_millis(200));
             let beside = warm("s3-beside");
-            let cold_out = cold.wait_with_output().context("the cold client")?;
-            let cold_row = row_from_client(&format!("s3-cold{}", args.s3_delay_ms), &cold_out)?;
+            // Its job is done: it was waiting on fetches throughout.
+            let _ = cold.kill();
+            let _ = cold.wait();
+            // What the cold VM did meanwhile, from the server's line for it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let line = loop {
+                let text = std::fs::read_to_string(&stats).unwrap_or_default();
+                if let Some(l) = text.lines().find(|l| l.contains("\"cold\"")) {
+                    break serde_json::from_str::<serde_json::Value>(l).ok();
+                }
+                if Instant::now() > deadline {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let st = line.as_ref().map(|l| &l["stats"]);
+            let cold_row = Row {
+                handler: format!("s3-cold{}", args.s3_delay_ms),
+                ok: true,
+                faults: st.and_then(|s| s["faults"].as_u64()),
+                pages_copied: st.and_then(|s| s["pages_copied"].as_u64()),
+                pages_zeroed: st.and_then(|s| s["pages_zeroed"].as_u64()),
+                error: line.is_none().then(|| {
+                    format!(
+                        "no statistics line for the cold VM; log: {}",
+                        std::fs::read_to_string(dir.join("s3-stall.log")).unwrap_or_default()
+                    )
+                }),
+                ..Row::default()
+            };
             Ok(vec![alone, beside?, cold_row])
         })();
         let _ = server.kill();

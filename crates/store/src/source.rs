@@ -490,12 +490,32 @@ impl Shared {
                 }
             };
             let result = self.clone().fetch(key).await;
+            // Waiters first, the disk cache after: a fault does not wait
+            // for a file to be written.
+            let (result, to_disk) = match result {
+                Ok((blob, stored)) => (Ok(blob), stored),
+                Err(e) => (Err(e), None),
+            };
             self.complete(key, priority, result);
+            if let (Some(stored), Some(_)) = (to_disk, &self.disk) {
+                let this = self.clone();
+                let entry = self.layers.entry(key).clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Some(disk) = &this.disk {
+                        disk.put(&entry.hash, entry.codec, entry.pages, &stored);
+                    }
+                })
+                .await;
+            }
         }
     }
 
-    /// Fetches, checks and caches one blob.
-    async fn fetch(self: Arc<Shared>, key: BlobKey) -> Result<Arc<[u8]>, String> {
+    /// Fetches, checks and caches one blob in memory; with its stored bytes
+    /// when they are to be written to the disk cache.
+    async fn fetch(
+        self: Arc<Shared>,
+        key: BlobKey,
+    ) -> Result<(Arc<[u8]>, Option<bytes::Bytes>), String> {
         let entry = self.layers.entry(key).clone();
         // Another process may have cached it since, or a hint asked for a
         // blob the disk has.
@@ -506,7 +526,7 @@ impl Shared {
         {
             self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
             self.memory.insert(entry.hash, blob.clone());
-            return Ok(blob);
+            return Ok((blob, None));
         }
         let what = match key.layer {
             Layer::Top => "",
@@ -547,15 +567,12 @@ impl Shared {
             let decoded = image::decode(key.index, &entry, &stored, true)
                 .map_err(|e| format!("{url}: {e}"))?;
             let blob: Arc<[u8]> = Arc::from(decoded);
-            if let Some(disk) = &this.disk {
-                disk.put(&entry.hash, entry.codec, entry.pages, &stored);
-            }
             this.memory.insert(entry.hash, blob.clone());
-            Ok::<_, String>(blob)
+            Ok::<_, String>((blob, stored))
         })
         .await
         .map_err(|e| format!("decoding blob {}: {e}", key.index))??;
-        Ok(decoded)
+        Ok((decoded.0, Some(decoded.1)))
     }
 
     /// Ends a flight: records the blob (or the failure) and wakes every
