@@ -316,18 +316,19 @@ impl DiskCache {
     }
 
     /// Reads blob `hash`: checks the file, deletes it when bad.
-    /// A blob stored as is (codec none, `dst.len()` bytes), read straight
-    /// into `dst` and checked: no intermediate copy. `None` when the file
+    /// A blob stored as is (codec none, `dst.len()` bytes, checksum `want`
+    /// as the caller's index says), read straight into `dst` and checked:
+    /// no intermediate copy. `None` when the file
     /// holds it otherwise (another codec, another size) or is missing or
     /// bad: then [`get`](Self::get) says which.
-    pub fn get_raw_into(&self, hash: &[u8; 32], dst: &mut [u8]) -> Option<()> {
+    pub fn get_raw_into(&self, hash: &[u8; 32], dst: &mut [u8], want: u64) -> Option<()> {
         use std::os::unix::fs::FileExt;
         let path = self.path(hash);
         let f = fs::File::open(&path).ok()?;
         let mut h = [0u8; FILE_HEADER];
         f.read_exact_at(&mut h, 0).ok()?;
         let (codec, _, stored_len, checksum) = check_header(hash, &h).ok()?;
-        if codec != Codec::None || stored_len != dst.len() as u64 {
+        if codec != Codec::None || stored_len != dst.len() as u64 || checksum != want {
             return None;
         }
         let size = f.metadata().ok()?.len();

@@ -15,9 +15,17 @@ use crate::{S3Url, StoreError};
 pub(crate) const CHUNKS: &str = "chunks";
 
 /// The chunk object's name of a blob: `<blake3 hex of the decoded
-/// bytes>.<codec name>`.
+/// bytes>.<codec name>.<xxh3 hex of the stored bytes>`. The stored bytes
+/// of one content under one codec differ with the compression level and
+/// the library's version: the last part keeps two such chunks apart (one
+/// never overwrites the other), and the first still groups a content.
 pub(crate) fn chunk_name(entry: &BlobEntry) -> String {
-    format!("{}.{}", hex(&entry.hash), entry.codec.name())
+    format!(
+        "{}.{}.{:016x}",
+        hex(&entry.hash),
+        entry.codec.name(),
+        entry.checksum
+    )
 }
 
 /// `prefix/chunks`.

@@ -25,10 +25,11 @@
 //!   truncated manifest is refused at open
 //!   ([`image::ImageError::Truncated`]), and so is a longer object (an
 //!   image file copied whole).
-//! - `PREFIX/chunks/<blake3 hex of the decoded blob>.<codec name>` (e.g.
-//!   `chunks/9f3a…e1.lz4`): a stored blob's bytes exactly as in the image
-//!   file's data section, so the same bytes for the same content and codec
-//!   in every image. A blob whose index entry refers to the base's blob is
+//! - `PREFIX/chunks/<blake3 hex of the decoded blob>.<codec name>.<xxh3 hex
+//!   of the stored bytes>` (e.g. `chunks/9f3a…e1.lz4.0c4f…`): a stored
+//!   blob's bytes exactly as in the image file's data section, so one name
+//!   for the same bytes in every image (two packs of one content with other
+//!   compression settings get two names, never overwrite each other). A blob whose index entry refers to the base's blob is
 //!   the base's entry, and so the base's chunk object.
 //! - A clone's base: its manifest at `PREFIX/<base name>` (the name the
 //!   clone's index gives), its chunks in the same `PREFIX/chunks/`.

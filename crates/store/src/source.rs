@@ -257,7 +257,7 @@ impl S3Source {
         }
         let shared = &self.shared;
         let mut started = false;
-        let mut lent = Vec::new();
+        let mut lent: Vec<Lent> = Vec::new();
         let result = shared.layers.read(offset, buf, &mut |key, entry| {
             shared.get(key, entry, waker, &mut started, &mut lent)
         });
@@ -280,31 +280,55 @@ impl S3Source {
     }
 }
 
+/// A blob read from the disk cache as is, lent to a read: its content
+/// hash and its (checked) bytes.
+type Lent = ([u8; 32], Arc<[u8]>);
+
 thread_local! {
-    /// Buffers for blobs read from the disk cache as is (see `read_disk`).
-    static SCRATCH: std::cell::RefCell<Vec<Arc<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Buffers for blobs read from the disk cache as is (see `read_disk`),
+    /// oldest first, each still holding the blob it held: a fault reads
+    /// its own page, then the rest of its cluster, mostly from one blob,
+    /// and the second read finds it here instead of reading and checking
+    /// the file again.
+    static SCRATCH: std::cell::RefCell<Vec<Lent>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// A buffer of `len` bytes: one of this thread's that an earlier read
-/// gave back ([`give_back`]), else a new one.
+/// Buffers a thread keeps.
+const SCRATCH_BUFFERS: usize = 8;
+
+/// The blob `hash` if one of this thread's buffers still holds it
+/// (taken: lent to this read).
+fn scratch_hit(hash: &[u8; 32]) -> Option<Arc<[u8]>> {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let i = s.iter().position(|(h, _)| h == hash)?;
+        Some(s.remove(i).1)
+    })
+}
+
+/// A buffer of `len` bytes to read into: this thread's oldest of that size
+/// that an earlier read gave back ([`give_back`]), else a new one.
 fn scratch(len: usize) -> Arc<[u8]> {
     SCRATCH
         .with(|s| {
             let mut s = s.borrow_mut();
-            let i = s.iter().position(|b| b.len() == len)?;
-            Some(s.swap_remove(i))
+            let i = s.iter().position(|(_, b)| b.len() == len)?;
+            Some(s.remove(i).1)
         })
         .unwrap_or_else(|| std::iter::repeat_n(0u8, len).collect())
 }
 
 /// Keeps the buffers a finished read lent out for the next reads of this
-/// thread (a few: one per blob a read spans).
-fn give_back(lent: &mut Vec<Arc<[u8]>>) {
+/// thread, newest last.
+fn give_back(lent: &mut Vec<Lent>) {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
-        for mut b in lent.drain(..) {
-            if s.len() < 8 && Arc::get_mut(&mut b).is_some() {
-                s.push(b);
+        for (h, mut b) in lent.drain(..) {
+            if Arc::get_mut(&mut b).is_some() {
+                if s.len() >= SCRATCH_BUFFERS {
+                    s.remove(0);
+                }
+                s.push((h, b));
             }
         }
     });
@@ -323,9 +347,12 @@ impl Shared {
         entry: &BlobEntry,
         waker: &Waker,
         started: &mut bool,
-        lent: &mut Vec<Arc<[u8]>>,
+        lent: &mut Vec<Lent>,
     ) -> Result<Arc<[u8]>, GetError> {
-        if let Some(blob) = self.memory.get(&entry.hash) {
+        // Blobs stored as is are not kept in memory when there is a disk
+        // cache (see below): no lock to look for them there.
+        let in_memory = entry.codec != image::Codec::None || self.disk.is_none();
+        if let Some(blob) = in_memory.then(|| self.memory.get(&entry.hash)).flatten() {
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(blob);
         }
@@ -338,6 +365,14 @@ impl Shared {
                 self.memory.insert(entry.hash, blob.clone());
             }
             return Ok(blob);
+        }
+        if !in_memory {
+            // Not on disk (a write that failed, an eviction): memory may
+            // still have it from its fetch.
+            if let Some(blob) = self.memory.get(&entry.hash) {
+                self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(blob);
+            }
         }
         let mut state = self.lock();
         if let Some((why, at)) = state.failed.get(&key) {
@@ -385,19 +420,31 @@ impl Shared {
         &self,
         key: BlobKey,
         entry: &BlobEntry,
-        lent: &mut Vec<Arc<[u8]>>,
+        lent: &mut Vec<Lent>,
     ) -> Option<Arc<[u8]>> {
         let disk = self.disk.as_ref()?;
         if entry.codec == image::Codec::None {
             // Stored as is: straight from the file into one of this
             // thread's buffers, free again once the read has copied it out.
+            if let Some(out) = scratch_hit(&entry.hash) {
+                lent.push((entry.hash, out.clone()));
+                return Some(out);
+            }
             let mut out = scratch(entry.pages as usize * image::PAGE);
             if let Some(dst) = Arc::get_mut(&mut out) {
-                if disk.get_raw_into(&entry.hash, dst).is_some() {
-                    lent.push(out.clone());
+                // The file's checksum must be the index's: the directory is
+                // shared, and a file is trusted for this image only if it
+                // holds this image's bytes.
+                if disk
+                    .get_raw_into(&entry.hash, dst, entry.checksum)
+                    .is_some()
+                {
+                    lent.push((entry.hash, out.clone()));
                     return Some(out);
                 }
             }
+            // Not there: the buffer goes back for the next read.
+            lent.push(([0; 32], out));
         }
         let why = match disk.get(&entry.hash) {
             Lookup::Miss => return None,
@@ -423,7 +470,17 @@ impl Shared {
                     match Arc::get_mut(&mut out) {
                         Some(dst) => {
                             match image::decode_into(key.index, &as_stored, c.stored(), dst) {
-                                Ok(()) => return Some(out),
+                                // This image's very bytes (its index's
+                                // checksum), or else the right content: the
+                                // directory is shared, so a file is trusted
+                                // by what this image's index says.
+                                Ok(())
+                                    if (c.codec == entry.codec && c.checksum == entry.checksum)
+                                        || *blake3::hash(dst).as_bytes() == entry.hash =>
+                                {
+                                    return Some(out)
+                                }
+                                Ok(()) => "its bytes are not this image's (content hash)".into(),
                                 Err(e) => e.to_string(),
                             }
                         }
@@ -582,6 +639,12 @@ impl Shared {
         if priority == Priority::Hint {
             state.hint_workers -= 1;
         }
+        let waiters = state
+            .flights
+            .remove(&key)
+            .map(|f| f.waiters)
+            .unwrap_or_default();
+        let mut failed = None;
         match result {
             Ok(blob) => {
                 state.ready.push_back((key, blob));
@@ -591,22 +654,30 @@ impl Shared {
             }
             Err(why) => {
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                // Logged once per failure; the blob stays failed for
-                // FAILED_FOR.
+                // Remembered only when a read waits for it: a prefetch that
+                // failed poisons nothing, a fault fetches it itself.
+                if !waiters.is_empty() {
+                    state
+                        .failed
+                        .insert(key, (why.clone(), std::time::Instant::now()));
+                }
+                failed = Some(why);
+            }
+        }
+        drop(state);
+        if let Some(why) = failed {
+            // Once per failure, outside the lock (a slow log sink must not
+            // hold up serving threads).
+            if waiters.is_empty() {
+                tracing::warn!(layer = ?key.layer, blob = key.index, "a prefetch of a chunk failed (a fault will fetch it again): {why}");
+            } else {
                 tracing::error!(
                     layer = ?key.layer,
                     blob = key.index,
                     "a chunk cannot be fetched, its pages will be poisoned: {why}"
                 );
-                state.failed.insert(key, (why, std::time::Instant::now()));
             }
         }
-        let waiters = state
-            .flights
-            .remove(&key)
-            .map(|f| f.waiters)
-            .unwrap_or_default();
-        drop(state);
         for w in waiters {
             w();
         }

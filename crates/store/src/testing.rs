@@ -64,10 +64,15 @@ impl MotoServer {
             let log = log_path.clone();
             // `read` returns at EOF: when the test drops the server, or
             // dies, the pipe closes and the server is killed.
-            let script = r#"moto_server -H 127.0.0.1 -p "$1" >"$2" 2>&1 &
+            // The shell ignores Ctrl-C and hang-ups (a background job of a
+            // shell without job control ignores SIGINT too, so the server
+            // would outlive a shell that died of it): only the pipe's end
+            // stops it, and then the server too.
+            let script = r#"trap '' INT QUIT HUP
+moto_server -H 127.0.0.1 -p "$1" >"$2" 2>&1 &
 pid=$!
 read _ignored
-kill "$pid" 2>/dev/null
+kill -KILL "$pid" 2>/dev/null
 wait "$pid" 2>/dev/null
 exit 0"#;
             let mut child = Command::new("sh")

@@ -283,7 +283,11 @@ fn pages_of(src: &S3Source, key: BlobKey) -> Vec<Range<u64>> {
 /// The chunk object key of a blob under `prefix`.
 fn chunk_key(prefix: &str, entry: &image::BlobEntry) -> String {
     let hex: String = entry.hash.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}/chunks/{hex}.{}", entry.codec.name())
+    format!(
+        "{prefix}/chunks/{hex}.{}.{:016x}",
+        entry.codec.name(),
+        entry.checksum
+    )
 }
 
 /// The distinct chunk names an index stores in its own data.
@@ -656,6 +660,12 @@ fn the_disk_cache_survives_is_bounded_and_checked() {
     assert!(read_all(&src, &mut rng).unwrap() == mem);
     let blobs = src.layers().top().blobs.len() as u64;
     assert_eq!(src.stats().fetches, blobs);
+    // Chunks are written to disk after their waiters were woken.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while src.stats().disk_files < blobs {
+        assert!(std::time::Instant::now() < deadline, "{:?}", src.stats());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let disk_bytes = src.stats().disk_bytes;
     assert_eq!(src.stats().disk_files, blobs);
     drop(src);
@@ -694,6 +704,10 @@ fn the_disk_cache_survives_is_bounded_and_checked() {
     std::fs::write(&victim, bytes).unwrap();
     let src = client.open(&url).unwrap();
     assert!(read_all(&src, &mut rng).unwrap() == mem);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while src.stats().disk_files < blobs && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let stats = src.stats();
     assert_eq!((stats.fetches, stats.disk_bad_files), (1, 1), "{stats:?}");
     assert_eq!(stats.disk_files, blobs, "fetched and written again");
@@ -717,11 +731,22 @@ fn the_disk_cache_survives_is_bounded_and_checked() {
         stats.disk_bytes <= limit && stats.disk_evictions > 0,
         "{stats:?}"
     );
-    let on_disk: u64 = walk(&cache)
-        .iter()
-        .map(|p| p.metadata().unwrap().len())
-        .sum();
-    assert!(on_disk <= limit, "{on_disk} > {limit}");
+    // Chunks are written to the disk cache after their waiters are woken:
+    // the last writes (and their evictions) may still be under way.
+    drop(src);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let on_disk: u64 = walk(&cache)
+            .iter()
+            .filter_map(|p| p.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        if on_disk <= limit {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{on_disk} > {limit}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
