@@ -336,13 +336,23 @@ pub fn run(args: &Config) -> Result<Report> {
                     None,
                     args.prefetch.as_deref(),
                     None,
+                    Via::default(),
                 ),
                 "serve-ws" => ws().and_then(|w| {
-                    external(&exe, dir.path(), &mem, args, "serve", None, Some(w), None).map(|r| {
-                        Row {
-                            handler: h.clone(),
-                            ..r
-                        }
+                    external(
+                        &exe,
+                        dir.path(),
+                        &mem,
+                        args,
+                        "serve",
+                        None,
+                        Some(w),
+                        None,
+                        Via::default(),
+                    )
+                    .map(|r| Row {
+                        handler: h.clone(),
+                        ..r
                     })
                 }),
                 image if image.starts_with("image-") => {
@@ -398,7 +408,17 @@ pub fn run(args: &Config) -> Result<Report> {
         }
         for (i, cmd) in args.handler_cmd.iter().enumerate() {
             let name = format!("cmd{}", i + 1);
-            let row = external(&exe, dir.path(), &mem, args, &name, Some(cmd), None, None);
+            let row = external(
+                &exe,
+                dir.path(),
+                &mem,
+                args,
+                &name,
+                Some(cmd),
+                None,
+                None,
+                Via::default(),
+            );
             results.push(Row {
                 run,
                 ..row.unwrap_or_else(|e| failed(&name, e))
@@ -528,7 +548,7 @@ fn clones(exe: &Path, mem: &Path, dir: &Path, n: usize, change: f64) -> Result<C
 
 impl Via<'_> {
     fn run(&self, exe: &Path, dir: &Path, mem: &Path, args: &Config, name: &str) -> Result<Row> {
-        external_with(exe, dir, mem, args, name, None, None, None, *self)
+        external(exe, dir, mem, args, name, None, None, None, *self)
     }
 }
 
@@ -751,32 +771,6 @@ fn zero_fill_gib_s(size: usize) -> f64 {
     size as f64 / s / (1u64 << 30) as f64
 }
 
-/// Runs the client against a handler in its own process; for `serve`,
-/// with a working set to prefetch or a directory to record one into.
-#[allow(clippy::too_many_arguments)]
-fn external(
-    exe: &Path,
-    dir: &Path,
-    mem: &Path,
-    args: &Config,
-    name: &str,
-    cmd: Option<&String>,
-    prefetch: Option<&Path>,
-    record: Option<&Path>,
-) -> Result<Row> {
-    external_with(
-        exe,
-        dir,
-        mem,
-        args,
-        name,
-        cmd,
-        prefetch,
-        record,
-        Via::default(),
-    )
-}
-
 /// How `serve` gets its bytes in a run: from `source` (a `--source` URL;
 /// then any handler whose name is not `floor` or a command is a `serve`),
 /// with `env` added to its environment and `extra` flags.
@@ -787,9 +781,11 @@ struct Via<'a> {
     extra: &'a [String],
 }
 
-/// `external`, with `serve` as `via` says.
+/// Runs the client against a handler in its own process; for `serve`,
+/// with a working set to prefetch or a directory to record one into, and
+/// its bytes as `via` says.
 #[allow(clippy::too_many_arguments)]
-fn external_with(
+fn external(
     exe: &Path,
     dir: &Path,
     mem: &Path,
@@ -892,7 +888,17 @@ fn external_with(
 fn record_set(exe: &Path, dir: &Path, mem: &Path, args: &Config) -> Result<PathBuf> {
     let rec = dir.join("recorded");
     let _ = std::fs::remove_dir_all(&rec);
-    let row = external(exe, dir, mem, args, "serve", None, None, Some(&rec))?;
+    let row = external(
+        exe,
+        dir,
+        mem,
+        args,
+        "serve",
+        None,
+        None,
+        Some(&rec),
+        Via::default(),
+    )?;
     ensure!(row.ok, "the recording run failed: {:?}", row.error);
     testbed::find_recording(&rec)
 }

@@ -52,20 +52,7 @@ impl S3 {
                 };
                 let bucket = store::testing::unique_bucket("bench");
                 moto.create_bucket(&bucket);
-                let o = moto.options();
-                let mut env = vec![
-                    ("AWS_ENDPOINT_URL".to_string(), moto.endpoint()),
-                    ("AWS_ALLOW_HTTP".to_string(), "true".to_string()),
-                ];
-                for (k, v) in [
-                    ("AWS_REGION", o.region),
-                    ("AWS_ACCESS_KEY_ID", o.access_key_id),
-                    ("AWS_SECRET_ACCESS_KEY", o.secret_access_key),
-                ] {
-                    if let Some(v) = v {
-                        env.push((k.to_string(), v));
-                    }
-                }
+                let env = moto.env();
                 (env, format!("s3://{bucket}/bench"), Some(moto))
             }
         };

@@ -13,25 +13,6 @@ use common::have_uffd;
 use common::server::*;
 use store::testing::{unique_bucket, MotoServer};
 
-/// The AWS environment a `pagewire` child needs to reach `moto`.
-fn aws_env(moto: &MotoServer) -> Vec<(String, String)> {
-    let o = moto.options();
-    let mut env = vec![
-        ("AWS_ENDPOINT_URL".to_string(), moto.endpoint()),
-        ("AWS_ALLOW_HTTP".to_string(), "true".to_string()),
-    ];
-    for (k, v) in [
-        ("AWS_REGION", o.region),
-        ("AWS_ACCESS_KEY_ID", o.access_key_id),
-        ("AWS_SECRET_ACCESS_KEY", o.secret_access_key),
-    ] {
-        if let Some(v) = v {
-            env.push((k.to_string(), v));
-        }
-    }
-    env
-}
-
 #[test]
 fn an_image_in_s3_serves_every_byte_cold_and_warm() {
     if !have_uffd() {
@@ -42,7 +23,7 @@ fn an_image_in_s3_serves_every_byte_cold_and_warm() {
     };
     let bucket = unique_bucket("cli");
     moto.create_bucket(&bucket);
-    let env = aws_env(&moto);
+    let env = moto.env();
     let dir = tempfile::tempdir().expect("tmp");
     let mem = mem_file(dir.path(), 8 * MIB);
     let img = dir.path().join("snap.pwimg");

@@ -160,6 +160,26 @@ exit 0"#;
         }
     }
 
+    /// The AWS environment a child process (`pagewire serve`, `image
+    /// push`) needs to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let o = self.options();
+        let mut env = vec![
+            ("AWS_ENDPOINT_URL".to_string(), self.endpoint()),
+            ("AWS_ALLOW_HTTP".to_string(), "true".to_string()),
+        ];
+        for (k, v) in [
+            ("AWS_REGION", o.region),
+            ("AWS_ACCESS_KEY_ID", o.access_key_id),
+            ("AWS_SECRET_ACCESS_KEY", o.secret_access_key),
+        ] {
+            if let Some(v) = v {
+                env.push((k.to_string(), v));
+            }
+        }
+        env
+    }
+
     /// Creates bucket `name` (an unsigned CreateBucket, which moto
     /// accepts: object_store cannot create buckets). Panics on failure.
     pub fn create_bucket(&self, name: &str) {
