@@ -276,7 +276,9 @@ impl S3 {
             let deadline = Instant::now() + Duration::from_secs(10);
             let line = loop {
                 let text = std::fs::read_to_string(&stats).unwrap_or_default();
-                if let Some(l) = text.lines().find(|l| l.contains("\"cold\"")) {
+                // Whole lines only: one being written may be read cut short.
+                let whole = text.rfind('\n').map_or("", |i| &text[..i]);
+                if let Some(l) = whole.lines().find(|l| l.contains("\"cold\"")) {
                     break serde_json::from_str::<serde_json::Value>(l).ok();
                 }
                 if Instant::now() > deadline {

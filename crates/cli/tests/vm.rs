@@ -120,7 +120,8 @@ fn snapshot_then_restore_eager_embedded_and_through_serve() {
     let sock = server.socket.to_string_lossy().to_string();
     restore(dir.path(), "serve", &["--socket", &sock, "--passes", "3"]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&server.stats).map_or(true, |s| s.is_empty()) {
+    // A whole line: one being written may be read cut short.
+    while std::fs::read_to_string(&server.stats).map_or(true, |s| !s.contains('\n')) {
         assert!(Instant::now() < deadline, "serve wrote no statistics");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -290,9 +290,11 @@ pub fn run(args: &Config) -> Result<(), ServeError> {
                 obj.insert("snapshot".into(), group.clone().into());
             }
             match serde_json::to_string(&line) {
-                Ok(line) => {
+                Ok(mut line) => {
+                    // One write per line, newline included.
+                    line.push('\n');
                     if let Ok(mut f) = f.lock() {
-                        if let Err(e) = writeln!(f, "{line}") {
+                        if let Err(e) = f.write_all(line.as_bytes()) {
                             limited!(error, "writing the stats file: {e}");
                         }
                     }

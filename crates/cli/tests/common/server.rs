@@ -169,9 +169,15 @@ impl Server {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The whole lines of the stats file (one being written may be read
+    /// cut short: only lines that end in a newline count).
     pub fn stats_lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.stats)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.stats).unwrap_or_default();
+        let whole = match text.rfind('\n') {
+            Some(i) => &text[..=i],
+            None => "",
+        };
+        whole
             .lines()
             .map(|l| serde_json::from_str(l).expect("stats line is JSON"))
             .collect()
