@@ -1373,9 +1373,16 @@ impl Session {
                     self.fail_pages(r, c.page, 1, "source read failed");
                 } else {
                     // Not read (the faulting page went alone): given back,
-                    // for a later fault to read.
-                    r.set(c.page, PageState::Missing);
-                    let _ = self.uffd.wake(r.page_addr(c.page), ps);
+                    // to the state it came from, for a later fault to read.
+                    let back = match r.state(c.page) {
+                        PageState::ClaimedDiscarded => Some(PageState::Discarded),
+                        PageState::Claimed => Some(PageState::Missing),
+                        _ => None,
+                    };
+                    if let Some(back) = back {
+                        r.set(c.page, back);
+                        let _ = self.uffd.wake(r.page_addr(c.page), ps);
+                    }
                 }
                 false
             });
