@@ -80,9 +80,6 @@ pub enum Codec {
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
     pub image: PathBuf,
-    /// Its base, if not beside it under the name it records.
-    #[arg(long)]
-    pub base: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -115,7 +112,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
     match cmd {
         ImageCommand::Pack(a) => pack(&a),
         ImageCommand::Inspect(a) => {
-            let i = image::inspect(&a.image, a.base.as_deref())
+            let i = image::inspect(&a.image)
                 .with_context(|| format!("inspecting {}", a.image.display()))?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&i)?);

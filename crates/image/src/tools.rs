@@ -47,9 +47,8 @@ pub struct Inspection {
 }
 
 /// An image's header and tables, summarised (`image inspect`). Only the
-/// image's own file is read; `base` is not needed (nor checked).
-pub fn inspect(path: &Path, base: Option<&Path>) -> Result<Inspection, ImageError> {
-    let _ = base;
+/// image's own file is read: what comes from the base is in its index.
+pub fn inspect(path: &Path) -> Result<Inspection, ImageError> {
     let (file, index) = open_index(path)?;
     let image_len = file
         .metadata()

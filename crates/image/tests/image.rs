@@ -189,7 +189,7 @@ fn identical_slots_are_stored_once() {
     let index = Index::parse(&std::fs::read(&img).expect("read"), "t").expect("parse");
     assert_eq!(index.slots.len(), 8);
     assert_eq!(index.blobs.len(), 1);
-    let ins = image::inspect(&img, None).expect("inspect");
+    let ins = image::inspect(&img).expect("inspect");
     assert_eq!(ins.duplicate_slots, 7);
     assert!(ins.image_len < 20 * PAGE as u64);
 }
