@@ -293,8 +293,9 @@ impl DiskCache {
             last_log: Mutex::new(None),
         };
         let mut index = cache.lock();
-        cache.evict(&mut index, None);
+        let victims = cache.evict(&mut index, None);
         drop(index);
+        Self::unlink(victims);
         Ok(cache)
     }
 
@@ -394,11 +395,13 @@ impl DiskCache {
                 mtime: if touch { now } else { mtime },
             },
         );
-        if old.is_none() {
+        let victims = match old {
             // Written by another process since the scan: it counts now.
-            self.evict(&mut index, Some(hash));
-        }
+            None => self.evict(&mut index, Some(hash)),
+            Some(_) => Vec::new(),
+        };
         drop(index);
+        Self::unlink(victims);
         if touch {
             if let Ok(f) = fs::File::options().write(true).open(path) {
                 let _ = f.set_modified(SystemTime::now());
@@ -425,7 +428,9 @@ impl DiskCache {
                         mtime: now,
                     },
                 );
-                self.evict(&mut index, Some(hash));
+                let victims = self.evict(&mut index, Some(hash));
+                drop(index);
+                Self::unlink(victims);
             }
             Err(e) => self.write_error(hash, e),
         }
@@ -474,9 +479,16 @@ impl DiskCache {
 
     /// Deletes least recently used files until the total is at 90% of the
     /// limit, sparing `keep` (the file just written or read).
-    fn evict(&self, index: &mut Index, keep: Option<&[u8; 32]>) {
+    /// Drops least recently used files from the index down to 90% of the
+    /// limit (never `keep`), and returns their paths: the caller unlinks
+    /// them after letting go of the index ([`unlink`](Self::unlink)), so
+    /// that a serving thread looking up a chunk never waits behind a
+    /// thousand unlinks.
+    #[must_use]
+    fn evict(&self, index: &mut Index, keep: Option<&[u8; 32]>) -> Vec<PathBuf> {
+        let mut victims = Vec::new();
         if index.total <= self.limit {
-            return;
+            return victims;
         }
         let target = self.limit - self.limit / 10;
         let mut spared = None;
@@ -490,11 +502,19 @@ impl DiskCache {
                 continue;
             }
             index.remove(&hash);
-            let _ = fs::remove_file(self.path(&hash));
+            victims.push(self.path(&hash));
             self.evictions.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(entry) = spared {
             index.order.insert(entry);
+        }
+        victims
+    }
+
+    /// Deletes evicted files (outside the index's lock).
+    fn unlink(victims: Vec<PathBuf>) {
+        for p in victims {
+            let _ = fs::remove_file(p);
         }
     }
 
