@@ -46,15 +46,21 @@ struct Server {
 }
 
 impl Server {
+    /// `serve` of the snapshot's memory file in `dir`.
     fn start(dir: &Path, extra: &[&str]) -> Server {
+        let mem = dir.join("memory.bin").to_string_lossy().to_string();
+        Self::start_from(dir, &["--mem-file", &mem], extra)
+    }
+
+    /// `serve` with its bytes from `source` (`--mem-file F`, `--source U`).
+    fn start_from(dir: &Path, source: &[&str], extra: &[&str]) -> Server {
         let socket = dir.join("serve.sock");
         let stats = dir.join("serve.jsonl");
         let child = Command::new(BIN)
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
-            .arg("--mem-file")
-            .arg(dir.join("memory.bin"))
+            .args(source)
             .arg("--stats-json")
             .arg(&stats)
             .args(extra)
@@ -336,23 +342,7 @@ fn a_guest_restores_from_an_image_of_its_snapshot() {
     );
     let url = format!("image://{img}");
     restore(dir.path(), "embedded", &["--source", &url]);
-    let socket = dir.path().join("img.sock");
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--source", &url, "--exit-after", "1"])
-        .env("PAGEWIRE_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start serve");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "serve did not listen");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let sock = socket.to_string_lossy().to_string();
+    let server = Server::start_from(dir.path(), &["--source", &url], &["--exit-after", "1"]);
+    let sock = server.socket.to_string_lossy().to_string();
     restore(dir.path(), "serve", &["--socket", &sock]);
-    let _ = child.kill();
-    let _ = child.wait();
 }

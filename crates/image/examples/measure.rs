@@ -15,27 +15,6 @@ use std::time::{Duration, Instant};
 use image::{pack, Codec, ImageSource, PackOptions, DEFAULT_CACHE_BYTES, PAGE};
 use pager::PageSource;
 
-/// `testbed::generate`, copied: xorshift pages, every `zero_every`th zero.
-fn generate(path: &Path, size: u64, zero_every: usize) -> std::io::Result<()> {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let mut page = vec![0u8; 4096];
-    for i in 0..size / 4096 {
-        if zero_every > 0 && i as usize % zero_every == zero_every - 1 {
-            page.fill(0);
-        } else {
-            for w in page.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_ne_bytes());
-            }
-        }
-        f.write_all(&page)?;
-    }
-    f.flush()
-}
-
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -181,7 +160,7 @@ fn main() {
     let chunks = [64u32 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20];
     let bench = dir.join("bench.mem");
     let mixed = dir.join("mixed.mem");
-    generate(&bench, size, 4).expect("bench");
+    testbed::generate(&bench, size, 4).expect("bench");
     generate_mixed(&mixed, size).expect("mixed");
     let img = dir.join("m.img");
     if !only_clones {

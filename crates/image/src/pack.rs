@@ -185,7 +185,7 @@ pub fn pack(
         Some(b) => Some(relative_name(&b.path, out)?),
         None => None,
     };
-    let holes = find_holes(&mem_file, mem_len);
+    let holes = pager::source::find_holes(&mem_file, mem_len);
     let cs = chunk_size as u64;
     let ppc = chunk_size / PAGE as u32;
     let slot_count = mem_len.div_ceil(cs);
@@ -588,32 +588,6 @@ fn read_data(
         pos = data_end;
     }
     Ok(())
-}
-
-/// The file's holes, from SEEK_DATA/SEEK_HOLE; empty when the filesystem
-/// does not report them (zero pages are still found by content).
-pub(crate) fn find_holes(file: &File, len: u64) -> Vec<Range<u64>> {
-    use rustix::fs::{seek, SeekFrom};
-    let mut holes = Vec::new();
-    let mut pos = 0u64;
-    while pos < len {
-        let data = match seek(file, SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => len,
-            Err(_) => return Vec::new(),
-        };
-        if data > pos {
-            holes.push(pos..data.min(len));
-        }
-        if data >= len {
-            break;
-        }
-        pos = match seek(file, SeekFrom::Hole(data)) {
-            Ok(h) => h,
-            Err(_) => return Vec::new(),
-        };
-    }
-    holes
 }
 
 /// The base's name as the image records it: its file name when it is in

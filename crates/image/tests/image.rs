@@ -530,18 +530,17 @@ fn parse_never_panics_on_damaged_indexes() {
     }
 }
 
-/// Writes small valid images (header and index) as seeds of the
-/// `image_index` fuzz target: `IMAGE_SEEDS=fuzz/corpus/image_index cargo
-/// test -p pagewire-image -- --ignored write_fuzz_seeds`.
+/// Small valid images (header and index), the seeds of the `image_index`
+/// fuzz target, parse; so do the seeds committed in its corpus (the corpus
+/// follows the format). `IMAGE_SEEDS=fuzz/corpus/image_index cargo test -p
+/// pagewire-image fuzz_seeds` writes them there.
 #[test]
-#[ignore]
-fn write_fuzz_seeds() {
-    let Some(out) = std::env::var_os("IMAGE_SEEDS") else {
-        return;
-    };
-    let out = PathBuf::from(out);
-    std::fs::create_dir_all(&out).expect("dir");
+fn fuzz_seeds_are_valid_images() {
     let dir = tempfile::tempdir().expect("dir");
+    let out = std::env::var_os("IMAGE_SEEDS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.path().join("seeds"));
+    std::fs::create_dir_all(&out).expect("dir");
     let mut rng = Rng(0x5EED_0000_0000_0001);
     let (base, clone, _) = base_and_clone(&mut rng, 40);
     let mut seeds = Vec::new();
@@ -565,6 +564,12 @@ fn write_fuzz_seeds() {
     for (name, img) in seeds {
         let bytes = std::fs::read(&img).expect("read");
         let n = Index::needed(&bytes, "seed").expect("needed") as usize;
+        Index::parse(&bytes[..n], "seed").expect("a seed parses");
         write(&out.join(format!("seed-{name}")), &bytes[..n]);
+    }
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/image_index");
+    for name in ["seed-a", "seed-b", "seed-c", "seed-clone"] {
+        let bytes = std::fs::read(corpus.join(name)).expect("a committed seed");
+        Index::parse(&bytes, name).unwrap_or_else(|e| panic!("{name} no longer parses: {e}"));
     }
 }

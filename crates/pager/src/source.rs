@@ -149,7 +149,7 @@ impl MemFile {
 
 /// The file's holes, from SEEK_DATA/SEEK_HOLE; empty when the filesystem
 /// does not report them (then zero pages are still found by content).
-fn find_holes(file: &File, len: u64) -> Vec<Range<u64>> {
+pub fn find_holes(file: &File, len: u64) -> Vec<Range<u64>> {
     use rustix::fs::{seek, SeekFrom};
     let mut holes = Vec::new();
     let mut pos = 0u64;
