@@ -285,10 +285,10 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
 
 /// A progress bar on standard error, when it is a terminal (and a quiet
 /// nothing otherwise, so that logs and CI output stay clean).
-struct Bar(Option<indicatif::ProgressBar>);
+pub(crate) struct Bar(Option<indicatif::ProgressBar>);
 
 impl Bar {
-    fn new(len: u64, what: &str) -> Bar {
+    pub(crate) fn new(len: u64, what: &str) -> Bar {
         use std::io::IsTerminal;
         if !std::io::stderr().is_terminal() {
             return Bar(None);
@@ -308,13 +308,19 @@ impl Bar {
         Bar(Some(b))
     }
 
-    fn set(&self, done: u64) {
+    pub(crate) fn set(&self, done: u64) {
         if let Some(b) = &self.0 {
             b.set_position(done);
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn message(&self, m: &str) {
+        if let Some(b) = &self.0 {
+            b.set_message(m.to_string());
+        }
+    }
+
+    pub(crate) fn finish(&self) {
         if let Some(b) = &self.0 {
             b.finish_and_clear();
         }

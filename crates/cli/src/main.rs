@@ -9,6 +9,7 @@ mod check;
 mod demo;
 mod fc_client;
 mod image;
+mod migrate;
 mod serve;
 mod sets;
 mod vm;

@@ -23,6 +23,11 @@ pub enum VmCommand {
     Snapshot(SnapshotArgs),
     /// Restore a snapshot and run more verified passes.
     Restore(RestoreArgs),
+    /// Boot a guest, run it, and live-migrate it while it runs to a
+    /// `vm receive` on another host.
+    Migrate(crate::migrate::MigrateArgs),
+    /// Receive a live migration and run the guest here.
+    Receive(crate::migrate::ReceiveArgs),
 }
 
 #[derive(Args, Clone)]
@@ -151,6 +156,8 @@ pub fn run(cmd: &VmCommand) -> anyhow::Result<ExitCode> {
             let report = restore(a)?;
             print(&report, a.json, print_restore)?;
         }
+        VmCommand::Migrate(a) => return crate::migrate::migrate(a),
+        VmCommand::Receive(a) => return crate::migrate::receive(a),
     }
     Ok(ExitCode::SUCCESS)
 }

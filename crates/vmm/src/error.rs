@@ -5,6 +5,8 @@
 pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("migration: {0}")]
+    Migration(String),
     #[error("{what}: {source}")]
     Os {
         what: &'static str,

@@ -13,13 +13,14 @@
 pub mod error;
 pub mod guest;
 pub mod memory;
+pub mod migration;
 pub mod restore;
 pub mod state;
 pub mod vm;
 
 pub use error::Error;
 pub use guest::{Workload, WorkloadKind};
-pub use memory::{Backing, GuestMemory};
-pub use restore::{restore, EmbeddedOptions, RestoreMode, Restored};
+pub use memory::{Backing, GuestMemory, HostLog};
+pub use restore::{restore, serve_embedded, EmbeddedOptions, RestoreMode, Restored};
 pub use state::VmState;
 pub use vm::{Progress, Report, Vm, VmConfig, VmEvent};

@@ -67,6 +67,18 @@ pub struct GuestMemory {
     backing: Backing,
     /// Keeps the memfd alive for the mapping's lifetime (memfd backing).
     _memfd: Option<OwnedFd>,
+    /// While a migration tracks changes: what this process wrote or
+    /// discarded in guest memory (KVM's dirty log sees only vCPU writes).
+    log: std::sync::Mutex<Option<HostLog>>,
+}
+
+/// Changes made to guest memory from the host side (not by vCPUs) since the
+/// log was started or last taken: `(gpa, len)` ranges.
+#[derive(Debug, Default, Clone)]
+pub struct HostLog {
+    pub written: Vec<(u64, u64)>,
+    /// Given back to the host (a balloon): these read as zeros now.
+    pub discarded: Vec<(u64, u64)>,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; every access is a
@@ -130,6 +142,7 @@ impl GuestMemory {
             len,
             backing,
             _memfd: memfd,
+            log: std::sync::Mutex::new(None),
         })
     }
 
@@ -176,7 +189,47 @@ impl GuestMemory {
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(at), data.len())
         };
+        self.note(gpa, data.len() as u64, false);
         Ok(())
+    }
+
+    /// Starts (or restarts, empty) the log of host-side changes that a
+    /// migration needs besides KVM's dirty log: [`write`](Self::write),
+    /// [`fill_words`](Self::fill_words) and [`discard`](Self::discard) are
+    /// recorded until [`stop_log`](Self::stop_log).
+    pub fn start_log(&self) {
+        *self.log.lock().unwrap_or_else(|e| e.into_inner()) = Some(HostLog::default());
+    }
+
+    /// What was changed since the log started or was last taken (empty
+    /// when no log runs); the log goes on, empty.
+    pub fn take_log(&self) -> HostLog {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    pub fn stop_log(&self) {
+        *self.log.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Records a change, after it was made: a reader that takes the log
+    /// then reads the memory sees the change (or a later one).
+    fn note(&self, gpa: u64, len: u64, discard: bool) {
+        if let Some(log) = self.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            let v = if discard {
+                &mut log.discarded
+            } else {
+                &mut log.written
+            };
+            match v.last_mut() {
+                Some(last) if last.0 + last.1 == gpa => last.1 += len,
+                _ => v.push((gpa, len)),
+            }
+        }
     }
 
     pub fn read_u64(&self, gpa: u64) -> Result<u64, Error> {
@@ -307,7 +360,9 @@ impl GuestMemory {
                 advice,
             )
         }
-        .map_err(|e| Error::os("madvise (discard)", e))
+        .map_err(|e| Error::os("madvise (discard)", e))?;
+        self.note(gpa, len, true);
+        Ok(())
     }
 }
 

@@ -16,6 +16,7 @@ use pager::{Engine, EngineConfig, SessionConfig, SessionHandle, SessionSpec, Sta
 use uffd::{Features, RegisterMode, Uffd};
 
 use crate::error::Error;
+use crate::memory::GuestMemory;
 use crate::state::VmState;
 use crate::vm::{Vm, VmConfig, VmEvent};
 
@@ -279,8 +280,6 @@ pub fn restore(
             eager_bytes = Some(memory.load(&f)?);
         }
         RestoreMode::Embedded(opts) => {
-            let uffd = register(memory.host_addr(), memory.len())?;
-            tracing::debug!(at = ?started.elapsed(), "registered");
             let source: Arc<dyn pager::PageSource> = match given {
                 Some(s) => s,
                 None => Arc::new(
@@ -289,44 +288,13 @@ pub fn restore(
                 ),
             };
             tracing::debug!(at = ?started.elapsed(), "source open");
-            let engine = Engine::start(
-                EngineConfig {
-                    threads: opts.threads.max(1),
-                    ..EngineConfig::default()
-                },
-                None,
-            )
-            .map_err(|e| Error::Engine(e.to_string()))?;
-            let ps = pager::PageSize::from_bytes(page_size)
-                .ok_or_else(|| Error::Engine(format!("page size {page_size}")))?;
-            let handle = engine
-                .add(SessionSpec {
-                    name: format!("vm {}", state_path.display()),
-                    uffd,
-                    regions: vec![pager::Region {
-                        host_base: memory.host_addr(),
-                        len: memory.len(),
-                        source_offset: 0,
-                        page_size: ps,
-                    }],
-                    source,
-                    pid: None,
-                    hangup: None,
-                    config: SessionConfig {
-                        cluster_pages: opts.cluster_pages.max(1),
-                        adaptive_cluster: opts.adaptive_cluster,
-                        background: opts.background,
-                        record: opts.record.clone(),
-                        prefetch: opts.prefetch.clone(),
-                        ..SessionConfig::default()
-                    },
-                    state: None,
-                    adopted: false,
-                    group: None,
-                })
-                .map_err(|e| Error::Engine(e.to_string()))?;
+            pager = Some(serve_embedded(
+                &memory,
+                source,
+                opts,
+                format!("vm {}", state_path.display()),
+            )?);
             tracing::debug!(at = ?started.elapsed(), "session added");
-            pager = Some((engine, handle));
         }
         RestoreMode::External { socket } => {
             let uffd = register(memory.host_addr(), memory.len())?;
@@ -353,11 +321,62 @@ pub fn restore(
     })
 }
 
-/// A userfaultfd (with REMOVE events, for balloons) registered over guest
-/// memory in MISSING mode.
+/// Registers guest memory with a userfaultfd and serves its missing pages
+/// from `source` with a pager engine running in this process (its own
+/// threads). Faults report the faulting thread, so the session's statistics
+/// have blocktime per vCPU thread ([`Vm::vcpu_tids`]).
+pub fn serve_embedded(
+    memory: &GuestMemory,
+    source: Arc<dyn pager::PageSource>,
+    opts: &EmbeddedOptions,
+    name: String,
+) -> Result<(Engine, SessionHandle), Error> {
+    let uffd = register(memory.host_addr(), memory.len())?;
+    let page_size = memory.backing().page_size();
+    let engine = Engine::start(
+        EngineConfig {
+            threads: opts.threads.max(1),
+            ..EngineConfig::default()
+        },
+        None,
+    )
+    .map_err(|e| Error::Engine(e.to_string()))?;
+    let ps = pager::PageSize::from_bytes(page_size)
+        .ok_or_else(|| Error::Engine(format!("page size {page_size}")))?;
+    let handle = engine
+        .add(SessionSpec {
+            name,
+            uffd,
+            regions: vec![pager::Region {
+                host_base: memory.host_addr(),
+                len: memory.len(),
+                source_offset: 0,
+                page_size: ps,
+            }],
+            source,
+            pid: None,
+            hangup: None,
+            config: SessionConfig {
+                cluster_pages: opts.cluster_pages.max(1),
+                adaptive_cluster: opts.adaptive_cluster,
+                background: opts.background,
+                record: opts.record.clone(),
+                prefetch: opts.prefetch.clone(),
+                ..SessionConfig::default()
+            },
+            state: None,
+            adopted: false,
+            group: None,
+        })
+        .map_err(|e| Error::Engine(e.to_string()))?;
+    Ok((engine, handle))
+}
+
+/// A userfaultfd (with REMOVE events, for balloons, and the faulting
+/// thread's id) registered over guest memory in MISSING mode.
 fn register(host: u64, len: u64) -> Result<Uffd, Error> {
     let uffd = Uffd::open().map_err(|e| Error::UffdOpen(e.to_string()))?;
-    uffd.api(Features::EVENT_REMOVE)
+    uffd.api(Features::EVENT_REMOVE | Features::THREAD_ID)
         .map_err(|e| Error::UffdOpen(e.to_string()))?;
     uffd.register(host, len as usize, RegisterMode::MISSING)?;
     Ok(uffd)

@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -68,7 +68,38 @@ struct Control {
     /// Bumped by every resume; parked vCPUs wait for it to change.
     epoch: Mutex<u64>,
     cv: Condvar,
+    /// Share of each [`THROTTLE_PERIOD`] a vCPU sleeps instead of running,
+    /// in percent (0: none). See [`Vm::set_throttle`].
+    throttle: AtomicU32,
+    /// Each vCPU thread's kernel thread id, once it runs (0 before).
+    tids: Vec<AtomicU32>,
 }
+
+/// KVM's dirty log and the memory's host log of one VM, usable from any
+/// thread (see [`Vm::start_dirty_log`]).
+#[derive(Clone)]
+pub struct DirtyLogger {
+    vm_fd: Arc<VmFd>,
+    memory: Arc<GuestMemory>,
+}
+
+impl DirtyLogger {
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// As [`Vm::take_dirty_log`].
+    pub fn take_dirty_log(&self) -> Result<Vec<u64>, Error> {
+        self.vm_fd
+            .get_dirty_log(0, self.memory.len() as usize)
+            .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))
+    }
+}
+
+/// The period of vCPU throttling: a throttled vCPU is kicked out of the
+/// guest this often and sleeps its share of it (QEMU's cpu-throttle uses
+/// 10 ms too).
+pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
 impl Control {
     fn epoch(&self) -> u64 {
@@ -125,11 +156,13 @@ pub struct Progress {
 pub struct Vm {
     _kvm: Kvm,
     /// Kept only to keep the VM alive; dropped before `memory`.
-    _vm: VmFd,
+    vm_fd: Arc<VmFd>,
     memory: Arc<GuestMemory>,
     config: VmConfig,
     idle: Vec<VcpuFd>,
     threads: Vec<Option<JoinHandle<()>>>,
+    /// Kicks throttled vCPUs every [`THROTTLE_PERIOD`] (see `set_throttle`).
+    throttler: Option<JoinHandle<()>>,
     ctl: Arc<Control>,
     tx: Sender<VmEvent>,
     rx: Receiver<VmEvent>,
@@ -189,17 +222,20 @@ impl Vm {
         let n = config.vcpus as usize;
         Ok(Vm {
             _kvm: kvm,
-            _vm: vm,
+            vm_fd: Arc::new(vm),
             memory,
             config,
             idle,
             threads: Vec::new(),
+            throttler: None,
             ctl: Arc::new(Control {
                 pause: AtomicBool::new(false),
                 stop: AtomicBool::new(false),
                 park_at: AtomicU64::new(u64::MAX),
                 epoch: Mutex::new(0),
                 cv: Condvar::new(),
+                throttle: AtomicU32::new(0),
+                tids: (0..n).map(|_| AtomicU32::new(0)).collect(),
             }),
             tx,
             rx,
@@ -217,6 +253,95 @@ impl Vm {
 
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.memory
+    }
+
+    fn set_slot_flags(&self, flags: u32) -> Result<(), Error> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags,
+            guest_phys_addr: 0,
+            memory_size: self.memory.len(),
+            userspace_addr: self.memory.host_addr(),
+        };
+        // SAFETY: the same mapping as in `create`, kept alive as long as the
+        // VM; only the slot's flags change.
+        unsafe { self.vm_fd.set_user_memory_region(region) }
+            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION (dirty logging)"))
+    }
+
+    /// Starts KVM's dirty log on guest RAM (`KVM_MEM_LOG_DIRTY_PAGES`):
+    /// from now on [`take_dirty_log`](Self::take_dirty_log) says which pages
+    /// vCPUs wrote. Host-side changes are in the memory's own log
+    /// ([`GuestMemory::start_log`]), which this starts too.
+    pub fn start_dirty_log(&self) -> Result<(), Error> {
+        self.memory.start_log();
+        self.set_slot_flags(kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)
+    }
+
+    /// Stops dirty logging (both logs).
+    pub fn stop_dirty_log(&self) -> Result<(), Error> {
+        self.memory.stop_log();
+        self.set_slot_flags(0)
+    }
+
+    /// The 4 KiB pages vCPUs wrote since logging started or since the last
+    /// call, one bit per page (bit `p % 64` of word `p / 64`); the log
+    /// starts again, empty (`KVM_GET_DIRTY_LOG` write-protects the pages it
+    /// reports).
+    pub fn take_dirty_log(&self) -> Result<Vec<u64>, Error> {
+        self.vm_fd
+            .get_dirty_log(0, self.memory.len() as usize)
+            .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))
+    }
+
+    /// Throttles every vCPU to run only `100 - percent`% of the time
+    /// (0: not at all; at most 99), as QEMU's auto-converge does, so that a
+    /// guest dirtying memory faster than a link carries it lets pre-copy
+    /// converge. A throttled vCPU is kicked out of the guest every
+    /// [`THROTTLE_PERIOD`] and sleeps its share of it.
+    pub fn set_throttle(&mut self, percent: u32) {
+        let p = percent.min(99);
+        self.ctl.throttle.store(p, Ordering::Release);
+        if p == 0 || self.throttler.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let ctl = self.ctl.clone();
+        let targets: Vec<libc::pthread_t> = self
+            .threads
+            .iter()
+            .flatten()
+            .map(|h| std::os::unix::thread::JoinHandleExt::as_pthread_t(h) as libc::pthread_t)
+            .collect();
+        let spawned = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || {
+                while !ctl.stop.load(Ordering::Acquire) && ctl.throttle.load(Ordering::Acquire) > 0
+                {
+                    for &t in &targets {
+                        // SAFETY: the vCPU threads are joined only after
+                        // `stop` is set, which ends this loop first
+                        // (`Vm::stop` joins this thread before them); a
+                        // signal to a live thread with a no-op handler only
+                        // interrupts KVM_RUN.
+                        unsafe { libc::pthread_kill(t, kick_signal()) };
+                    }
+                    std::thread::sleep(THROTTLE_PERIOD);
+                }
+            });
+        match spawned {
+            Ok(h) => self.throttler = Some(h),
+            Err(e) => tracing::warn!("vCPU throttling is off: spawning its thread: {e}"),
+        }
+    }
+
+    /// Each vCPU thread's kernel thread id (0 for one that has not started):
+    /// what a page server's per-thread blocktime is keyed by.
+    pub fn vcpu_tids(&self) -> Vec<u32> {
+        self.ctl
+            .tids
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .collect()
     }
 
     pub fn config(&self) -> VmConfig {
@@ -484,25 +609,17 @@ impl Vm {
             .collect()
     }
 
-    /// Writes `dir/state.json` and `dir/memory.bin` (Firecracker's layout)
-    /// for a paused VM.
-    pub fn snapshot(&self, dir: &Path) -> Result<VmState, Error> {
+    /// The state of a paused VM (its memory aside): what a snapshot's
+    /// `state.json` holds and what a migration sends.
+    pub fn state(&self) -> Result<VmState, Error> {
         let mut vcpus = self.states()?;
         for ((v, last), before) in vcpus.iter_mut().zip(&self.last).zip(&self.restored_passes) {
             v.last_pass = last.map(|r| r.pass).or(*before);
         }
         let workload = self
             .workload
-            .ok_or_else(|| Error::Config("nothing to snapshot: no workload was booted".into()))?;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let mem_path = dir.join("memory.bin");
-        let mut f = std::fs::File::create(&mem_path)
-            .map_err(|e| Error::io(format!("creating {}", mem_path.display()), e))?;
-        self.memory.save(&mut f)?;
-        f.sync_all()
-            .map_err(|e| Error::io(format!("syncing {}", mem_path.display()), e))?;
-        let state = VmState {
+            .ok_or_else(|| Error::Config("nothing to save: no workload was booted".into()))?;
+        Ok(VmState {
             format: crate::state::FORMAT.into(),
             version: crate::state::VERSION,
             memory: MemoryState {
@@ -517,7 +634,35 @@ impl Vm {
             },
             workload,
             vcpus,
-        };
+        })
+    }
+
+    /// Whether every vCPU is parked, paused or halted.
+    pub fn all_parked(&self) -> bool {
+        (0..self.config.vcpus as usize).all(|i| self.paused[i].is_some() || self.halted[i])
+    }
+
+    /// A handle on KVM's dirty log and the memory's host log that other
+    /// threads can use (a migration's sender).
+    pub fn dirty_logger(&self) -> DirtyLogger {
+        DirtyLogger {
+            vm_fd: self.vm_fd.clone(),
+            memory: self.memory.clone(),
+        }
+    }
+
+    /// Writes `dir/state.json` and `dir/memory.bin` (Firecracker's layout)
+    /// for a paused VM.
+    pub fn snapshot(&self, dir: &Path) -> Result<VmState, Error> {
+        let state = self.state()?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let mem_path = dir.join("memory.bin");
+        let mut f = std::fs::File::create(&mem_path)
+            .map_err(|e| Error::io(format!("creating {}", mem_path.display()), e))?;
+        self.memory.save(&mut f)?;
+        f.sync_all()
+            .map_err(|e| Error::io(format!("syncing {}", mem_path.display()), e))?;
         state.save(&dir.join("state.json"))?;
         Ok(state)
     }
@@ -527,6 +672,9 @@ impl Vm {
     pub fn stop(&mut self, timeout: Duration) -> Result<(), Error> {
         self.ctl.stop.store(true, Ordering::Release);
         self.ctl.bump();
+        if let Some(h) = self.throttler.take() {
+            let _ = h.join();
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let running: Vec<usize> = (0..self.threads.len())
@@ -619,6 +767,12 @@ fn save_vcpu(id: u32, fd: &VcpuFd) -> Result<VcpuState, String> {
 }
 
 fn vcpu_loop(id: u32, mut fd: VcpuFd, ctl: &Control, mem: &GuestMemory, tx: &Sender<VmEvent>) {
+    if let Some(t) = ctl.tids.get(id as usize) {
+        t.store(
+            rustix::thread::gettid().as_raw_nonzero().get() as u32,
+            Ordering::Release,
+        );
+    }
     let mut parked = false;
     let fail = |reason: String, fd: &VcpuFd| {
         let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
@@ -693,7 +847,13 @@ fn vcpu_loop(id: u32, mut fd: VcpuFd, ctl: &Control, mem: &GuestMemory, tx: &Sen
             Exit::OtherPortOut(port) => {
                 tracing::debug!(vcpu = id, port, "write to a port with no device");
             }
-            Exit::PortIn | Exit::Retry => {}
+            Exit::PortIn => {}
+            Exit::Retry => {
+                let t = ctl.throttle.load(Ordering::Acquire);
+                if t > 0 && !ctl.pause.load(Ordering::Acquire) {
+                    std::thread::sleep(THROTTLE_PERIOD * t / 100);
+                }
+            }
             Exit::Halt => {
                 let _ = tx.send(VmEvent::Halted(id));
                 return;

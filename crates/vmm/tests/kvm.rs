@@ -413,3 +413,72 @@ fn a_corrupt_memory_file_is_caught_by_the_guest() {
         }
     }
 }
+
+#[test]
+fn dirty_log_sees_guest_and_host_writes_and_discards() {
+    if !have_kvm("dirty_log_sees_guest_and_host_writes_and_discards") {
+        return;
+    }
+    let mut vm = vm(16, 1);
+    vm.boot(Workload::new(WorkloadKind::Sparse, 5))
+        .expect("boot");
+    vm.start(Some(1)).expect("start");
+    vm.run_to_pass(std::time::Instant::now(), T)
+        .expect("pass 1");
+    vm.start_dirty_log().expect("dirty log");
+    // Parked: nothing written since logging started.
+    let quiet = vm.take_dirty_log().expect("log");
+    let count = |b: &[u64]| b.iter().map(|w| w.count_ones() as u64).sum::<u64>();
+    assert_eq!(count(&quiet), 0, "a parked guest dirtied pages");
+    vm.resume_to_pass(2);
+    vm.run_to_pass(std::time::Instant::now(), T)
+        .expect("pass 2");
+    let dirty = vm.take_dirty_log().expect("log");
+    let plan = vm.plans()[0];
+    // The sparse guest rewrites one page in ten of its slice each pass.
+    for p in (plan.base..plan.end).step_by(10 * 4096) {
+        let page = (p / 4096) as usize;
+        assert!(
+            dirty[page / 64] & (1 << (page % 64)) != 0,
+            "page {p:#x} written by the guest is not in the dirty log"
+        );
+    }
+    let untouched = ((plan.base + 4096) / 4096) as usize;
+    assert!(dirty[untouched / 64] & (1 << (untouched % 64)) == 0);
+    assert_eq!(count(&vm.take_dirty_log().expect("log")), 0);
+    // Host-side changes go to the memory's own log.
+    vm.memory().write_u64(0xc_0000, 7).expect("write");
+    vm.memory().discard(0xc_1000, 8192).expect("discard");
+    let host = vm.memory().take_log();
+    assert_eq!(host.written, vec![(0xc_0000, 8)]);
+    assert_eq!(host.discarded, vec![(0xc_1000, 8192)]);
+    assert!(vm.memory().take_log().written.is_empty());
+    vm.stop_dirty_log().expect("stop");
+    vm.memory().write_u64(0xc_0000, 8).expect("write");
+    assert!(vm.memory().take_log().written.is_empty());
+}
+
+#[test]
+fn throttled_guest_runs_slower_and_still_verifies() {
+    if !have_kvm("throttled_guest_runs_slower_and_still_verifies") {
+        return;
+    }
+    let mut vm = vm(16, 2);
+    vm.boot(Workload::new(WorkloadKind::Walker, 6))
+        .expect("boot");
+    vm.start(Some(2)).expect("start");
+    vm.run_to_pass(std::time::Instant::now(), T)
+        .expect("pass 2");
+    assert!(
+        vm.vcpu_tids().iter().all(|t| *t != 0),
+        "{:?}",
+        vm.vcpu_tids()
+    );
+    vm.set_throttle(90);
+    vm.resume_to_pass(4);
+    let p = vm
+        .run_to_pass(std::time::Instant::now(), T)
+        .expect("pass 4");
+    assert!(p.last.iter().all(|r| r.is_some_and(|r| r.mismatches == 0)));
+    vm.set_throttle(0);
+}
