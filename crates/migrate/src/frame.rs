@@ -506,3 +506,126 @@ pub fn encode_bitmap(words: &[u64]) -> Vec<u8> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            protocol: PROTOCOL.into(),
+            version: VERSION,
+            role: Role::Main,
+            session: 42,
+            resume: false,
+            layout: Layout {
+                mem_bytes: 64 << 20,
+                vcpus: 2,
+                backing: "anonymous".into(),
+                page_size: PAGE,
+            },
+        }
+    }
+
+    /// A stream of one frame of each payload kind, as a source writes them.
+    pub(crate) fn sample_stream() -> Vec<u8> {
+        let mut v = Vec::new();
+        write_json(&mut v, Kind::Hello, &hello()).expect("hello");
+        write_frame(&mut v, Kind::Pages, &[&3u64.to_le_bytes(), &[7u8; 8192]]).expect("pages");
+        write_frame(&mut v, Kind::Zero, &[&Ranges(vec![(10, 4)]).encode()]).expect("zero");
+        write_frame(&mut v, Kind::Discard, &[&Ranges(vec![(20, 1)]).encode()]).expect("discard");
+        write_json(&mut v, Kind::RoundEnd, &RoundEnd { round: 1, pages: 5, dirty: 2 }).expect("round");
+        write_frame(&mut v, Kind::State, &[b"{}"]).expect("state");
+        let mut bm = vec![0u64; (16384 / 64) as usize];
+        bm[0] = 0b1010;
+        write_frame(&mut v, Kind::Switchover, &[&1u64.to_le_bytes(), &encode_bitmap(&bm)]).expect("switch");
+        write_frame(&mut v, Kind::Done, &[]).expect("done");
+        v
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let s = sample_stream();
+        let mut r = &s[..];
+        let mut buf = Vec::new();
+        let pages = 16384;
+        let k = read_frame(&mut r, &mut buf).expect("hello");
+        assert_eq!(json::<Hello>(k, &buf).expect("json"), hello());
+        assert_eq!(read_frame(&mut r, &mut buf).expect("pages"), Kind::Pages);
+        let (first, data) = decode_pages(&buf, pages).expect("decode");
+        assert_eq!((first, data.len()), (3, 8192));
+        assert_eq!(read_frame(&mut r, &mut buf).expect("zero"), Kind::Zero);
+        assert_eq!(Ranges::decode(Kind::Zero, &buf, pages).expect("ranges").0, vec![(10, 4)]);
+        assert_eq!(read_frame(&mut r, &mut buf).expect("discard"), Kind::Discard);
+        assert_eq!(read_frame(&mut r, &mut buf).expect("round"), Kind::RoundEnd);
+        assert_eq!(read_frame(&mut r, &mut buf).expect("state"), Kind::State);
+        assert_eq!(read_frame(&mut r, &mut buf).expect("switch"), Kind::Switchover);
+        let (post, bm) = decode_switchover(&buf, pages).expect("switchover");
+        assert!(post);
+        assert_eq!(bm[0], 0b1010);
+        assert_eq!(read_frame(&mut r, &mut buf).expect("done"), Kind::Done);
+        assert!(matches!(read_frame(&mut r, &mut buf), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn hostile_frames_are_refused_with_reasons() {
+        let mut buf = Vec::new();
+        let good = sample_stream();
+        // Junk.
+        let e = read_frame(&mut &b"GET / HTTP/1.1\r\n\r\n......"[..], &mut buf).unwrap_err();
+        assert!(e.to_string().contains("not a pagewire migration frame"), "{e}");
+        // Oversized: the length is refused before anything is allocated.
+        let mut big = good.clone();
+        big[4] = Kind::Done as u8;
+        big[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let e = read_frame(&mut &big[..], &mut buf).unwrap_err();
+        assert!(e.to_string().contains("larger than the protocol allows"), "{e}");
+        // Truncated.
+        let e = read_frame(&mut &good[..30], &mut buf).unwrap_err();
+        assert!(e.to_string().contains("ended inside a frame"), "{e}");
+        // Damaged.
+        let mut bad = good.clone();
+        bad[30] ^= 1;
+        let e = read_frame(&mut &bad[..], &mut buf).unwrap_err();
+        assert!(matches!(e, FrameError::Checksum(Kind::Hello)), "{e}");
+        // Unknown kind, reserved bytes.
+        let mut k = good.clone();
+        k[4] = 99;
+        assert!(matches!(read_frame(&mut &k[..], &mut buf), Err(FrameError::Kind(99))));
+        let mut z = good;
+        z[6] = 1;
+        assert!(matches!(read_frame(&mut &z[..], &mut buf), Err(FrameError::Reserved)));
+        // Payloads that lie about the guest.
+        let mut p = 16383u64.to_le_bytes().to_vec();
+        p.extend_from_slice(&[1; 8192]);
+        assert!(decode_pages(&p, 16384).is_err());
+        assert!(decode_pages(&p[..100], 16384).is_err());
+        assert!(Ranges::decode(Kind::Zero, &Ranges(vec![(u64::MAX, 2)]).encode(), 16384).is_err());
+        assert!(Ranges::decode(Kind::Zero, &Ranges(vec![(1, 0)]).encode(), 16384).is_err());
+        assert!(Ranges::decode(Kind::Zero, &[0; 11], 16384).is_err());
+        assert!(decode_bitmap(Kind::Need, &[0xff; 16], 100).is_err());
+        assert!(decode_bitmap(Kind::Need, &[0; 8], 100).is_err());
+        assert!(decode_switchover(&2u64.to_le_bytes(), 64).is_err());
+        let mut h = hello();
+        h.layout.page_size = 2 << 20;
+        assert!(h.layout.check().is_err());
+        assert!(json::<Hello>(Kind::Hello, br#"{"protocol":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn fuzz_seeds() {
+        // The corpus seed of fuzz/fuzz_targets/migrate_frames.rs: a byte
+        // giving the guest's size (16384 pages), then a sample stream.
+        let mut seed = vec![14u8];
+        seed.extend_from_slice(&sample_stream());
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/migrate_frames");
+        let path = format!("{dir}/sample-stream");
+        match std::fs::read(&path) {
+            Ok(committed) => assert_eq!(committed, seed, "{path} is stale: delete it and rerun"),
+            Err(_) => {
+                let _ = std::fs::create_dir_all(dir);
+                std::fs::write(&path, &seed).expect("write the seed");
+            }
+        }
+    }
+}
