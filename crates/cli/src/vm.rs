@@ -409,6 +409,7 @@ pub fn restore(a: &RestoreArgs) -> anyhow::Result<RestoreReport> {
             background: a.background,
             record: a.record.as_ref().map(|_| a.recording.config()),
             prefetch,
+            ..EmbeddedOptions::default()
         }),
         "serve" => RestoreMode::External {
             socket: a

@@ -399,7 +399,10 @@ impl Incoming {
         let (main, urgent) = (self.main, self.urgent);
         std::thread::Builder::new()
             .name("migrate-link".into())
-            .spawn(move || i.keep_link(main, urgent, listener, resume_timeout))
+            .spawn(move || {
+                crate::link::raise_priority();
+                i.keep_link(main, urgent, listener, resume_timeout)
+            })
             .map_err(|e| ReceiveError::Ram(format!("spawning the link thread: {e}")))?;
         Ok(NetSource { inner })
     }
@@ -606,10 +609,11 @@ impl Inner {
                 self.duplicates.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let d = &data[(i * PAGE) as usize..((i + 1) * PAGE) as usize];
-            if !crate::bits::is_zero(d) {
-                self.staging.write(p * PAGE, d);
-            }
+            // Zero pages come as Zero frames: a data page is written as is.
+            self.staging.write(
+                p * PAGE,
+                &data[(i * PAGE) as usize..((i + 1) * PAGE) as usize],
+            );
             if self.arrived.set(p) {
                 fresh += 1;
             }
@@ -747,7 +751,10 @@ impl Inner {
                 let (Ok(u), Ok(m)) = (u, m) else {
                     return Err(FrameError::Closed);
                 };
-                let uh = sc.spawn(|| self.receive(u, false));
+                let uh = sc.spawn(|| {
+                    crate::link::raise_priority();
+                    self.receive(u, false)
+                });
                 let r = self.receive(m, true);
                 // Main ended (all arrived, or broken): stop the urgent side.
                 let _ = urgent.shutdown(std::net::Shutdown::Both);

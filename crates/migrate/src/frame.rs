@@ -534,11 +534,25 @@ mod tests {
         write_frame(&mut v, Kind::Pages, &[&3u64.to_le_bytes(), &[7u8; 8192]]).expect("pages");
         write_frame(&mut v, Kind::Zero, &[&Ranges(vec![(10, 4)]).encode()]).expect("zero");
         write_frame(&mut v, Kind::Discard, &[&Ranges(vec![(20, 1)]).encode()]).expect("discard");
-        write_json(&mut v, Kind::RoundEnd, &RoundEnd { round: 1, pages: 5, dirty: 2 }).expect("round");
+        write_json(
+            &mut v,
+            Kind::RoundEnd,
+            &RoundEnd {
+                round: 1,
+                pages: 5,
+                dirty: 2,
+            },
+        )
+        .expect("round");
         write_frame(&mut v, Kind::State, &[b"{}"]).expect("state");
         let mut bm = vec![0u64; (16384 / 64) as usize];
         bm[0] = 0b1010;
-        write_frame(&mut v, Kind::Switchover, &[&1u64.to_le_bytes(), &encode_bitmap(&bm)]).expect("switch");
+        write_frame(
+            &mut v,
+            Kind::Switchover,
+            &[&1u64.to_le_bytes(), &encode_bitmap(&bm)],
+        )
+        .expect("switch");
         write_frame(&mut v, Kind::Done, &[]).expect("done");
         v
     }
@@ -555,16 +569,28 @@ mod tests {
         let (first, data) = decode_pages(&buf, pages).expect("decode");
         assert_eq!((first, data.len()), (3, 8192));
         assert_eq!(read_frame(&mut r, &mut buf).expect("zero"), Kind::Zero);
-        assert_eq!(Ranges::decode(Kind::Zero, &buf, pages).expect("ranges").0, vec![(10, 4)]);
-        assert_eq!(read_frame(&mut r, &mut buf).expect("discard"), Kind::Discard);
+        assert_eq!(
+            Ranges::decode(Kind::Zero, &buf, pages).expect("ranges").0,
+            vec![(10, 4)]
+        );
+        assert_eq!(
+            read_frame(&mut r, &mut buf).expect("discard"),
+            Kind::Discard
+        );
         assert_eq!(read_frame(&mut r, &mut buf).expect("round"), Kind::RoundEnd);
         assert_eq!(read_frame(&mut r, &mut buf).expect("state"), Kind::State);
-        assert_eq!(read_frame(&mut r, &mut buf).expect("switch"), Kind::Switchover);
+        assert_eq!(
+            read_frame(&mut r, &mut buf).expect("switch"),
+            Kind::Switchover
+        );
         let (post, bm) = decode_switchover(&buf, pages).expect("switchover");
         assert!(post);
         assert_eq!(bm[0], 0b1010);
         assert_eq!(read_frame(&mut r, &mut buf).expect("done"), Kind::Done);
-        assert!(matches!(read_frame(&mut r, &mut buf), Err(FrameError::Closed)));
+        assert!(matches!(
+            read_frame(&mut r, &mut buf),
+            Err(FrameError::Closed)
+        ));
     }
 
     #[test]
@@ -573,13 +599,19 @@ mod tests {
         let good = sample_stream();
         // Junk.
         let e = read_frame(&mut &b"GET / HTTP/1.1\r\n\r\n......"[..], &mut buf).unwrap_err();
-        assert!(e.to_string().contains("not a pagewire migration frame"), "{e}");
+        assert!(
+            e.to_string().contains("not a pagewire migration frame"),
+            "{e}"
+        );
         // Oversized: the length is refused before anything is allocated.
         let mut big = good.clone();
         big[4] = Kind::Done as u8;
         big[8..12].copy_from_slice(&1u32.to_le_bytes());
         let e = read_frame(&mut &big[..], &mut buf).unwrap_err();
-        assert!(e.to_string().contains("larger than the protocol allows"), "{e}");
+        assert!(
+            e.to_string().contains("larger than the protocol allows"),
+            "{e}"
+        );
         // Truncated.
         let e = read_frame(&mut &good[..30], &mut buf).unwrap_err();
         assert!(e.to_string().contains("ended inside a frame"), "{e}");
@@ -591,10 +623,16 @@ mod tests {
         // Unknown kind, reserved bytes.
         let mut k = good.clone();
         k[4] = 99;
-        assert!(matches!(read_frame(&mut &k[..], &mut buf), Err(FrameError::Kind(99))));
+        assert!(matches!(
+            read_frame(&mut &k[..], &mut buf),
+            Err(FrameError::Kind(99))
+        ));
         let mut z = good;
         z[6] = 1;
-        assert!(matches!(read_frame(&mut &z[..], &mut buf), Err(FrameError::Reserved)));
+        assert!(matches!(
+            read_frame(&mut &z[..], &mut buf),
+            Err(FrameError::Reserved)
+        ));
         // Payloads that lie about the guest.
         let mut p = 16383u64.to_le_bytes().to_vec();
         p.extend_from_slice(&[1; 8192]);
@@ -618,7 +656,10 @@ mod tests {
         // giving the guest's size (16384 pages), then a sample stream.
         let mut seed = vec![14u8];
         seed.extend_from_slice(&sample_stream());
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/migrate_frames");
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fuzz/corpus/migrate_frames"
+        );
         let path = format!("{dir}/sample-stream");
         match std::fs::read(&path) {
             Ok(committed) => assert_eq!(committed, seed, "{path} is stale: delete it and rerun"),

@@ -74,6 +74,23 @@ impl Bandwidth {
     }
 }
 
+/// The nice value of the threads that move post-copy pages (both ends):
+/// the same as the pager's serving threads. In post-copy a vCPU that runs
+/// needs pages these threads bring, so they go first.
+pub const POSTCOPY_NICE: i32 = -10;
+
+/// Sets the calling thread's nice value to [`POSTCOPY_NICE`] (a warning,
+/// once, without CAP_SYS_NICE).
+pub fn raise_priority() {
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), POSTCOPY_NICE) {
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!("cannot raise the migration threads' priority ({e}): they keep theirs");
+        }
+    }
+}
+
 /// Connects to `to` with a deadline for the whole attempt.
 pub fn connect(to: &str, timeout: Duration) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{to}: no address"));

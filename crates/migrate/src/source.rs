@@ -152,6 +152,8 @@ pub struct Report {
     pub switchover: Switchover,
     pub mem_bytes: u64,
     pub vcpus: u32,
+    /// From the start until the destination had every page (its guest
+    /// then runs verification passes, not counted here).
     pub total_ms: f64,
     /// From stopping the vCPUs here to hearing they run there (an upper
     /// bound: it includes the reply's trip).
@@ -479,6 +481,9 @@ pub fn migrate(
     let before = bytes.load(Ordering::Relaxed);
     let mut conns = (main, urgent);
     if postcopy {
+        // The guest runs on the destination now, waiting for what this
+        // thread sends.
+        crate::link::raise_priority();
         loop {
             match run_postcopy(
                 guest,
@@ -515,7 +520,12 @@ pub fn migrate(
     }
     guest.stop_tracking();
     report.postcopy.bytes = bytes.load(Ordering::Relaxed) - before;
-    report.postcopy.ms = t_post.elapsed().as_secs_f64() * 1e3;
+    // Migrated: the destination has every page (post-copy ends when it
+    // closes the urgent connection, having them all).
+    report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if postcopy {
+        report.postcopy.ms = t_post.elapsed().as_secs_f64() * 1e3;
+    }
     // The destination's final word (it verifies the guest first).
     let mut r = conns.0.try_clone().map_err(|e| MigrateError::Connect {
         to: to.into(),
@@ -547,7 +557,6 @@ pub fn migrate(
             }
         }
     }
-    report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
     report.bytes_total = bytes.load(Ordering::Relaxed);
     if let Some(rate) = opts.max_bandwidth {
         let busy = (report.precopy.ms + report.stop_copy.ms + report.postcopy.ms) / 1e3;
@@ -753,6 +762,7 @@ fn run_postcopy(
     let result: Result<(), MigrateError> = std::thread::scope(|sc| {
         // Urgent: requests in, their pages out, first.
         let urgent = sc.spawn(|| -> Result<(), MigrateError> {
+            crate::link::raise_priority();
             let mut pw = PageWriter::new(guest);
             let mut buf = Vec::new();
             while !done.load(Ordering::Acquire) {
@@ -771,19 +781,33 @@ fn run_postcopy(
                 requests.fetch_add(1, Ordering::Relaxed);
                 for &(first, n) in &r.0 {
                     let end = first + u64::from(n);
-                    {
+                    // Only pages not sent yet: the others are on their way
+                    // on the stream, which TCP delivers in order (after a
+                    // broken link, the destination's Need has them again).
+                    let runs: Vec<(u64, u64)> = {
                         let mut todo = todo.lock().unwrap_or_else(|e| e.into_inner());
-                        todo.clear_range(first..end);
-                    }
-                    let mut p = first;
-                    while p < end {
-                        let k = (end - p).min(u64::from(MAX_PAGES_PER_FRAME));
-                        let (d, z) = pw.send(&mut urgent_w, p, k, bw, true).inspect_err(|_| {
-                            broken.store(true, Ordering::Release);
-                        })?;
-                        urgent_pages.fetch_add(d, Ordering::Relaxed);
-                        zero_pages.fetch_add(z, Ordering::Relaxed);
-                        p += k;
+                        let mut runs = Vec::new();
+                        let mut p = first;
+                        while let Some(s) = todo.next_set(p).filter(|s| *s < end) {
+                            let e = todo.run_end(s, end - s);
+                            todo.clear_range(s..e);
+                            runs.push((s, e));
+                            p = e;
+                        }
+                        runs
+                    };
+                    for (s, e) in runs {
+                        let mut p = s;
+                        while p < e {
+                            let k = (e - p).min(u64::from(MAX_PAGES_PER_FRAME));
+                            let (d, z) =
+                                pw.send(&mut urgent_w, p, k, bw, true).inspect_err(|_| {
+                                    broken.store(true, Ordering::Release);
+                                })?;
+                            urgent_pages.fetch_add(d, Ordering::Relaxed);
+                            zero_pages.fetch_add(z, Ordering::Relaxed);
+                            p += k;
+                        }
                     }
                     // The stream goes on from where the guest faults.
                     cursor.store(end, Ordering::Release);

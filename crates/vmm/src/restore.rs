@@ -52,6 +52,8 @@ pub struct EmbeddedOptions {
     /// Adaptive fault-around (see `pager::SessionConfig::adaptive_cluster`).
     pub adaptive_cluster: bool,
     pub background: bool,
+    /// Pages per background step (`pager::SessionConfig::background_chunk`).
+    pub background_chunk: usize,
     /// Record the working set (take it with [`Restored::recording`]).
     pub record: Option<pager::RecordConfig>,
     /// Map this recorded working set ahead of faults.
@@ -66,6 +68,7 @@ impl std::fmt::Debug for EmbeddedOptions {
             .field("cluster_pages", &self.cluster_pages)
             .field("adaptive_cluster", &self.adaptive_cluster)
             .field("background", &self.background)
+            .field("background_chunk", &self.background_chunk)
             .field("record", &self.record)
             .field("prefetch", &self.prefetch)
             .finish()
@@ -80,6 +83,7 @@ impl Default for EmbeddedOptions {
             cluster_pages: SessionConfig::default().cluster_pages,
             adaptive_cluster: true,
             background: false,
+            background_chunk: SessionConfig::default().background_chunk,
             record: None,
             prefetch: None,
         }
@@ -360,6 +364,7 @@ pub fn serve_embedded(
                 cluster_pages: opts.cluster_pages.max(1),
                 adaptive_cluster: opts.adaptive_cluster,
                 background: opts.background,
+                background_chunk: opts.background_chunk.max(1),
                 record: opts.record.clone(),
                 prefetch: opts.prefetch.clone(),
                 ..SessionConfig::default()

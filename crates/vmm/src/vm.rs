@@ -637,6 +637,11 @@ impl Vm {
         })
     }
 
+    /// Each vCPU's last report in this run.
+    pub fn last_reports(&self) -> Vec<Option<Report>> {
+        self.last.clone()
+    }
+
     /// Whether every vCPU is parked, paused or halted.
     pub fn all_parked(&self) -> bool {
         (0..self.config.vcpus as usize).all(|i| self.paused[i].is_some() || self.halted[i])
