@@ -27,8 +27,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use testbed::{bail, chain, ensure, Context as _, Error, Mapping, TempDir};
 
+mod migrate;
 #[cfg(feature = "s3")]
 mod s3;
+
+pub use migrate::{mode_args, run_migrate, MigrateConfig, MigrateReport, MigrateTable};
 
 pub use testbed::Result;
 

@@ -88,6 +88,56 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// `pagewire bench-migrate`: live migration between two processes over
+/// loopback, mode by mode, interleaved, with the link's and memcpy's speeds.
+#[derive(clap::Args, Debug)]
+pub struct BenchMigrateArgs {
+    /// Guest memory (the walker rewrites all of it, every pass).
+    #[arg(long, default_value = "512M", value_parser = testbed::parse_size_2m)]
+    pub mem: u64,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Modes, comma separated: postcopy, precopy+postcopy, precopy.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "postcopy,precopy+postcopy,precopy"
+    )]
+    pub modes: Vec<String>,
+    /// Limit the link (bits/s: 1G is 1 Gbit/s).
+    #[arg(long)]
+    pub max_bandwidth: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    pub downtime_limit_ms: u64,
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_migrate(args: &BenchMigrateArgs) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("finding the pagewire binary")?;
+    let report = bench::run_migrate(&bench::MigrateConfig {
+        exe,
+        mem: args.mem,
+        vcpus: args.vcpus,
+        modes: args.modes.clone(),
+        max_bandwidth: args.max_bandwidth.clone(),
+        downtime_limit_ms: args.downtime_limit_ms,
+        runs: args.runs,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", bench::MigrateTable(&report));
+    }
+    Ok(if report.summary.iter().all(|s| s.all_verified) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 /// `pagewire bench-floor`: the minimal handler (hidden).
 #[derive(clap::Args, Debug)]
 pub struct FloorArgs {

@@ -48,6 +48,10 @@ enum Command {
     /// Run the same work against several handlers and the physical
     /// baselines, and print a table.
     Bench(bench::BenchArgs),
+    /// Live migration between two processes over loopback: post-copy,
+    /// pre-copy then post-copy, pre-copy alone; medians of several runs
+    /// beside the link's and memcpy's own speeds.
+    BenchMigrate(bench::BenchMigrateArgs),
     /// Draw what restores did, from `serve --stats-json` lines: per VM,
     /// pages mapped over time by cause and the fault-latency distribution.
     Report(ReportArgs),
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(&args),
         Command::FcClient(args) => fc_client::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::BenchMigrate(args) => bench::run_migrate(&args),
         Command::BenchFloor(args) => bench::floor(&args),
         Command::Ws(cmd) => ws::run(&cmd),
         Command::Image(cmd) => image::run(cmd).map(|()| ExitCode::SUCCESS),

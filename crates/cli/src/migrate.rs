@@ -222,6 +222,13 @@ fn print_report(r: &migrate::Report, balloon: Option<u64>) {
     );
 }
 
+/// This process's peak resident memory (VmHWM), KiB.
+fn peak_rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let l = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    l.split_whitespace().nth(1)?.parse().ok()
+}
+
 pub fn receive(a: &ReceiveArgs) -> anyhow::Result<ExitCode> {
     let listener =
         TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
@@ -271,13 +278,19 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<ExitCode> {
     }
     let report = received.report.clone();
     received.stop()?;
+    // What this process held at its peak: guest memory plus staging.
+    let peak_rss_mib = peak_rss_kib().unwrap_or(0) as f64 / 1024.0;
     if a.json {
         let mut v = serde_json::to_value(&report)?;
-        if let (Some(s), Some(o)) = (steps, v.as_object_mut()) {
-            o.insert("balloon_steps".into(), s.into());
+        if let Some(o) = v.as_object_mut() {
+            if let Some(s) = steps {
+                o.insert("balloon_steps".into(), s.into());
+            }
+            o.insert("peak_rss_mib".into(), peak_rss_mib.into());
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        println!("peak resident memory {peak_rss_mib:.0} MiB");
         println!(
             "received a {} MiB guest ({} vCPUs) by {}: resumed {} after the switchover, every page here after {}, guest blocktime {} ({}), {} passes {}",
             report.mem_bytes >> 20,

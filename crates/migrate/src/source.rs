@@ -106,6 +106,9 @@ pub trait Guest: Send + Sync {
     fn stop_tracking(&self);
     /// What changed since tracking started or the last call.
     fn take_changes(&self) -> Result<Changes, String>;
+    /// Pages given back since the last call (after the switchover, when
+    /// the vCPUs no longer run here and only a balloon changes memory).
+    fn take_discards(&self) -> Vec<std::ops::Range<u64>>;
 }
 
 /// The VM's vCPUs, as the sender drives them.
@@ -829,25 +832,18 @@ fn run_postcopy(
                 }
                 if last_look.elapsed() >= Duration::from_millis(5) {
                     last_look = Instant::now();
-                    let ch = guest.take_changes().map_err(MigrateError::Guest)?;
-                    let mut todo = todo.lock().unwrap_or_else(|e| e.into_inner());
-                    // The guest runs on the destination now: a host write
-                    // here changes nothing there (and sending the page again
-                    // could overwrite what the guest wrote since). Only
-                    // discards (a balloon) are passed on.
-                    if ch.dirty.as_ref().is_some_and(|d| !d.is_empty()) {
-                        tracing::debug!("host writes to the stopped guest after the switchover are not migrated");
-                    }
-                    for r in &ch.discarded {
-                        todo.clear_range(r.clone());
-                    }
-                    drop(todo);
-                    if !ch.discarded.is_empty() {
+                    // The guest runs on the destination now: only a balloon
+                    // changes memory here, and its discards are passed on.
+                    let gone = guest.take_discards();
+                    if !gone.is_empty() {
+                        let mut todo = todo.lock().unwrap_or_else(|e| e.into_inner());
+                        for r in &gone {
+                            todo.clear_range(r.clone());
+                        }
+                        drop(todo);
                         let mut w = main_w.lock().unwrap_or_else(|e| e.into_inner());
-                        discarded.fetch_add(
-                            send_discards(&mut *w, &ch.discarded, pages)?,
-                            Ordering::Relaxed,
-                        );
+                        discarded
+                            .fetch_add(send_discards(&mut *w, &gone, pages)?, Ordering::Relaxed);
                     }
                 }
                 let run = {

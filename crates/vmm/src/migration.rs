@@ -62,6 +62,16 @@ impl Guest for SourceGuest {
         self.log.memory().stop_log();
     }
 
+    fn take_discards(&self) -> Vec<std::ops::Range<u64>> {
+        self.log
+            .memory()
+            .take_log()
+            .discarded
+            .iter()
+            .map(|(gpa, len)| gpa / PAGE..(gpa + len) / PAGE)
+            .collect()
+    }
+
     fn take_changes(&self) -> Result<Changes, String> {
         let pages = self.log.memory().len() / PAGE;
         // The host log first: a balloon step after it shows up next time.
@@ -200,6 +210,8 @@ pub struct ReceiveReport {
     /// Time vCPUs were blocked (see `vcpu_blocktime`), in all and per vCPU.
     pub blocktime_ms: f64,
     pub blocktime_per_vcpu_ms: Vec<f64>,
+    /// The part of `blocktime_ms` before every page had arrived.
+    pub blocktime_until_arrival_ms: f64,
     /// The pager's own sum of fault waits (it misses some; see
     /// `vcpu_blocktime`).
     pub pager_blocktime_ms: f64,
@@ -284,6 +296,7 @@ pub fn receive(
         blocktime_ms: 0.0,
         blocktime_per_vcpu_ms: vec![0.0; inc.layout.vcpus as usize],
         pager_blocktime_ms: 0.0,
+        blocktime_until_arrival_ms: 0.0,
         passes: start_pass,
         verified: false,
     };
@@ -371,6 +384,14 @@ fn run_postcopy(
             Status::Finished if !finished => {
                 finished = true;
                 report.postcopy_ms = resumed.elapsed().as_secs_f64() * 1e3;
+                // Blocked so far: waiting for pages still on the link.
+                let wall = resumed.elapsed().as_nanos() as u64;
+                report.blocktime_until_arrival_ms = vm
+                    .vcpu_tids()
+                    .into_iter()
+                    .filter_map(schedstat)
+                    .map(|(cpu, runq)| wall.saturating_sub(cpu + runq) as f64 / 1e6)
+                    .sum();
                 // At least one more full pass with every page here.
                 let now = vm.last_pass().unwrap_or(0);
                 if now + 1 >= *target {
