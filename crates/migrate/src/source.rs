@@ -196,6 +196,13 @@ pub enum MigrateError {
     Refused(String),
     #[error("the guest: {0}")]
     Guest(String),
+    #[error("pre-copy did not converge after {rounds} rounds, the last ones with the vCPUs throttled to 1%: {dirty_mib} MiB were dirty again, {estimate:?} to send against a limit of {limit:?}; the guest runs on here. The guest dirties memory faster than the link carries it even throttled: use --switchover auto (post-copy) or a higher --downtime-limit-ms")]
+    NoConvergence {
+        rounds: u32,
+        dirty_mib: u64,
+        estimate: Duration,
+        limit: Duration,
+    },
     #[error("the link broke in post-copy and could not be resumed within {0:?}: the guest is stopped here and its memory is incomplete there")]
     ResumeFailed(Duration),
 }
@@ -591,6 +598,7 @@ fn precopy(
     let t = Instant::now();
     let mut pw = PageWriter::new(guest);
     let mut throttle = 0u32;
+    let mut at_max = 0u32;
     loop {
         let round_start = Instant::now();
         let b0 = bytes.load(Ordering::Relaxed);
@@ -655,10 +663,21 @@ fn precopy(
             match opts.switchover {
                 Switchover::Auto | Switchover::Immediate => return Ok((to_send, false)),
                 Switchover::AfterConverge => {
+                    if throttle >= MAX_THROTTLE {
+                        at_max += 1;
+                        if at_max > ROUNDS_AT_MAX_THROTTLE {
+                            return Err(MigrateError::NoConvergence {
+                                rounds: report.precopy_rounds,
+                                dirty_mib: dirty * PAGE / 1048576,
+                                estimate,
+                                limit: opts.downtime_limit,
+                            });
+                        }
+                    }
                     throttle = if throttle == 0 {
                         50
                     } else {
-                        (throttle + 20).min(99)
+                        (throttle + 20).min(MAX_THROTTLE)
                     };
                     report.throttle_percent = throttle;
                     vcpus.throttle(throttle);
@@ -930,6 +949,11 @@ fn run_postcopy(
     *to_send = todo.into_inner().unwrap_or_else(|e| e.into_inner());
     result
 }
+
+/// The most after-converge throttles the vCPUs, percent (QEMU's maximum).
+const MAX_THROTTLE: u32 = 99;
+/// Rounds at that throttle before pre-copy gives up.
+const ROUNDS_AT_MAX_THROTTLE: u32 = 3;
 
 /// Pages the stream sends at a time (256 KiB): small enough that a
 /// request moves it within a fraction of a millisecond, large enough that
