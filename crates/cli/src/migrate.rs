@@ -124,7 +124,7 @@ pub fn migrate(a: &MigrateArgs) -> anyhow::Result<ExitCode> {
     };
     let pages = a.guest.mem / 4096;
     let bar = Bar::new(pages * 4096, "migrating");
-    let r = migration::migrate_out(&mut vm, &a.to, &opts, Some(lock), &|p| {
+    let r = migration::migrate_out(&mut vm, &a.to, &opts, Some(&lock), &|p| {
         bar.message(p.phase);
         bar.set((p.pages_sent * 4096).min(pages * 4096));
     });

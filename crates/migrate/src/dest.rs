@@ -434,6 +434,7 @@ impl Incoming {
             duplicates: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             resumes: AtomicU64::new(0),
+            discards_applied: AtomicU64::new(0),
             ended: AtomicBool::new(false),
             session: self.session,
             layout: self.layout.clone(),
@@ -487,6 +488,8 @@ struct Inner {
     duplicates: AtomicU64,
     requests: AtomicU64,
     resumes: AtomicU64,
+    /// Post-copy Discard frames applied (a resume tells the source).
+    discards_applied: AtomicU64,
     ended: AtomicBool,
     session: u64,
     layout: Layout,
@@ -741,6 +744,7 @@ impl Inner {
                     let r = Ranges::decode(k, &buf, self.pages)?;
                     self.take_discard(&r)
                         .map_err(|e| FrameError::Malformed { kind: k, why: e })?;
+                    self.discards_applied.fetch_add(1, Ordering::AcqRel);
                 }
                 Kind::Done if main => {
                     if !self.all_arrived() {
@@ -913,7 +917,14 @@ impl Inner {
                             self.requested.clear(p);
                         }
                     }
-                    if write_frame(&mut s, Kind::Need, &[&encode_bitmap(&need.words)]).is_err() {
+                    let applied = self.discards_applied.load(Ordering::Acquire);
+                    if write_frame(
+                        &mut s,
+                        Kind::Need,
+                        &[&applied.to_le_bytes(), &encode_bitmap(&need.words)],
+                    )
+                    .is_err()
+                    {
                         continue;
                     }
                     main = Some(s);

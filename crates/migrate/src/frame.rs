@@ -68,8 +68,9 @@ pub enum Kind {
     Complete = 12,
     /// Either way: what went wrong, UTF-8; the connection ends after it.
     Error = 13,
-    /// Destination to source after a resumed connection: the pages it still
-    /// needs (a page bitmap).
+    /// Destination to source after a resumed connection: how many post-copy
+    /// `Discard` frames it applied (u64), then the pages it still needs (a
+    /// page bitmap).
     Need = 14,
 }
 
@@ -100,7 +101,7 @@ impl Kind {
             Kind::Pages => 8 + (MAX_PAGES_PER_FRAME as u64 * PAGE) as usize,
             Kind::Zero | Kind::Discard | Kind::Request => 12 * MAX_RANGES,
             Kind::Switchover => 8 + MAX_BITMAP,
-            Kind::Need => MAX_BITMAP,
+            Kind::Need => 8 + MAX_BITMAP,
             Kind::Done => 0,
             Kind::Error => 4096,
             _ => MAX_CONTROL,
@@ -499,6 +500,15 @@ pub fn decode_bitmap(kind: Kind, b: &[u8], pages: u64) -> Result<Vec<u64>, Frame
     Ok(v)
 }
 
+/// A `Need` payload: the post-copy Discard frames applied, and the bitmap.
+pub fn decode_need(payload: &[u8], pages: u64) -> Result<(u64, Vec<u64>), FrameError> {
+    if payload.len() < 8 {
+        return Err(FrameError::malformed(Kind::Need, "shorter than its count"));
+    }
+    let applied = u64::from_le_bytes(payload[0..8].try_into().unwrap_or([0; 8]));
+    Ok((applied, decode_bitmap(Kind::Need, &payload[8..], pages)?))
+}
+
 pub fn encode_bitmap(words: &[u64]) -> Vec<u8> {
     let mut out = Vec::with_capacity(words.len() * 8);
     for w in words {
@@ -642,6 +652,8 @@ mod tests {
         assert!(Ranges::decode(Kind::Zero, &Ranges(vec![(1, 0)]).encode(), 16384).is_err());
         assert!(Ranges::decode(Kind::Zero, &[0; 11], 16384).is_err());
         assert!(decode_bitmap(Kind::Need, &[0xff; 16], 100).is_err());
+        assert!(decode_need(&[0; 4], 100).is_err());
+        assert_eq!(decode_need(&[3, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 100).ok(), Some((3, vec![1, 0])));
         assert!(decode_bitmap(Kind::Need, &[0; 8], 100).is_err());
         assert!(decode_switchover(&2u64.to_le_bytes(), 64).is_err());
         let mut h = hello();

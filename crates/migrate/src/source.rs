@@ -120,6 +120,9 @@ pub trait Vcpus {
     fn resume(&mut self) -> Result<(), String>;
     /// Runs the vCPUs `100 - percent`% of the time.
     fn throttle(&mut self, percent: u32);
+    /// The switchover has been sent (or failed): whatever `pause` held off
+    /// to keep the guest's state and memory consistent may go on.
+    fn switched(&mut self) {}
 }
 
 /// Progress, for a progress bar.
@@ -351,11 +354,14 @@ impl<'a> PageWriter<'a> {
     }
 }
 
+/// Sends discarded ranges as Discard frames; returns the pages and the
+/// frames' payloads (post-copy keeps them, to send again what a broken link
+/// lost).
 fn send_discards(
     w: &mut impl Write,
     discarded: &[std::ops::Range<u64>],
     pages: u64,
-) -> Result<u64, MigrateError> {
+) -> Result<(u64, Vec<Vec<u8>>), MigrateError> {
     let mut v = Vec::new();
     let mut n = 0;
     for r in discarded {
@@ -368,11 +374,13 @@ fn send_discards(
             p += k;
         }
     }
+    let mut sent = Vec::new();
     for chunk in v.chunks(frame::MAX_RANGES) {
-        write_frame(w, Kind::Discard, &[&Ranges(chunk.to_vec()).encode()])
-            .map_err(link("sending discarded pages"))?;
+        let payload = Ranges(chunk.to_vec()).encode();
+        write_frame(w, Kind::Discard, &[&payload]).map_err(link("sending discarded pages"))?;
+        sent.push(payload);
     }
-    Ok(n)
+    Ok((n, sent))
 }
 
 /// Migrates the VM to `to`. On an error before the switchover the vCPUs
@@ -450,6 +458,7 @@ pub fn migrate(
     let state = vcpus.pause().map_err(MigrateError::Guest)?;
     vcpus.throttle(0);
     let stop = stop_and_copy(guest, &mut w, &bw, &state, to_send, converged, &mut report);
+    vcpus.switched();
     let mut to_send = match stop {
         Ok(t) => t,
         Err(e) => {
@@ -490,6 +499,8 @@ pub fn migrate(
     let t_post = Instant::now();
     let before = bytes.load(Ordering::Relaxed);
     let mut conns = (main, urgent);
+    // Post-copy Discard frames sent, in order (see `reconnect`).
+    let history: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
     if postcopy {
         // The guest runs on the destination now, waiting for what this
         // thread sends.
@@ -504,6 +515,7 @@ pub fn migrate(
                 &mut report,
                 progress,
                 &bytes,
+                &history,
             ) {
                 Ok(()) => break,
                 Err(e) => {
@@ -511,7 +523,23 @@ pub fn migrate(
                         "post-copy link broke: {e}; reconnecting for up to {:?}",
                         opts.resume_timeout
                     );
-                    let (c, need) = reconnect(to, session, &layout, opts.resume_timeout)?;
+                    let (c, need, applied) =
+                        reconnect(to, session, &layout, opts.resume_timeout)?;
+                    // Discards the destination did not apply went down with
+                    // the link: again, in order, before anything else.
+                    let mut w = Counted {
+                        s: c.0.try_clone().map_err(|e| MigrateError::Connect {
+                            to: to.into(),
+                            source: e,
+                        })?,
+                        bytes: bytes.clone(),
+                    };
+                    let h = history.lock().unwrap_or_else(|e| e.into_inner());
+                    for payload in h.iter().skip(applied as usize) {
+                        write_frame(&mut w, Kind::Discard, &[payload])
+                            .map_err(link("sending discarded pages again"))?;
+                    }
+                    drop(h);
                     conns = c;
                     to_send = need;
                     report.resumes += 1;
@@ -629,7 +657,7 @@ fn precopy(
         for r in &ch.discarded {
             to_send.clear_range(r.clone());
         }
-        report.precopy.discarded_pages += send_discards(w, &ch.discarded, pages)?;
+        report.precopy.discarded_pages += send_discards(w, &ch.discarded, pages)?.0;
         report.precopy_rounds += 1;
         let dirty = to_send.count();
         write_json(
@@ -704,7 +732,7 @@ fn stop_and_copy(
     for r in &ch.discarded {
         to_send.clear_range(r.clone());
     }
-    report.stop_copy.discarded_pages += send_discards(w, &ch.discarded, pages)?;
+    report.stop_copy.discarded_pages += send_discards(w, &ch.discarded, pages)?.0;
     if converged {
         let mut pw = PageWriter::new(guest);
         let mut p = 0;
@@ -749,6 +777,7 @@ fn run_postcopy(
     report: &mut Report,
     progress: &dyn Fn(&Progress),
     bytes: &Arc<AtomicU64>,
+    history: &Mutex<Vec<Vec<u8>>>,
 ) -> Result<(), MigrateError> {
     let pages = guest.layout().pages();
     let todo = Mutex::new(std::mem::replace(to_send, Bitmap::new(pages)));
@@ -861,8 +890,12 @@ fn run_postcopy(
                         }
                         drop(todo);
                         let mut w = main_w.lock().unwrap_or_else(|e| e.into_inner());
-                        discarded
-                            .fetch_add(send_discards(&mut *w, &gone, pages)?, Ordering::Relaxed);
+                        let (n, frames) = send_discards(&mut *w, &gone, pages)?;
+                        discarded.fetch_add(n, Ordering::Relaxed);
+                        history
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .extend(frames);
                     }
                 }
                 let run = {
@@ -960,14 +993,14 @@ const ROUNDS_AT_MAX_THROTTLE: u32 = 3;
 /// frames cost little.
 const STREAM_RUN: u64 = 64;
 
-/// Opens both connections again as a resume; returns them and the pages
-/// the destination still needs.
+/// Opens both connections again as a resume; returns them, the pages the
+/// destination still needs and how many post-copy Discard frames it applied.
 fn reconnect(
     to: &str,
     session: u64,
     layout: &Layout,
     timeout: Duration,
-) -> Result<((TcpStream, TcpStream), Bitmap), MigrateError> {
+) -> Result<((TcpStream, TcpStream), Bitmap, u64), MigrateError> {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     while Instant::now() < deadline {
@@ -990,14 +1023,18 @@ fn resume_once(
     to: &str,
     session: u64,
     layout: &Layout,
-) -> Result<((TcpStream, TcpStream), Bitmap), MigrateError> {
+) -> Result<((TcpStream, TcpStream), Bitmap, u64), MigrateError> {
     let mut main = hello(to, Role::Main, session, true, layout)?;
     let mut buf = Vec::new();
     let _ = main.set_read_timeout(Some(Duration::from_secs(10)));
     let k = read_frame(&mut main, &mut buf).map_err(link("resuming"))?;
     frame::expect(k, Kind::Need).map_err(link("resuming"))?;
-    let need = frame::decode_bitmap(k, &buf, layout.pages()).map_err(link("resuming"))?;
+    let (applied, need) = frame::decode_need(&buf, layout.pages()).map_err(link("resuming"))?;
     let _ = main.set_read_timeout(None);
     let urgent = hello(to, Role::Urgent, session, true, layout)?;
-    Ok(((main, urgent), Bitmap::from_words(need, layout.pages())))
+    Ok((
+        (main, urgent),
+        Bitmap::from_words(need, layout.pages()),
+        applied,
+    ))
 }

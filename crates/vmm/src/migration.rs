@@ -94,15 +94,15 @@ impl Guest for SourceGuest {
 
 struct SourceVcpus<'a> {
     vm: &'a mut Vm,
-    lock: Option<SwitchLock>,
+    lock: Option<&'a Mutex<()>>,
+    /// Held from stopping the vCPUs until the switchover is sent, so that
+    /// no balloon step is half done in the state and pages it carries.
+    held: Option<std::sync::MutexGuard<'a, ()>>,
 }
 
 impl Vcpus for SourceVcpus<'_> {
     fn pause(&mut self) -> Result<Vec<u8>, String> {
-        let _step = self
-            .lock
-            .as_ref()
-            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+        self.held = self.lock.map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
         self.vm
             .pause(Duration::from_secs(10))
             .map_err(|e| e.to_string())?;
@@ -110,7 +110,12 @@ impl Vcpus for SourceVcpus<'_> {
         serde_json::to_vec(&state).map_err(|e| e.to_string())
     }
 
+    fn switched(&mut self) {
+        self.held = None;
+    }
+
     fn resume(&mut self) -> Result<(), String> {
+        self.held = None;
         self.vm.resume();
         Ok(())
     }
@@ -127,7 +132,7 @@ pub fn migrate_out(
     vm: &mut Vm,
     to: &str,
     opts: &migrate::Options,
-    lock: Option<SwitchLock>,
+    lock: Option<&SwitchLock>,
     progress: &dyn Fn(&Progress),
 ) -> Result<migrate::Report, Error> {
     if vm.memory().backing() == Backing::Hugetlb {
@@ -140,7 +145,11 @@ pub fn migrate_out(
         vcpus: vm.config().vcpus,
     };
     vm.start_dirty_log()?;
-    let mut vcpus = SourceVcpus { vm, lock };
+    let mut vcpus = SourceVcpus {
+        vm,
+        lock: lock.map(|l| &**l),
+        held: None,
+    };
     let r = migrate::migrate(&guest, &mut vcpus, to, opts, progress);
     let _ = vcpus.vm.stop_dirty_log();
     r.map_err(|e| Error::Migration(e.to_string()))
