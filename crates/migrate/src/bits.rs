@@ -98,6 +98,28 @@ impl Bitmap {
         }
     }
 
+    /// The first set page in `[from, end)`: scans only that far.
+    pub fn next_set_below(&self, from: u64, end: u64) -> Option<u64> {
+        let end = end.min(self.pages);
+        if from >= end {
+            return None;
+        }
+        let mut i = (from / 64) as usize;
+        let last = ((end - 1) / 64) as usize;
+        let mut w = self.words[i] & (!0u64 << (from % 64));
+        loop {
+            if w != 0 {
+                let p = i as u64 * 64 + u64::from(w.trailing_zeros());
+                return (p < end).then_some(p);
+            }
+            i += 1;
+            if i > last {
+                return None;
+            }
+            w = self.words[i];
+        }
+    }
+
     /// The end of the run of set pages starting at `p` (at most `max` long).
     pub fn run_end(&self, p: u64, max: u64) -> u64 {
         let mut e = p;
@@ -203,6 +225,9 @@ mod tests {
         b.set_range(130..200);
         assert_eq!(b.runs(), vec![3..7, 64..65, 130..200]);
         assert_eq!(b.next_set(7), Some(64));
+        assert_eq!(b.next_set_below(7, 64), None);
+        assert_eq!(b.next_set_below(7, 65), Some(64));
+        assert_eq!(b.next_set_below(65, 131), Some(130));
         assert_eq!(b.count(), 4 + 1 + 70);
         assert_eq!(b.run_end(130, 10), 140);
         let w = Bitmap::from_words(vec![!0; 4], 200);

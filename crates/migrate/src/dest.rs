@@ -21,7 +21,7 @@
 use std::net::{TcpListener, TcpStream};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use pager::{PageSource, SourceError, Waker};
@@ -228,8 +228,9 @@ pub fn accept(
                     "the source's VM is {:?}, this destination expects {want:?}",
                     h.layout
                 );
+                tracing::error!("refused a connection from {peer}: {why}");
                 let _ = write_frame(&mut s, Kind::Error, &[why.as_bytes()]);
-                return Err(ReceiveError::Layout(why));
+                continue;
             }
         }
         match (&main, h.role, h.resume) {
@@ -279,6 +280,8 @@ impl Incoming {
         let pages = self.layout.pages();
         let mut buf = Vec::new();
         let mut state = None;
+        // Pre-copy streams without pause until the switchover.
+        let _ = self.main.set_read_timeout(Some(PRECOPY_SILENCE));
         loop {
             let k = read_frame(&mut self.main, &mut buf).map_err(link("pre-copy"))?;
             match k {
@@ -295,7 +298,7 @@ impl Incoming {
                         let end = p + u64::from(n);
                         // Only pages that hold data here need discarding.
                         let mut q = p;
-                        while let Some(s) = self.written.next_set(q).filter(|s| *s < end) {
+                        while let Some(s) = self.written.next_set_below(q, end) {
                             let e = self.written.run_end(s, end - s);
                             ram.discard(s * PAGE, (e - s) * PAGE)
                                 .map_err(ReceiveError::Ram)?;
@@ -335,7 +338,7 @@ impl Incoming {
                         let mut runs = Vec::new();
                         for r in need.runs() {
                             let mut q = r.start;
-                            while let Some(s) = self.written.next_set(q).filter(|s| *s < r.end) {
+                            while let Some(s) = self.written.next_set_below(q, r.end) {
                                 let e = self.written.run_end(s, r.end - s);
                                 runs.push((s, e));
                                 q = e;
@@ -417,11 +420,10 @@ impl Incoming {
             staging,
             zero,
             waiters: Mutex::new(Vec::new()),
-            urgent_w: Mutex::new(Some(
-                self.urgent
-                    .try_clone()
-                    .map_err(|e| link("post-copy")(e.into()))?,
-            )),
+            req_tx: Mutex::new(None),
+            conns: Mutex::new(None),
+            link_thread: Mutex::new(None),
+            completed: AtomicBool::new(false),
             main_w: Mutex::new(
                 self.main
                     .try_clone()
@@ -442,15 +444,31 @@ impl Incoming {
         let i = inner.clone();
         let listener = self.listener;
         let (main, urgent) = (self.main, self.urgent);
-        std::thread::Builder::new()
+        let h = std::thread::Builder::new()
             .name("migrate-link".into())
             .spawn(move || {
                 crate::link::raise_priority();
                 i.keep_link(main, urgent, listener, resume_timeout)
             })
             .map_err(|e| ReceiveError::Ram(format!("spawning the link thread: {e}")))?;
+        *inner.link_thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
         Ok(NetSource { inner })
     }
+}
+
+/// Pre-copy's stream never pauses either; this long without a frame is a
+/// dead source (the destination then gives up: nothing ran here yet).
+const PRECOPY_SILENCE: Duration = Duration::from_secs(60);
+
+/// The stream never pauses until Done: this long without a frame on the
+/// main connection is a dead link (then the resume path).
+const STREAM_SILENCE: Duration = Duration::from_secs(10);
+
+fn unreachable_kind(k: Kind) -> Result<(), FrameError> {
+    Err(FrameError::Unexpected {
+        want: "pages",
+        got: k,
+    })
 }
 
 /// Staging memory is given back in chunks of this many pages (256 KiB).
@@ -479,8 +497,15 @@ struct Inner {
     /// already, or zero.
     zero: Vec<Range<u64>>,
     waiters: Mutex<Vec<(u64, u64, Waker)>>,
-    urgent_w: Mutex<Option<TcpStream>>,
+    /// Requests go to a writer thread of the current urgent connection:
+    /// the pager's serving threads that ask never wait on a socket.
+    req_tx: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    /// The current connections, to shut them down from `end`.
+    conns: Mutex<Option<(TcpStream, TcpStream)>>,
     main_w: Mutex<TcpStream>,
+    link_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The final report was sent: no resume is taken any more.
+    completed: AtomicBool,
     status: Mutex<Status>,
     cv: Condvar,
     ram: Arc<dyn Ram>,
@@ -595,38 +620,55 @@ impl NetSource {
 
     /// Sends the final report on the main connection.
     pub fn complete(&self, c: &Complete) -> Result<(), ReceiveError> {
-        let mut w = self.inner.main_w.lock().unwrap_or_else(|e| e.into_inner());
-        write_json(&mut *w, Kind::Complete, c).map_err(link("sending the final report"))
+        let r = {
+            let mut w = self.inner.main_w.lock().unwrap_or_else(|e| e.into_inner());
+            write_json(&mut *w, Kind::Complete, c).map_err(link("sending the final report"))
+        };
+        self.inner.completed.store(true, Ordering::Release);
+        r
     }
 
-    /// Ends the receiver (the VM stops): faults are no longer answered.
+    /// Ends the receiver (the VM stops, or the migration is over): the
+    /// connections are shut and the link thread is joined. Faults still
+    /// waiting stay parked (see `read_at_or_wake`).
     pub fn end(&self) {
-        self.inner.ended.store(true, Ordering::Release);
-        if let Some(s) = self
-            .inner
-            .urgent_w
+        let i = &self.inner;
+        i.ended.store(true, Ordering::Release);
+        if let Some((m, u)) = i.conns.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = m.shutdown(std::net::Shutdown::Both);
+            let _ = u.shutdown(std::net::Shutdown::Both);
+        }
+        i.set_status(Status::Failed("the receiver ended".into()));
+        let h = i
+            .link_thread
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            .take();
+        if let Some(h) = h {
+            let _ = h.join();
         }
-        let mut s = self.inner.status.lock().unwrap_or_else(|e| e.into_inner());
-        if !matches!(*s, Status::Finished) {
-            *s = Status::Failed("the receiver ended".into());
-        }
-        self.inner.cv.notify_all();
     }
 }
 
 impl Inner {
     fn set_status(&self, s: Status) {
-        let mut g = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        if matches!(*g, Status::Finished | Status::Failed(_)) {
-            return;
+        let failed = matches!(s, Status::Failed(_));
+        {
+            let mut g = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(*g, Status::Finished | Status::Failed(_)) {
+                return;
+            }
+            *g = s;
+            self.cv.notify_all();
         }
-        *g = s;
-        self.cv.notify_all();
+        if failed {
+            // Nothing will arrive: drop the wakers (their faults stay
+            // parked until the VMM stops the guest, see `read_at_or_wake`).
+            self.waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
     }
 
     fn all_arrived(&self) -> bool {
@@ -698,8 +740,14 @@ impl Inner {
         Ok(())
     }
 
-    /// Sends a request for the pages of `[s, e)` not arrived or requested.
+    /// Asks for the pages of `[s, e)` not arrived or requested yet (the
+    /// writer thread sends it; nothing here waits on a socket). While the
+    /// link is down nothing is sent: the resume asks again.
     fn request(&self, s: u64, e: u64) {
+        let g = self.req_tx.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = g.as_ref() else {
+            return;
+        };
         let mut ranges = Vec::new();
         let mut p = s;
         while p < e {
@@ -718,45 +766,87 @@ impl Inner {
             return;
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let mut g = self.urgent_w.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = g.as_mut() {
-            if let Err(err) = write_frame(w, Kind::Request, &[&Ranges(ranges).encode()]) {
-                // The link supervisor says what happened to the link.
-                tracing::debug!("sending a page request: {err}");
-                let _ = w.shutdown(std::net::Shutdown::Both);
-            }
+        let _ = tx.send(Ranges(ranges).encode());
+    }
+
+    /// Starts the writer of requests on `urgent`.
+    fn start_requests(&self, urgent: TcpStream) {
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let spawned = std::thread::Builder::new()
+            .name("migrate-requests".into())
+            .spawn(move || {
+                crate::link::raise_priority();
+                let mut w = urgent;
+                for payload in rx {
+                    if let Err(err) = write_frame(&mut w, Kind::Request, &[&payload]) {
+                        // The link supervisor says what happened to the link.
+                        tracing::debug!("sending a page request: {err}");
+                        let _ = w.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => *self.req_tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx),
+            Err(e) => tracing::error!("spawning the page request writer: {e}"),
         }
     }
 
-    /// Receives on one connection until it ends; Ok(true) when it ended
-    /// because every page arrived.
-    fn receive(&self, mut s: TcpStream, main: bool) -> Result<(), FrameError> {
+    fn stop_requests(&self) {
+        *self.req_tx.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Stores a Pages or Zero frame's pages and wakes whom they complete.
+    fn take(&self, k: Kind, buf: &[u8]) -> Result<(), FrameError> {
+        match k {
+            Kind::Pages => {
+                let (first, data) = decode_pages(buf, self.pages)?;
+                self.take_pages(first, data);
+            }
+            Kind::Zero => self.take_zero(&Ranges::decode(k, buf, self.pages)?),
+            other => unreachable_kind(other)?,
+        }
+        self.wake();
+        Ok(())
+    }
+
+    /// The main connection: the stream, until `Done` with every page here.
+    fn receive_main(&self, mut s: TcpStream) -> Result<(), FrameError> {
+        // The stream never pauses until Done: silence this long is a dead link.
+        let _ = s.set_read_timeout(Some(STREAM_SILENCE));
         let mut buf = Vec::new();
         loop {
             let k = read_frame(&mut s, &mut buf)?;
             match k {
-                Kind::Pages => {
-                    let (first, data) = decode_pages(&buf, self.pages)?;
-                    self.take_pages(first, data);
-                }
-                Kind::Zero => self.take_zero(&Ranges::decode(k, &buf, self.pages)?),
-                Kind::Discard if main => {
+                Kind::Pages | Kind::Zero => self.take(k, &buf)?,
+                Kind::Discard => {
                     let r = Ranges::decode(k, &buf, self.pages)?;
                     self.take_discard(&r)
                         .map_err(|e| FrameError::Malformed { kind: k, why: e })?;
                     self.discards_applied.fetch_add(1, Ordering::AcqRel);
+                    self.wake();
                 }
-                Kind::Done if main => {
-                    if !self.all_arrived() {
-                        return Err(FrameError::Malformed {
-                            kind: k,
-                            why: format!(
-                                "the source says it sent everything, but {} of {} pages are missing",
-                                self.need_count - self.arrived_count.load(Ordering::Acquire),
-                                self.need_count
-                            ),
-                        });
+                Kind::Done => {
+                    // Urgent pages may still be on their way on the other
+                    // connection: wait for them, bounded.
+                    let deadline = Instant::now() + STREAM_SILENCE;
+                    while !self.all_arrived()
+                        && Instant::now() < deadline
+                        && !self.ended.load(Ordering::Acquire)
+                    {
+                        std::thread::sleep(Duration::from_millis(1));
                     }
+                    if self.all_arrived() {
+                        return Ok(());
+                    }
+                    return Err(FrameError::Malformed {
+                        kind: k,
+                        why: format!(
+                            "the source says it sent every page, but {} of {} are missing",
+                            self.need_count - self.arrived_count.load(Ordering::Acquire),
+                            self.need_count
+                        ),
+                    });
                 }
                 other => {
                     return Err(FrameError::Unexpected {
@@ -765,16 +855,33 @@ impl Inner {
                     });
                 }
             }
-            self.wake();
-            if self.all_arrived() {
-                self.set_status(Status::Finished);
-                return Ok(());
-            }
         }
     }
 
+    /// The urgent connection: answers to requests, until every page is here
+    /// (or the connection is shut).
+    fn receive_urgent(&self, mut s: TcpStream) -> Result<(), FrameError> {
+        let mut buf = Vec::new();
+        while !self.all_arrived() {
+            let k = read_frame(&mut s, &mut buf)?;
+            match k {
+                Kind::Pages | Kind::Zero => self.take(k, &buf)?,
+                other => {
+                    return Err(FrameError::Unexpected {
+                        want: "pages on the urgent connection",
+                        got: other,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the receivers; on a broken link, waits for the source to
-    /// resume (up to `timeout`) and goes on; ends when every page arrived.
+    /// resume (up to `timeout`) and goes on; ends when every page arrived
+    /// and the stream said Done. Afterwards it still answers a source that
+    /// lost the link at the very end (an empty Need), until the final
+    /// report was sent.
     fn keep_link(
         self: Arc<Self>,
         mut main: TcpStream,
@@ -782,41 +889,82 @@ impl Inner {
         listener: TcpListener,
         timeout: Duration,
     ) {
+        let mut rerequest = false;
         loop {
-            if self.all_arrived() {
-                self.set_status(Status::Finished);
-            }
-            if matches!(
-                *self.status.lock().unwrap_or_else(|e| e.into_inner()),
-                Status::Finished
-            ) {
-                let _ = urgent.shutdown(std::net::Shutdown::Both);
+            let (Ok(m), Ok(u), Ok(uw), Ok(mc), Ok(uc)) = (
+                main.try_clone(),
+                urgent.try_clone(),
+                urgent.try_clone(),
+                main.try_clone(),
+                urgent.try_clone(),
+            ) else {
+                self.set_status(Status::Failed("cloning the connections failed".into()));
                 return;
+            };
+            *self.conns.lock().unwrap_or_else(|e| e.into_inner()) = Some((mc, uc));
+            self.start_requests(uw);
+            if rerequest {
+                // Faults waiting since before the break (or during the
+                // resume) ask again, on the new connection.
+                for p in 0..self.pages {
+                    if self.need.get(p) && !self.arrived.get(p) {
+                        self.requested.clear(p);
+                    }
+                }
+                let waits: Vec<(u64, u64)> = self
+                    .waiters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .map(|(s, e, _)| (*s, *e))
+                    .collect();
+                for (s, e) in waits {
+                    self.request(s, e);
+                }
             }
             let r = std::thread::scope(|sc| {
-                let u = urgent.try_clone();
-                let m = main.try_clone();
-                let (Ok(u), Ok(m)) = (u, m) else {
-                    return Err(FrameError::Closed);
-                };
                 let uh = sc.spawn(|| {
                     crate::link::raise_priority();
-                    self.receive(u, false)
+                    self.receive_urgent(u)
                 });
-                let r = self.receive(m, true);
-                // Main ended (all arrived, or broken): stop the urgent side.
+                let r = self.receive_main(m);
                 let _ = urgent.shutdown(std::net::Shutdown::Both);
                 let ur = uh.join().unwrap_or(Err(FrameError::Closed));
-                r.or(if self.all_arrived() { Ok(()) } else { ur })
+                match (r, ur) {
+                    (Ok(()), _) => Ok(()),
+                    // The urgent side's own error says more (a hostile frame).
+                    (
+                        Err(e),
+                        Err(
+                            ue @ (FrameError::Malformed { .. }
+                            | FrameError::Unexpected { .. }
+                            | FrameError::Checksum(_)),
+                        ),
+                    ) => {
+                        tracing::debug!("main connection: {e}");
+                        Err(ue)
+                    }
+                    (Err(e), _) => Err(e),
+                }
             });
+            self.stop_requests();
             match r {
-                Ok(()) if self.all_arrived() => {
+                Ok(()) => {
                     self.set_status(Status::Finished);
+                    self.after_finish(&listener);
                     return;
                 }
-                Ok(()) => {}
-                Err(FrameError::Peer(m)) | Err(FrameError::Malformed { why: m, .. }) => {
-                    let why = format!("sent something invalid: {m}");
+                Err(
+                    e @ (FrameError::Peer(_)
+                    | FrameError::Malformed { .. }
+                    | FrameError::Unexpected { .. }
+                    | FrameError::Checksum(_)
+                    | FrameError::Magic(_)
+                    | FrameError::Kind(_)
+                    | FrameError::TooLarge { .. }
+                    | FrameError::Reserved),
+                ) => {
+                    let why = format!("sent something invalid: {e}");
                     tracing::error!("post-copy: the source {why}");
                     self.set_status(Status::Failed(why));
                     return;
@@ -834,24 +982,13 @@ impl Inner {
                 }
             }
             self.set_status(Status::Down(Instant::now()));
-            *self.urgent_w.lock().unwrap_or_else(|e| e.into_inner()) = None;
             match self.await_resume(&listener, timeout) {
                 Ok((m, u)) => {
                     main = m;
                     urgent = u;
                     self.resumes.fetch_add(1, Ordering::Relaxed);
                     self.set_status(Status::Running);
-                    // Faults waiting since before the break ask again.
-                    let waits: Vec<(u64, u64)> = self
-                        .waiters
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .iter()
-                        .map(|(s, e, _)| (*s, *e))
-                        .collect();
-                    for (s, e) in waits {
-                        self.request(s, e);
-                    }
+                    rerequest = true;
                     tracing::info!("post-copy: the source resumed");
                 }
                 Err(why) => {
@@ -859,6 +996,61 @@ impl Inner {
                     self.set_status(Status::Failed(why));
                     return;
                 }
+            }
+        }
+    }
+
+    /// After every page arrived: a source that lost the link at the very
+    /// end reconnects to hear that nothing is needed (an empty Need) and to
+    /// read the final report; until that report was sent, or a minute.
+    fn after_finish(&self, listener: &TcpListener) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let _ = listener.set_nonblocking(true);
+        let mut buf = Vec::new();
+        while Instant::now() < deadline
+            && !self.completed.load(Ordering::Acquire)
+            && !self.ended.load(Ordering::Acquire)
+        {
+            let mut s = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(_) => return,
+            };
+            let _ = s.set_nonblocking(false);
+            let Ok(h) = read_hello(&mut s, &mut buf) else {
+                continue;
+            };
+            if !h.resume || h.session != self.session || h.layout != self.layout {
+                let why = format!(
+                    "only a resume of session {:#x} is accepted now",
+                    self.session
+                );
+                let _ = write_frame(&mut s, Kind::Error, &[why.as_bytes()]);
+                continue;
+            }
+            if welcome(&mut s).is_err() {
+                continue;
+            }
+            if h.role == Role::Main {
+                let applied = self.discards_applied.load(Ordering::Acquire);
+                let none = Bitmap::new(self.pages);
+                if write_frame(
+                    &mut s,
+                    Kind::Need,
+                    &[&applied.to_le_bytes(), &encode_bitmap(&none.words)],
+                )
+                .is_ok()
+                {
+                    if let Ok(c) = s.try_clone() {
+                        *self.main_w.lock().unwrap_or_else(|e| e.into_inner()) = c;
+                    }
+                }
+            } else {
+                // Nothing to request: the source sees the urgent side end.
+                let _ = s.shutdown(std::net::Shutdown::Both);
             }
         }
     }
@@ -934,7 +1126,6 @@ impl Inner {
                         continue;
                     }
                     let _ = listener.set_nonblocking(false);
-                    *self.urgent_w.lock().unwrap_or_else(|e| e.into_inner()) = s.try_clone().ok();
                     *self.main_w.lock().unwrap_or_else(|e| e.into_inner()) = match m.try_clone() {
                         Ok(c) => c,
                         Err(_) => continue,
@@ -1000,6 +1191,10 @@ impl PageSource for NetSource {
         let s = offset / PAGE;
         let e = (offset + len).div_ceil(PAGE);
         let ready = |p: u64| !i.need.get(p) || i.arrived.get(p);
+        // A source gone for good leaves its faults parked: the VMM stops
+        // the guest (`Status::Failed`). They are never answered, neither
+        // with zeros nor with poison (a poisoned page would also kill the
+        // VMM's own reads of guest memory with SIGBUS).
         if !(s..e).all(ready) {
             {
                 let mut w = i.waiters.lock().unwrap_or_else(|e| e.into_inner());

@@ -309,7 +309,7 @@ impl Layout {
                 self.mem_bytes
             ));
         }
-        if self.mem_bytes / PAGE / 8 > MAX_BITMAP as u64 {
+        if (self.mem_bytes / PAGE).div_ceil(64) * 8 > MAX_BITMAP as u64 {
             return Err(format!(
                 "{} bytes of memory is more than the protocol carries",
                 self.mem_bytes
@@ -423,6 +423,16 @@ impl Ranges {
                         "range of {n} pages at page {p} lies outside the guest's {pages} pages"
                     ),
                 ));
+            }
+            // Sorted and disjoint, so that a frame costs at most the guest's
+            // size to apply, however it is built.
+            if let Some(&(lp, ln)) = v.last() {
+                if p < lp + u64::from(ln) {
+                    return Err(FrameError::malformed(
+                        kind,
+                        format!("range at page {p} is not after the one before (sorted, disjoint ranges only)"),
+                    ));
+                }
             }
             v.push((p, n));
         }
@@ -651,9 +661,30 @@ mod tests {
         assert!(Ranges::decode(Kind::Zero, &Ranges(vec![(u64::MAX, 2)]).encode(), 16384).is_err());
         assert!(Ranges::decode(Kind::Zero, &Ranges(vec![(1, 0)]).encode(), 16384).is_err());
         assert!(Ranges::decode(Kind::Zero, &[0; 11], 16384).is_err());
+        // Overlapping or unsorted: a hostile peer could make one frame cost
+        // the guest's size many times over.
+        assert!(Ranges::decode(
+            Kind::Zero,
+            &Ranges(vec![(0, 100), (50, 10)]).encode(),
+            16384
+        )
+        .is_err());
+        assert!(
+            Ranges::decode(Kind::Zero, &Ranges(vec![(10, 1), (5, 1)]).encode(), 16384).is_err()
+        );
+        assert!(
+            Ranges::decode(Kind::Zero, &Ranges(vec![(0, 10), (10, 1)]).encode(), 16384).is_ok()
+        );
         assert!(decode_bitmap(Kind::Need, &[0xff; 16], 100).is_err());
         assert!(decode_need(&[0; 4], 100).is_err());
-        assert_eq!(decode_need(&[3, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 100).ok(), Some((3, vec![1, 0])));
+        assert_eq!(
+            decode_need(
+                &[3, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                100
+            )
+            .ok(),
+            Some((3, vec![1, 0]))
+        );
         assert!(decode_bitmap(Kind::Need, &[0; 8], 100).is_err());
         assert!(decode_switchover(&2u64.to_le_bytes(), 64).is_err());
         let mut h = hello();

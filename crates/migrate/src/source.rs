@@ -271,8 +271,17 @@ fn hello(
         )));
     }
     let _ = s.set_read_timeout(None);
+    // A destination that stops reading for this long is a dead link (the
+    // kernel's own retries would take a quarter of an hour).
+    let _ = s.set_write_timeout(Some(WRITE_STALL));
     Ok(s)
 }
+
+/// How long a write may wait for the destination to read.
+const WRITE_STALL: Duration = Duration::from_secs(10);
+/// After Done, how long the source waits for the destination to close the
+/// urgent connection (it does once every page is there).
+const AFTER_DONE: Duration = Duration::from_secs(30);
 
 fn session_id() -> u64 {
     let t = std::time::SystemTime::now()
@@ -354,33 +363,72 @@ impl<'a> PageWriter<'a> {
     }
 }
 
-/// Sends discarded ranges as Discard frames; returns the pages and the
-/// frames' payloads (post-copy keeps them, to send again what a broken link
-/// lost).
-fn send_discards(
-    w: &mut impl Write,
-    discarded: &[std::ops::Range<u64>],
-    pages: u64,
-) -> Result<(u64, Vec<Vec<u8>>), MigrateError> {
+/// Discarded ranges as Discard payloads: sorted, merged, split to the
+/// protocol's bounds; and the pages they cover.
+fn discard_payloads(discarded: &[std::ops::Range<u64>], pages: u64) -> (u64, Vec<Vec<u8>>) {
+    // Sorted and merged: the protocol takes disjoint ascending ranges, and
+    // a balloon gives the same page back many times.
+    let mut merged: Vec<std::ops::Range<u64>> = discarded
+        .iter()
+        .map(|r| r.start.min(pages)..r.end.min(pages))
+        .filter(|r| r.start < r.end)
+        .collect();
+    merged.sort_by_key(|r| r.start);
+    let mut m: Vec<std::ops::Range<u64>> = Vec::with_capacity(merged.len());
+    for r in merged {
+        match m.last_mut() {
+            Some(l) if r.start <= l.end => l.end = l.end.max(r.end),
+            _ => m.push(r),
+        }
+    }
     let mut v = Vec::new();
     let mut n = 0;
-    for r in discarded {
-        let (s, e) = (r.start.min(pages), r.end.min(pages));
-        let mut p = s;
-        while p < e {
-            let k = (e - p).min(u64::from(u32::MAX));
+    for r in &m {
+        let mut p = r.start;
+        while p < r.end {
+            let k = (r.end - p).min(u64::from(u32::MAX));
             v.push((p, k as u32));
             n += k;
             p += k;
         }
     }
-    let mut sent = Vec::new();
-    for chunk in v.chunks(frame::MAX_RANGES) {
-        let payload = Ranges(chunk.to_vec()).encode();
-        write_frame(w, Kind::Discard, &[&payload]).map_err(link("sending discarded pages"))?;
-        sent.push(payload);
+    let payloads = v
+        .chunks(frame::MAX_RANGES)
+        .map(|c| Ranges(c.to_vec()).encode())
+        .collect();
+    (n, payloads)
+}
+
+/// Sends discarded ranges as Discard frames; returns the pages.
+fn send_discards(
+    w: &mut impl Write,
+    discarded: &[std::ops::Range<u64>],
+    pages: u64,
+) -> Result<u64, MigrateError> {
+    let (n, payloads) = discard_payloads(discarded, pages);
+    for p in &payloads {
+        write_frame(w, Kind::Discard, &[p]).map_err(link("sending discarded pages"))?;
     }
-    Ok((n, sent))
+    Ok(n)
+}
+
+/// Post-copy: records the discards (first: a link that breaks while they
+/// are written loses none, see `reconnect`), then sends them.
+fn send_postcopy_discards(
+    w: &mut impl Write,
+    discarded: &[std::ops::Range<u64>],
+    pages: u64,
+    history: &Mutex<Vec<Vec<u8>>>,
+) -> Result<u64, MigrateError> {
+    let (n, payloads) = discard_payloads(discarded, pages);
+    history
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(payloads.iter().cloned());
+    for p in &payloads {
+        write_frame(w, Kind::Discard, &[p]).map_err(link("sending discarded pages"))?;
+    }
+    Ok(n)
 }
 
 /// Migrates the VM to `to`. On an error before the switchover the vCPUs
@@ -455,7 +503,18 @@ pub fn migrate(
     // Stop and copy.
     let t_pause = Instant::now();
     let before = bytes.load(Ordering::Relaxed);
-    let state = vcpus.pause().map_err(MigrateError::Guest)?;
+    let state = match vcpus.pause() {
+        Ok(s) => s,
+        Err(e) => {
+            vcpus.throttle(0);
+            vcpus.switched();
+            guest.stop_tracking();
+            if let Err(r) = vcpus.resume() {
+                tracing::error!("resuming the guest here after a failed migration: {r}");
+            }
+            return Err(MigrateError::Guest(e));
+        }
+    };
     vcpus.throttle(0);
     let stop = stop_and_copy(guest, &mut w, &bw, &state, to_send, converged, &mut report);
     vcpus.switched();
@@ -523,8 +582,7 @@ pub fn migrate(
                         "post-copy link broke: {e}; reconnecting for up to {:?}",
                         opts.resume_timeout
                     );
-                    let (c, need, applied) =
-                        reconnect(to, session, &layout, opts.resume_timeout)?;
+                    let (c, need, applied) = reconnect(to, session, &layout, opts.resume_timeout)?;
                     // Discards the destination did not apply went down with
                     // the link: again, in order, before anything else.
                     let mut w = Counted {
@@ -654,10 +712,10 @@ fn precopy(
         pw.flush_zeros(w)?;
         let ch = guest.take_changes().map_err(MigrateError::Guest)?;
         to_send = ch.dirty.unwrap_or_else(|| Bitmap::new(pages));
-        for r in &ch.discarded {
-            to_send.clear_range(r.clone());
-        }
-        report.precopy.discarded_pages += send_discards(w, &ch.discarded, pages)?.0;
+        // Discards go first; a discarded page that is also dirty stays to
+        // send: it may have been written after the discard (a balloon
+        // deflated), and if not it reads as zero and goes as a Zero range.
+        report.precopy.discarded_pages += send_discards(w, &ch.discarded, pages)?;
         report.precopy_rounds += 1;
         let dirty = to_send.count();
         write_json(
@@ -729,10 +787,8 @@ fn stop_and_copy(
     if let Some(d) = &ch.dirty {
         to_send.or(d);
     }
-    for r in &ch.discarded {
-        to_send.clear_range(r.clone());
-    }
-    report.stop_copy.discarded_pages += send_discards(w, &ch.discarded, pages)?.0;
+    // As in pre-copy: discards first, dirty pages after, whatever they hold.
+    report.stop_copy.discarded_pages += send_discards(w, &ch.discarded, pages)?;
     if converged {
         let mut pw = PageWriter::new(guest);
         let mut p = 0;
@@ -804,6 +860,7 @@ fn run_postcopy(
         .map_err(|e| link("post-copy")(e.into()))?;
     let urgent_pages = AtomicU64::new(0);
     let requests = AtomicU64::new(0);
+    let stream_done: Mutex<Option<Instant>> = Mutex::new(None);
     let streamed = AtomicU64::new(0);
     let zero_pages = AtomicU64::new(0);
     let discarded = AtomicU64::new(0);
@@ -817,6 +874,24 @@ fn run_postcopy(
             let mut pw = PageWriter::new(guest);
             let mut buf = Vec::new();
             while !done.load(Ordering::Acquire) {
+                // Wait for a request a second at a time, to notice a stream
+                // that ended (and a destination that never closes) or broke.
+                let ready = {
+                    let mut fds = [rustix::event::PollFd::new(&urgent_r, rustix::event::PollFlags::IN)];
+                    let t = rustix::event::Timespec { tv_sec: 1, tv_nsec: 0 };
+                    rustix::event::poll(&mut fds, Some(&t)).unwrap_or(1)
+                };
+                if ready == 0 {
+                    if broken.load(Ordering::Acquire) {
+                        return Ok(());
+                    }
+                    let ended = stream_done.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t: Instant| t.elapsed() > AFTER_DONE);
+                    if ended {
+                        tracing::warn!("the destination did not close the urgent connection {AFTER_DONE:?} after Done");
+                        return Ok(());
+                    }
+                    continue;
+                }
                 let k = match read_frame(&mut urgent_r, &mut buf) {
                     Ok(k) => k,
                     // The destination closes it once every page arrived.
@@ -839,7 +914,7 @@ fn run_postcopy(
                         let mut todo = todo.lock().unwrap_or_else(|e| e.into_inner());
                         let mut runs = Vec::new();
                         let mut p = first;
-                        while let Some(s) = todo.next_set(p).filter(|s| *s < end) {
+                        while let Some(s) = todo.next_set_below(p, end) {
                             let e = todo.run_end(s, end - s);
                             todo.clear_range(s..e);
                             runs.push((s, e));
@@ -890,12 +965,8 @@ fn run_postcopy(
                         }
                         drop(todo);
                         let mut w = main_w.lock().unwrap_or_else(|e| e.into_inner());
-                        let (n, frames) = send_discards(&mut *w, &gone, pages)?;
+                        let n = send_postcopy_discards(&mut *w, &gone, pages, history)?;
                         discarded.fetch_add(n, Ordering::Relaxed);
-                        history
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .extend(frames);
                     }
                 }
                 let run = {
@@ -913,7 +984,11 @@ fn run_postcopy(
                     break;
                 };
                 let mut w = main_w.lock().unwrap_or_else(|e| e.into_inner());
-                let sent = pw.send(&mut *w, s, e - s, bw, false);
+                // Zero runs go out with their run: a request for one finds
+                // it gone from `todo`, so it must be on the wire already.
+                let sent = pw
+                    .send(&mut *w, s, e - s, bw, false)
+                    .and_then(|v| pw.flush_zeros(&mut *w).map(|()| v));
                 drop(w);
                 let (d, z) = match sent {
                     Ok(v) => v,
@@ -946,8 +1021,16 @@ fn run_postcopy(
             }
             let mut w = main_w.lock().unwrap_or_else(|e| e.into_inner());
             pw.flush_zeros(&mut *w)?;
+            // The last discards, with the stream's lock held: none slips in
+            // between them and Done.
+            let gone = guest.take_discards();
+            if !gone.is_empty() {
+                let n = send_postcopy_discards(&mut *w, &gone, pages, history)?;
+                discarded.fetch_add(n, Ordering::Relaxed);
+            }
             write_frame(&mut *w, Kind::Done, &[]).map_err(link("sending Done"))?;
             w.flush().map_err(|e| link("sending Done")(e.into()))?;
+            *stream_done.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
             Ok(())
         })();
         if stream.is_err() {

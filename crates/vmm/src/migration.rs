@@ -102,7 +102,9 @@ struct SourceVcpus<'a> {
 
 impl Vcpus for SourceVcpus<'_> {
     fn pause(&mut self) -> Result<Vec<u8>, String> {
-        self.held = self.lock.map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+        self.held = self
+            .lock
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
         self.vm
             .pause(Duration::from_secs(10))
             .map_err(|e| e.to_string())?;
@@ -432,7 +434,17 @@ fn run_postcopy(
                 "the migrated guest did not finish its passes".into(),
             ));
         }
-        vm.next_event(Duration::from_millis(10))?;
+        if let Err(e) = vm.next_event(Duration::from_millis(10)) {
+            // A vCPU that failed because its pages never came (the pager
+            // poisons them once the source is gone for good): say why.
+            if let Status::Failed(why) = net.status() {
+                tracing::debug!("vCPU error after the source failed: {e}");
+                return Err(Error::Migration(format!(
+                    "post-copy failed: {why}; the guest is stopped"
+                )));
+            }
+            return Err(e);
+        }
         if last_release.elapsed() > Duration::from_millis(50) {
             last_release = Instant::now();
             net.release(|p| {
