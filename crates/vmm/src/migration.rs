@@ -221,6 +221,8 @@ pub struct ReceiveReport {
     /// Time vCPUs were blocked (see `vcpu_blocktime`), in all and per vCPU.
     pub blocktime_ms: f64,
     pub blocktime_per_vcpu_ms: Vec<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pager: Option<PagerCounts>,
     /// The part of `blocktime_ms` before every page had arrived.
     pub blocktime_until_arrival_ms: f64,
     /// The pager's own sum of fault waits (it misses some; see
@@ -230,6 +232,22 @@ pub struct ReceiveReport {
     /// verified.
     pub passes: u64,
     pub verified: bool,
+}
+
+/// What the destination's pager did in post-copy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PagerCounts {
+    pub faults: u64,
+    pub faults_already_served: u64,
+    /// Faults that waited for pages still on the wire.
+    pub source_waits: u64,
+    pub pages_on_demand: u64,
+    pub pages_fault_around: u64,
+    pub pages_readahead: u64,
+    /// Pages mapped as they arrived, without a fault.
+    pub pages_background: u64,
+    pub pages_zeroed: u64,
+    pub pages_discarded: u64,
 }
 
 /// The destination's VM once migration is over, still running (parked).
@@ -308,6 +326,7 @@ pub fn receive(
         blocktime_per_vcpu_ms: vec![0.0; inc.layout.vcpus as usize],
         pager_blocktime_ms: 0.0,
         blocktime_until_arrival_ms: 0.0,
+        pager: None,
         passes: start_pass,
         verified: false,
     };
@@ -339,9 +358,12 @@ pub fn receive(
         "migrated vm".into(),
     )?;
     vm.load_state(&state)?;
-    let mut target = start_pass + opts.verify_passes;
+    // No parking during post-copy: a vCPU parked early would look blocked
+    // (and is not serving its guest); the passes to verify are set once
+    // every page is here.
+    let mut target = u64::MAX;
     let resumed = Instant::now();
-    vm.start(Some(target))?;
+    vm.start(None)?;
     report.restore_ms = sw.at.elapsed().as_secs_f64() * 1e3;
     net.resumed(sw.at.elapsed()).map_err(mig)?;
     let outcome = run_postcopy(
@@ -403,12 +425,11 @@ fn run_postcopy(
                     .filter_map(schedstat)
                     .map(|(cpu, runq)| wall.saturating_sub(cpu + runq) as f64 / 1e6)
                     .sum();
-                // At least one more full pass with every page here.
+                // `verify_passes` more passes, the first of which may have
+                // begun before the last page came: so one more than that.
                 let now = vm.last_pass().unwrap_or(0);
-                if now + 1 >= *target {
-                    *target = now + 2;
-                    vm.resume_to_pass(*target);
-                }
+                *target = now + opts.verify_passes + 1;
+                vm.resume_to_pass(*target);
             }
             Status::Failed(why) => {
                 return Err(Error::Migration(format!(
@@ -507,6 +528,17 @@ fn complete_report(
     };
     if let Some(h) = handle {
         let st = h.stats();
+        report.pager = Some(PagerCounts {
+            faults: st.faults,
+            faults_already_served: st.faults_already_served,
+            source_waits: st.source_waits,
+            pages_on_demand: st.pages_on_demand,
+            pages_fault_around: st.pages_fault_around,
+            pages_readahead: st.pages_readahead,
+            pages_background: st.pages_background,
+            pages_zeroed: st.pages_zeroed,
+            pages_discarded: st.pages_discarded,
+        });
         let tids = vm.vcpu_tids();
         let per: Vec<u64> = tids
             .iter()
