@@ -258,37 +258,16 @@ fn balloon_on_both_sides_in_every_phase() {
     }
 }
 
-/// The seed of a randomised test: PAGEWIRE_TEST_SEED, or the time.
-fn seed() -> u64 {
-    let s = std::env::var("PAGEWIRE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("seed {s} (PAGEWIRE_TEST_SEED={s} repeats this run)");
-    s
-}
-
-fn next(x: &mut u64) -> u64 {
-    // xorshift64*
-    *x ^= *x >> 12;
-    *x ^= *x << 25;
-    *x ^= *x >> 27;
-    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-}
-
 #[test]
 fn link_cut_at_random_moments_in_postcopy_is_resumed() {
     if !common::have_kvm() {
         return;
     }
-    let mut x = seed() | 1;
+    // Seeded and printed (PAGEWIRE_SEED replays a run).
+    let mut rng = store::testing::Rng::new("link cuts");
     for round in 0..3 {
-        let cuts: Vec<String> = (0..1 + next(&mut x) % 3)
-            .map(|_| (1 + next(&mut x) % 6000).to_string())
+        let cuts: Vec<String> = (0..1 + rng.below(3))
+            .map(|_| (1 + rng.below(6000)).to_string())
             .collect();
         let cuts = cuts.join(",");
         eprintln!("round {round}: cutting after {cuts} pages");

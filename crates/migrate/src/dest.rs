@@ -21,7 +21,7 @@
 use std::net::{TcpListener, TcpStream};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pager::{PageSource, SourceError, Waker};
@@ -430,7 +430,6 @@ impl Incoming {
                     .map_err(|e| link("post-copy")(e.into()))?,
             ),
             status: Mutex::new(Status::Running),
-            cv: Condvar::new(),
             ram,
             arrived_count: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
@@ -507,7 +506,6 @@ struct Inner {
     /// The final report was sent: no resume is taken any more.
     completed: AtomicBool,
     status: Mutex<Status>,
-    cv: Condvar,
     ram: Arc<dyn Ram>,
     arrived_count: AtomicU64,
     duplicates: AtomicU64,
@@ -564,28 +562,6 @@ impl NetSource {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-
-    /// Waits until every page has arrived or the source is gone for good
-    /// (or `timeout`); returns the status then.
-    pub fn wait(&self, timeout: Duration) -> Status {
-        let deadline = Instant::now() + timeout;
-        let mut s = self.inner.status.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if matches!(*s, Status::Finished | Status::Failed(_)) {
-                return s.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return s.clone();
-            }
-            s = self
-                .inner
-                .cv
-                .wait_timeout(s, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
     }
 
     pub fn stats(&self) -> PostcopyStats {
@@ -659,7 +635,6 @@ impl Inner {
                 return;
             }
             *g = s;
-            self.cv.notify_all();
         }
         if failed {
             // Nothing will arrive: drop the wakers (their faults stay
@@ -1000,6 +975,20 @@ impl Inner {
         }
     }
 
+    /// Whether `h` resumes this migration; anything else is refused with
+    /// an error frame.
+    fn is_resume(&self, s: &mut TcpStream, h: &Hello) -> bool {
+        if h.resume && h.session == self.session && h.layout == self.layout {
+            return true;
+        }
+        let why = format!(
+            "only a resume of session {:#x} is accepted now",
+            self.session
+        );
+        let _ = write_frame(s, Kind::Error, &[why.as_bytes()]);
+        false
+    }
+
     /// After every page arrived: a source that lost the link at the very
     /// end reconnects to hear that nothing is needed (an empty Need) and to
     /// read the final report; until that report was sent, or a minute.
@@ -1023,12 +1012,7 @@ impl Inner {
             let Ok(h) = read_hello(&mut s, &mut buf) else {
                 continue;
             };
-            if !h.resume || h.session != self.session || h.layout != self.layout {
-                let why = format!(
-                    "only a resume of session {:#x} is accepted now",
-                    self.session
-                );
-                let _ = write_frame(&mut s, Kind::Error, &[why.as_bytes()]);
+            if !self.is_resume(&mut s, &h) {
                 continue;
             }
             if welcome(&mut s).is_err() {
@@ -1087,12 +1071,7 @@ impl Inner {
                     continue;
                 }
             };
-            if !h.resume || h.session != self.session || h.layout != self.layout {
-                let why = format!(
-                    "only a resume of session {:#x} is accepted now",
-                    self.session
-                );
-                let _ = write_frame(&mut s, Kind::Error, &[why.as_bytes()]);
+            if !self.is_resume(&mut s, &h) {
                 continue;
             }
             match (h.role, main.take()) {

@@ -54,12 +54,13 @@ impl Guest for SourceGuest {
     }
 
     fn start_tracking(&self) -> Result<(), String> {
-        // Started by `migrate_out` on the Vm itself (it owns the slot).
-        Ok(())
+        self.log.start().map_err(|e| e.to_string())
     }
 
     fn stop_tracking(&self) {
-        self.log.memory().stop_log();
+        if let Err(e) = self.log.stop() {
+            tracing::warn!("stopping dirty logging: {e}");
+        }
     }
 
     fn take_discards(&self) -> Vec<std::ops::Range<u64>> {
@@ -146,14 +147,13 @@ pub fn migrate_out(
         log: vm.dirty_logger(),
         vcpus: vm.config().vcpus,
     };
-    vm.start_dirty_log()?;
     let mut vcpus = SourceVcpus {
         vm,
         lock: lock.map(|l| &**l),
         held: None,
     };
     let r = migrate::migrate(&guest, &mut vcpus, to, opts, progress);
-    let _ = vcpus.vm.stop_dirty_log();
+    guest.stop_tracking();
     r.map_err(|e| Error::Migration(e.to_string()))
 }
 

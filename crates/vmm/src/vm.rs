@@ -88,7 +88,40 @@ impl DirtyLogger {
         &self.memory
     }
 
-    /// As [`Vm::take_dirty_log`].
+    fn set_slot_flags(&self, flags: u32) -> Result<(), Error> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags,
+            guest_phys_addr: 0,
+            memory_size: self.memory.len(),
+            userspace_addr: self.memory.host_addr(),
+        };
+        // SAFETY: the same mapping as in `Vm::create`, which `self.memory`
+        // keeps alive at least as long as this VM fd; only the slot's flags
+        // change.
+        unsafe { self.vm_fd.set_user_memory_region(region) }
+            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION (dirty logging)"))
+    }
+
+    /// Starts KVM's dirty log on guest RAM (`KVM_MEM_LOG_DIRTY_PAGES`):
+    /// from now on [`take_dirty_log`](Self::take_dirty_log) says which pages
+    /// vCPUs wrote. Host-side changes are in the memory's own log
+    /// ([`GuestMemory::start_log`]), which this starts too.
+    pub fn start(&self) -> Result<(), Error> {
+        self.memory.start_log();
+        self.set_slot_flags(kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)
+    }
+
+    /// Stops dirty logging (both logs).
+    pub fn stop(&self) -> Result<(), Error> {
+        self.memory.stop_log();
+        self.set_slot_flags(0)
+    }
+
+    /// The 4 KiB pages vCPUs wrote since logging started or since the last
+    /// call, one bit per page (bit `p % 64` of word `p / 64`); the log
+    /// starts again, empty (`KVM_GET_DIRTY_LOG` write-protects the pages it
+    /// reports).
     pub fn take_dirty_log(&self) -> Result<Vec<u64>, Error> {
         self.vm_fd
             .get_dirty_log(0, self.memory.len() as usize)
@@ -255,43 +288,20 @@ impl Vm {
         &self.memory
     }
 
-    fn set_slot_flags(&self, flags: u32) -> Result<(), Error> {
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            flags,
-            guest_phys_addr: 0,
-            memory_size: self.memory.len(),
-            userspace_addr: self.memory.host_addr(),
-        };
-        // SAFETY: the same mapping as in `create`, kept alive as long as the
-        // VM; only the slot's flags change.
-        unsafe { self.vm_fd.set_user_memory_region(region) }
-            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION (dirty logging)"))
-    }
-
-    /// Starts KVM's dirty log on guest RAM (`KVM_MEM_LOG_DIRTY_PAGES`):
-    /// from now on [`take_dirty_log`](Self::take_dirty_log) says which pages
-    /// vCPUs wrote. Host-side changes are in the memory's own log
-    /// ([`GuestMemory::start_log`]), which this starts too.
+    /// Starts KVM's dirty log on guest RAM and the memory's host log; see
+    /// [`DirtyLogger::start`].
     pub fn start_dirty_log(&self) -> Result<(), Error> {
-        self.memory.start_log();
-        self.set_slot_flags(kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)
+        self.dirty_logger().start()
     }
 
     /// Stops dirty logging (both logs).
     pub fn stop_dirty_log(&self) -> Result<(), Error> {
-        self.memory.stop_log();
-        self.set_slot_flags(0)
+        self.dirty_logger().stop()
     }
 
-    /// The 4 KiB pages vCPUs wrote since logging started or since the last
-    /// call, one bit per page (bit `p % 64` of word `p / 64`); the log
-    /// starts again, empty (`KVM_GET_DIRTY_LOG` write-protects the pages it
-    /// reports).
+    /// See [`DirtyLogger::take_dirty_log`].
     pub fn take_dirty_log(&self) -> Result<Vec<u64>, Error> {
-        self.vm_fd
-            .get_dirty_log(0, self.memory.len() as usize)
-            .map_err(Error::kvm("KVM_GET_DIRTY_LOG"))
+        self.dirty_logger().take_dirty_log()
     }
 
     /// Throttles every vCPU to run only `100 - percent`% of the time
