@@ -463,6 +463,49 @@ const PRECOPY_SILENCE: Duration = Duration::from_secs(60);
 /// main connection is a dead link (then the resume path).
 const STREAM_SILENCE: Duration = Duration::from_secs(10);
 
+/// Errors `accept` passes on from the network (or from a process that ran
+/// out of descriptors for a moment): worth trying again, most likely during
+/// the very outage a resume is waited for.
+fn transient_accept(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc_errno::ENETDOWN
+                | libc_errno::EPROTO
+                | libc_errno::ENOPROTOOPT
+                | libc_errno::EHOSTDOWN
+                | libc_errno::ENONET
+                | libc_errno::EHOSTUNREACH
+                | libc_errno::EOPNOTSUPP
+                | libc_errno::ENETUNREACH
+                | libc_errno::ECONNABORTED
+                | libc_errno::EINTR
+                | libc_errno::EMFILE
+                | libc_errno::ENFILE
+                | libc_errno::ENOBUFS
+                | libc_errno::ENOMEM
+        )
+    )
+}
+
+/// Linux errno values (those `transient_accept` names).
+mod libc_errno {
+    pub const EINTR: i32 = 4;
+    pub const ENOMEM: i32 = 12;
+    pub const ENFILE: i32 = 23;
+    pub const EMFILE: i32 = 24;
+    pub const ENONET: i32 = 64;
+    pub const EPROTO: i32 = 71;
+    pub const ENOPROTOOPT: i32 = 92;
+    pub const EOPNOTSUPP: i32 = 95;
+    pub const ENETDOWN: i32 = 100;
+    pub const ENETUNREACH: i32 = 101;
+    pub const ECONNABORTED: i32 = 103;
+    pub const ENOBUFS: i32 = 105;
+    pub const EHOSTDOWN: i32 = 112;
+    pub const EHOSTUNREACH: i32 = 113;
+}
+
 fn unreachable_kind(k: Kind) -> Result<(), FrameError> {
     Err(FrameError::Unexpected {
         want: "pages",
@@ -864,7 +907,8 @@ impl Inner {
         listener: TcpListener,
         timeout: Duration,
     ) {
-        let mut rerequest = false;
+        // Faults that came before the request writer ran asked nothing yet.
+        let mut rerequest = true;
         loop {
             let (Ok(m), Ok(u), Ok(uw), Ok(mc), Ok(uc)) = (
                 main.try_clone(),
@@ -877,6 +921,13 @@ impl Inner {
                 return;
             };
             *self.conns.lock().unwrap_or_else(|e| e.into_inner()) = Some((mc, uc));
+            if self.ended.load(Ordering::Acquire) {
+                // `end` ran while a resume was being taken: it could not
+                // shut these.
+                let _ = main.shutdown(std::net::Shutdown::Both);
+                let _ = urgent.shutdown(std::net::Shutdown::Both);
+                return;
+            }
             self.start_requests(uw);
             if rerequest {
                 // Faults waiting since before the break (or during the
@@ -1006,6 +1057,10 @@ impl Inner {
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
+                Err(e) if transient_accept(&e) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
                 Err(_) => return,
             };
             let _ = s.set_nonblocking(false);
@@ -1055,6 +1110,10 @@ impl Inner {
             let mut s = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) if transient_accept(&e) => {
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
@@ -1178,7 +1237,12 @@ impl PageSource for NetSource {
             {
                 let mut w = i.waiters.lock().unwrap_or_else(|e| e.into_inner());
                 if !(s..e).all(ready) {
-                    w.push((s, e, waker.clone()));
+                    // One entry per range: a fault read again after a wake
+                    // replaces its waker rather than piling up.
+                    match w.iter_mut().find(|(ws, we, _)| *ws == s && *we == e) {
+                        Some(entry) => entry.2 = waker.clone(),
+                        None => w.push((s, e, waker.clone())),
+                    }
                     drop(w);
                     i.request(s, e);
                     return Err(SourceError::Pending);

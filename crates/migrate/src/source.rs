@@ -858,6 +858,9 @@ fn run_postcopy(
         .1
         .try_clone()
         .map_err(|e| link("post-copy")(e.into()))?;
+    // Reads start only when poll says a frame is there: half a frame that
+    // never completes is a dead link, not a wait for ever.
+    let _ = urgent_r.set_read_timeout(Some(WRITE_STALL));
     let urgent_pages = AtomicU64::new(0);
     let requests = AtomicU64::new(0);
     let stream_done: Mutex<Option<Instant>> = Mutex::new(None);
@@ -895,7 +898,17 @@ fn run_postcopy(
                 let k = match read_frame(&mut urgent_r, &mut buf) {
                     Ok(k) => k,
                     // The destination closes it once every page arrived.
-                    Err(FrameError::Closed) => return Ok(()),
+                    // The destination closes it once every page arrived,
+                    // which is after Done; a close before is a broken link.
+                    Err(FrameError::Closed)
+                        if stream_done.lock().unwrap_or_else(|e| e.into_inner()).is_some() =>
+                    {
+                        return Ok(())
+                    }
+                    Err(FrameError::Closed) => {
+                        broken.store(true, Ordering::Release);
+                        return Err(link("the urgent connection")(FrameError::Closed));
+                    }
                     Err(_) if done.load(Ordering::Acquire) => return Ok(()),
                     Err(e) => {
                         broken.store(true, Ordering::Release);
