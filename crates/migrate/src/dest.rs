@@ -204,16 +204,11 @@ pub fn accept(
         if Instant::now() > deadline {
             return Err(ReceiveError::Timeout(timeout));
         }
-        let mut s = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
+        let mut s = match poll_accept(&listener) {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
             Err(e) => return Err(ReceiveError::Accept(e)),
         };
-        let _ = s.set_nonblocking(false);
-        let _ = s.set_nodelay(true);
         let peer = s.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
         let h = match read_hello(&mut s, &mut buf) {
             Ok(h) => h,
@@ -462,6 +457,24 @@ const PRECOPY_SILENCE: Duration = Duration::from_secs(60);
 /// The stream never pauses until Done: this long without a frame on the
 /// main connection is a dead link (then the resume path).
 const STREAM_SILENCE: Duration = Duration::from_secs(10);
+
+/// One look at a non-blocking listener: a connection (blocking, no
+/// Nagle), or None after a short sleep when there is none yet or `accept`
+/// failed in a way worth trying again; other errors are returned.
+fn poll_accept(listener: &TcpListener) -> std::io::Result<Option<TcpStream>> {
+    match listener.accept() {
+        Ok((s, _)) => {
+            s.set_nonblocking(false)?;
+            let _ = s.set_nodelay(true);
+            Ok(Some(s))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || transient_accept(&e) => {
+            std::thread::sleep(Duration::from_millis(5));
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
 
 /// Errors `accept` passes on from the network (or from a process that ran
 /// out of descriptors for a moment): worth trying again, most likely during
@@ -1051,19 +1064,11 @@ impl Inner {
             && !self.completed.load(Ordering::Acquire)
             && !self.ended.load(Ordering::Acquire)
         {
-            let mut s = match listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-                Err(e) if transient_accept(&e) => {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
+            let mut s = match poll_accept(listener) {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
                 Err(_) => return,
             };
-            let _ = s.set_nonblocking(false);
             let Ok(h) = read_hello(&mut s, &mut buf) else {
                 continue;
             };
@@ -1107,20 +1112,11 @@ impl Inner {
             if self.ended.load(Ordering::Acquire) {
                 return Err("the receiver ended while waiting for the source".into());
             }
-            let mut s = match listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-                Err(e) if transient_accept(&e) => {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
+            let mut s = match poll_accept(listener) {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
                 Err(e) => return Err(format!("accepting the source's reconnection: {e}")),
             };
-            let _ = s.set_nonblocking(false);
-            let _ = s.set_nodelay(true);
             let h = match read_hello(&mut s, &mut buf) {
                 Ok(h) => h,
                 Err(e) => {
